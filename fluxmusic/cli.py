@@ -1,0 +1,39 @@
+"""The ``fluxmusic`` command: each subcommand lives in its own module and registers itself here."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from fluxmusic.errors import FluxMusicError
+
+#: Modules that define ``register(subparsers)``; each adds one subcommand (or a group of them).
+COMMAND_MODULES = (
+    "fluxmusic.commands_core",
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fluxmusic", description="FluxMusic text-to-music runtime")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name in COMMAND_MODULES:
+        importlib.import_module(name).register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except FluxMusicError as e:
+        print(f"fluxmusic {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

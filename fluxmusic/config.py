@@ -1,0 +1,109 @@
+"""Transformer hyper-parameters as plain data, with the official named configs."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from fluxmusic.errors import FluxMusicError
+
+
+@dataclass(frozen=True)
+class FluxMusicConfig:
+    """Hyper-parameters of the FluxMusic transformer (the official ``FluxParams`` fields).
+
+    ``guidance_embed`` is kept for fidelity with the official configs, but the published model
+    has no guidance embedding in its forward pass and no ``guidance_in`` weights, so it is unused.
+    """
+
+    in_channels: int = 32
+    vec_in_dim: int = 768
+    context_in_dim: int = 4096
+    hidden_size: int = 512
+    mlp_ratio: float = 4.0
+    num_heads: int = 16
+    depth: int = 8
+    depth_single_blocks: int = 16
+    axes_dim: tuple[int, ...] = (8, 12, 12)
+    theta: int = 10000
+    qkv_bias: bool = True
+    guidance_embed: bool = True
+    extra: dict = field(default_factory=dict, compare=False, hash=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "axes_dim", tuple(int(a) for a in self.axes_dim))
+        if self.hidden_size % self.num_heads:
+            raise FluxMusicError(
+                f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}"
+            )
+        if sum(self.axes_dim) != self.head_dim:
+            raise FluxMusicError(
+                f"sum(axes_dim) = {sum(self.axes_dim)} must equal head_dim = {self.head_dim}"
+            )
+        if any(a % 2 for a in self.axes_dim):
+            raise FluxMusicError(f"every axes_dim entry must be even, got {list(self.axes_dim)}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    @property
+    def mlp_hidden_dim(self) -> int:
+        return int(self.hidden_size * self.mlp_ratio)
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["axes_dim"] = list(self.axes_dim)
+        d.pop("extra")
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> FluxMusicConfig:
+        known = {f.name for f in dataclasses.fields(cls)} - {"extra"}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise FluxMusicError(f"unknown transformer config keys {unknown}; allowed: {sorted(known)}")
+        return cls(**d)
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+    @classmethod
+    def load(cls, path: str | Path) -> FluxMusicConfig:
+        try:
+            data = json.loads(Path(path).read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise FluxMusicError(f"cannot read transformer config {path}: {e}") from e
+        return cls.from_dict(data)
+
+
+_OFFICIAL = dict(in_channels=32, vec_in_dim=768, context_in_dim=4096, mlp_ratio=4.0, num_heads=16)
+
+#: The official configs (paper Table 1), plus tiny ones for tests and the bundled default.
+CONFIGS: dict[str, FluxMusicConfig] = {
+    "small": FluxMusicConfig(**_OFFICIAL, hidden_size=512, depth=8, depth_single_blocks=16, axes_dim=(8, 12, 12)),
+    "base": FluxMusicConfig(**_OFFICIAL, hidden_size=768, depth=12, depth_single_blocks=24, axes_dim=(16, 16, 16)),
+    "large": FluxMusicConfig(**_OFFICIAL, hidden_size=1024, depth=12, depth_single_blocks=24, axes_dim=(16, 24, 24)),
+    "giant": FluxMusicConfig(**_OFFICIAL, hidden_size=1408, depth=16, depth_single_blocks=32, axes_dim=(16, 36, 36)),
+    "giant_full": FluxMusicConfig(
+        **_OFFICIAL, hidden_size=1408, depth=12, depth_single_blocks=24, axes_dim=(16, 36, 36)
+    ),
+    "biggiant": FluxMusicConfig(
+        **_OFFICIAL, hidden_size=2048, depth=19, depth_single_blocks=38, axes_dim=(32, 48, 48)
+    ),
+    # Tiny configs: same architecture, sizes small enough for tests and a CPU-trained default.
+    "tiny": FluxMusicConfig(
+        in_channels=32, vec_in_dim=32, context_in_dim=48, hidden_size=64, num_heads=4,
+        depth=2, depth_single_blocks=2, axes_dim=(4, 6, 6),
+    ),
+}
+
+
+def get_config(name: str) -> FluxMusicConfig:
+    """Return a named config, or raise one clear error listing the allowed names."""
+    try:
+        return CONFIGS[name]
+    except KeyError:
+        raise FluxMusicError(f"unknown config {name!r}; allowed: {', '.join(CONFIGS)}") from None

@@ -1,0 +1,1 @@
+"""fluxmusic.runtime"""

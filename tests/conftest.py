@@ -1,0 +1,34 @@
+"""Shared fixtures: paths to the shared parity data, and tiny models built with random weights."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+TESTDATA = SHARED / "testdata"
+
+
+@pytest.fixture(scope="session")
+def official_configs() -> dict:
+    return json.loads((TESTDATA / "official_configs.json").read_text())
+
+
+@pytest.fixture(scope="session")
+def official_tiny() -> dict:
+    """The official parity case: meta, weights (official names) and arrays as torch tensors."""
+    z = np.load(TESTDATA / "official_tiny_a.npz")
+    meta = json.loads(bytes(z["meta_json"]))
+    state = {k[len("state."):]: torch.from_numpy(z[k]) for k in z.files if k.startswith("state.")}
+    arrays = {k: torch.from_numpy(z[k]) for k in z.files if not k.startswith("state.") and k != "meta_json"}
+    return {"meta": meta, "state": state, **arrays}
+
+
+@pytest.fixture(autouse=True)
+def _deterministic():
+    torch.manual_seed(0)
+    yield
