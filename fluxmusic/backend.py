@@ -1,0 +1,147 @@
+"""The torch backend: the five component calls a generation makes, on PyTorch modules.
+
+Other backends (``fluxmusic.runtime``: onnxruntime, TensorRT) provide the same methods; the pipeline only
+talks to this interface. Backends are looked up by name from :data:`BACKENDS` with a lazy import, so the
+core package never imports the runtime at module load.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+from pathlib import Path
+from typing import Protocol
+
+import torch
+from torch import Tensor
+
+from fluxmusic.errors import FluxMusicError
+from fluxmusic.modeldir import ModelIndex, component_dtype
+
+#: backend name -> "module:factory"; a factory takes (model_dir, index, device, dtype, **options).
+BACKENDS = {
+    "torch": "fluxmusic.backend:TorchBackend",
+    "onnx": "fluxmusic.runtime.onnx_backend:OnnxBackend",
+    "tensorrt": "fluxmusic.runtime.tensorrt_backend:TensorRTBackend",
+}
+
+
+class Backend(Protocol):
+    name: str
+    transformer_config: object
+
+    def t5_encode(self, input_ids: Tensor) -> Tensor: ...
+    def clap_encode(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor: ...
+    def velocity(self, x: Tensor, t: Tensor, txt: Tensor, y: Tensor, rope: Tensor) -> Tensor: ...
+    def rope(self, txt_len: int, grid_h: int, grid_w: int) -> Tensor: ...
+    def vae_decode(self, latent: Tensor) -> Tensor: ...
+    def vocode(self, mel: Tensor) -> Tensor: ...
+
+
+def make_backend(name: str, model_dir: str | Path, index: ModelIndex, device: str, dtype: torch.dtype, **options):
+    if name not in BACKENDS:
+        raise FluxMusicError(f"unknown backend {name!r}; allowed: {', '.join(BACKENDS)}")
+    module_name, factory = BACKENDS[name].split(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as e:
+        raise FluxMusicError(f"backend {name!r} is not available here: {e}") from e
+    return getattr(module, factory)(model_dir, index, device=device, dtype=dtype, **options)
+
+
+def check_device(device: str | torch.device) -> torch.device:
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise FluxMusicError(f"device {device!r} is not a valid torch device (e.g. cpu, cuda, cuda:1)") from e
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise FluxMusicError(f"device {device!r} asked for, but CUDA is not available here; use --device cpu")
+    return dev
+
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16}
+
+
+def parse_dtype(name: str | torch.dtype) -> torch.dtype:
+    if isinstance(name, torch.dtype):
+        return name
+    if name not in DTYPES:
+        raise FluxMusicError(f"dtype {name!r} is not supported; allowed: {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
+class TorchBackend:
+    """Eager PyTorch. ``dtype`` applies to the transformer and text encoders; the VAE and vocoder stay fp32.
+
+    ``autocast_bf16`` runs the transformer under bf16 autocast with fp32 weights (fast on CPUs with
+    AVX512-BF16, and on recent GPUs).
+    """
+
+    name = "torch"
+
+    def __init__(
+        self,
+        model_dir: str | Path,
+        index: ModelIndex,
+        device: str = "cpu",
+        dtype: torch.dtype = torch.float32,
+        autocast_bf16: bool = False,
+    ) -> None:
+        from fluxmusic.components import load_clap_text, load_t5, load_vae, load_vocoder
+        from fluxmusic.transformer_io import load_transformer
+
+        model_dir = Path(model_dir)
+        self.device = check_device(device)
+        self.dtype = dtype
+        self.transformer = load_transformer(model_dir / "transformer", self.device, dtype)
+        self.transformer_config = self.transformer.config
+        self.t5 = load_t5(model_dir / "text_encoder", dtype).to(self.device)
+        self.clap = load_clap_text(model_dir / "clap", dtype).to(self.device)
+        self.vae = load_vae(model_dir / "vae", component_dtype("vae", dtype)).to(self.device)
+        self.vocoder = load_vocoder(model_dir / "vocoder", component_dtype("vocoder", dtype)).to(self.device)
+        self.scaling_factor = float(self.vae.config.scaling_factor)
+        self.autocast_bf16 = autocast_bf16
+
+    def _autocast(self):
+        if self.autocast_bf16:
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    @torch.no_grad()
+    def t5_encode(self, input_ids: Tensor) -> Tensor:
+        return self.t5(input_ids=input_ids.to(self.device)).last_hidden_state.float()
+
+    @torch.no_grad()
+    def clap_encode(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        out = self.clap(input_ids=input_ids.to(self.device), attention_mask=attention_mask.to(self.device))
+        return out.pooler_output.float()
+
+    @torch.no_grad()
+    def velocity(self, x: Tensor, t: Tensor, txt: Tensor, y: Tensor, rope: Tensor) -> Tensor:
+        dt = self.dtype
+        with self._autocast():
+            v = self.transformer(x.to(dt), t.to(dt), txt.to(dt), y.to(dt), rope)
+        return v.float()
+
+    def rope(self, txt_len: int, grid_h: int, grid_w: int) -> Tensor:
+        return self.transformer.rope_for(txt_len, grid_h, grid_w)
+
+    @torch.no_grad()
+    def vae_decode(self, latent: Tensor) -> Tensor:
+        """Scaled latent [B, C, H, W] -> log-mel [B, frames, n_mels]."""
+        mel = self.vae.decode(latent.float() / self.scaling_factor).sample
+        return mel.squeeze(1)
+
+    @torch.no_grad()
+    def vae_encode(self, mel: Tensor, sample: bool = False, generator: torch.Generator | None = None) -> Tensor:
+        """Log-mel [B, frames, n_mels] -> scaled latent (posterior mean, or a sample)."""
+        dist = self.vae.encode(mel.float().unsqueeze(1).to(self.device)).latent_dist
+        z = dist.sample(generator) if sample else dist.mode()
+        return z * self.scaling_factor
+
+    @torch.no_grad()
+    def vocode(self, mel: Tensor) -> Tensor:
+        """Log-mel [B, frames, n_mels] -> waveform [B, frames * hop]."""
+        wave = self.vocoder(mel.float())
+        return wave if wave.dim() == 2 else wave.unsqueeze(0)

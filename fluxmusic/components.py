@@ -1,0 +1,131 @@
+"""Loading the published system's components through the libraries that own them, strictly.
+
+Every load goes through the owning library's ``from_pretrained`` with ``output_loading_info=True`` and
+refuses any missing, unexpected or mis-shaped key. This is stricter than upstream FluxMusic, whose
+``ClapTextModel.from_pretrained`` on a full ``ClapModel`` checkpoint matches none of the (``text_model.``
+prefixed) keys and silently runs a randomly initialised text tower (FluxMusic issue #5). We load a full CLAP
+checkpoint through ``ClapTextModelWithProjection``, whose key layout matches it, and allow only the audio
+tower's keys to be left unused.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fluxmusic.errors import FluxMusicError
+
+#: Keys of a full ClapModel checkpoint that the text tower does not use.
+CLAP_AUDIO_PREFIXES = ("audio_model.", "audio_projection.", "logit_scale_a", "logit_scale_t")
+
+
+def quiet_libraries() -> None:
+    """The libraries print progress bars and load reports; we report problems ourselves, as errors."""
+    import diffusers
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    diffusers.utils.logging.set_verbosity_error()
+    diffusers.utils.logging.disable_progress_bar()
+
+
+def read_config(directory: str | Path, what: str) -> dict:
+    path = Path(directory) / "config.json"
+    if not path.is_file():
+        raise FluxMusicError(f"{what} directory {directory} has no config.json")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise FluxMusicError(f"{what} config {path} is not valid JSON: {e}") from e
+
+
+def check_loading_info(info: dict, source: str, allowed_unexpected: Iterable[str] = ()) -> None:
+    """Turn a library's loading report into one error naming every key that did not load."""
+    allowed = tuple(allowed_unexpected)
+    missing = sorted(info.get("missing_keys") or [])
+    unexpected = sorted(k for k in (info.get("unexpected_keys") or []) if not k.startswith(allowed))
+    mismatched = sorted(str(m[0]) if isinstance(m, tuple) else str(m) for m in (info.get("mismatched_keys") or []))
+    errors = list(info.get("error_msgs") or [])
+    problems = [
+        f"{label}: {', '.join(keys)}"
+        for label, keys in (
+            ("missing keys", missing),
+            ("unexpected keys", unexpected),
+            ("mis-shaped keys", mismatched),
+            ("errors", errors),
+        )
+        if keys
+    ]
+    if problems:
+        raise FluxMusicError(f"{source} did not load completely (refusing a partial load); " + "; ".join(problems))
+
+
+def _from_pretrained(cls: Any, directory: str | Path, what: str, allowed_unexpected: Iterable[str] = (), **kw):
+    quiet_libraries()
+    read_config(directory, what)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model, info = cls.from_pretrained(str(directory), output_loading_info=True, **kw)
+    except FluxMusicError:
+        raise
+    except (OSError, ValueError, RuntimeError, KeyError) as e:
+        raise FluxMusicError(f"{what} in {directory} cannot be loaded: {str(e).splitlines()[0]}") from e
+    check_loading_info(info, f"{what} in {directory}", allowed_unexpected)
+    return model.eval()
+
+
+def load_t5(directory: str | Path, dtype: torch.dtype = torch.float32):
+    """T5 encoder (transformers ``T5EncoderModel``); its ``last_hidden_state`` is the fine-grained text."""
+    from transformers import T5EncoderModel
+
+    return _from_pretrained(T5EncoderModel, directory, "T5 encoder", dtype=dtype)
+
+
+def load_clap_text(directory: str | Path, dtype: torch.dtype = torch.float32):
+    """CLAP text tower (transformers ``ClapTextModel``) from a full ``ClapModel`` or a text-only checkpoint."""
+    from transformers import ClapTextModel, ClapTextModelWithProjection
+
+    model_type = read_config(directory, "CLAP").get("model_type")
+    if model_type == "clap":
+        full = _from_pretrained(
+            ClapTextModelWithProjection, directory, "CLAP text tower", CLAP_AUDIO_PREFIXES, dtype=dtype
+        )
+        return full.text_model
+    if model_type == "clap_text_model":
+        return _from_pretrained(ClapTextModel, directory, "CLAP text tower", dtype=dtype)
+    raise FluxMusicError(
+        f"CLAP directory {directory} has model_type {model_type!r}; allowed: 'clap' (full) or 'clap_text_model'"
+    )
+
+
+def load_vae(directory: str | Path, dtype: torch.dtype = torch.float32):
+    """Mel VAE (diffusers ``AutoencoderKL``, 1 input channel)."""
+    from diffusers import AutoencoderKL
+
+    return _from_pretrained(AutoencoderKL, directory, "VAE", torch_dtype=dtype)
+
+
+def load_vocoder(directory: str | Path, dtype: torch.dtype = torch.float32):
+    """HiFi-GAN vocoder (transformers ``SpeechT5HifiGan``): log-mel [B, T, n_mels] -> waveform [B, T * hop]."""
+    from transformers import SpeechT5HifiGan
+
+    return _from_pretrained(SpeechT5HifiGan, directory, "vocoder", dtype=dtype)
+
+
+def load_tokenizer(directory: str | Path, what: str):
+    quiet_libraries()
+    from transformers import AutoTokenizer
+
+    if not Path(directory).is_dir():
+        raise FluxMusicError(f"{what} directory {directory} does not exist")
+    try:
+        return AutoTokenizer.from_pretrained(str(directory))
+    except (OSError, ValueError, TypeError) as e:
+        raise FluxMusicError(f"{what} in {directory} cannot be loaded: {str(e).splitlines()[0]}") from e
