@@ -18,18 +18,28 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     g = sub.add_parser("generate", help="generate music from a text prompt")
     g.add_argument("prompt", nargs="?", help="the text prompt (or use --prompts-file)")
-    g.add_argument("-o", "--output", required=True,
-                   help="output audio file (.wav, .flac, .ogg); several waveforms get _00, _01, ... suffixes")
+    g.add_argument(
+        "-o",
+        "--output",
+        required=True,
+        help="output audio file (.wav, .flac, .ogg); several waveforms get _00, _01, ... suffixes",
+    )
     g.add_argument("--prompts-file", help="a text file with one prompt per line")
     g.add_argument("--model", help="model directory (default: the bundled default model)")
     g.add_argument("--steps", type=int, help="solver steps (default: the model's)")
     g.add_argument("--guidance", type=float, help="classifier-free guidance scale (default: the model's)")
     g.add_argument("--duration", type=float, help="seconds, in (0, 10.24] (default: the maximum)")
     g.add_argument("--seed", type=int, help="random seed; item i of a batch uses seed + i (default: random)")
-    g.add_argument("--negative-prompt", default="",
-                   help='negative prompt (default "" as trained, served from precomputed embeddings)')
-    g.add_argument("--official", action="store_true",
-                   help='the official sampler settings: negative prompt "low quality, gentle", guidance 7, 50 Euler steps')
+    g.add_argument(
+        "--negative-prompt",
+        default="",
+        help='negative prompt (default "" as trained, served from precomputed embeddings)',
+    )
+    g.add_argument(
+        "--official",
+        action="store_true",
+        help='the official sampler settings: negative prompt "low quality, gentle", guidance 7, 50 Euler steps',
+    )
     g.add_argument("--solver", choices=SOLVERS, help="ODE solver (default: the model's)")
     g.add_argument("--shift", type=float, help="time-shift schedule factor (> 0); default: the model's")
     g.add_argument("--num-waveforms", type=int, default=1, help="waveforms per prompt")
@@ -44,8 +54,11 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     a = sub.add_parser("assemble", help="build a model directory from upstream components")
     a.add_argument("--out", required=True, help="new model directory")
-    a.add_argument("--transformer", required=True,
-                   help="converted transformer dir, or an official .pt / safetensors file (then give --config)")
+    a.add_argument(
+        "--transformer",
+        required=True,
+        help="converted transformer dir, or an official .pt / safetensors file (then give --config)",
+    )
     a.add_argument("--config", help="named transformer config for a checkpoint file (small, base, ...)")
     a.add_argument("--t5", required=True, help="T5 encoder dir (e.g. SD3 text_encoder_3)")
     a.add_argument("--t5-tokenizer", required=True, help="T5 tokenizer dir (e.g. SD3 tokenizer_3)")
@@ -100,10 +113,10 @@ def _generate(args: argparse.Namespace) -> int:
         options["onnx_dir"] = args.onnx_dir
     if args.engine_dir:
         options["engine_dir"] = args.engine_dir
-    pipe = FluxMusicPipeline.from_pretrained(args.model, device=args.device, dtype=args.dtype,
-                                             backend=args.backend, **options)
-    items = pipe.make_items(prompts, args.negative_prompt, args.duration, args.guidance, args.seed,
-                            args.num_waveforms)
+    pipe = FluxMusicPipeline.from_pretrained(
+        args.model, device=args.device, dtype=args.dtype, backend=args.backend, **options
+    )
+    items = pipe.make_items(prompts, args.negative_prompt, args.duration, args.guidance, args.seed, args.num_waveforms)
     bar = None
     if not args.quiet:
         from tqdm import tqdm
@@ -120,8 +133,10 @@ def _generate(args: argparse.Namespace) -> int:
         bar.close()
     for path, wave, item in zip(paths, result.audio, items):
         write_audio(path, wave, result.sample_rate)
-        print(f"wrote {path} ({len(wave) / result.sample_rate:.2f} s, {result.sample_rate} Hz, seed {item.seed}): "
-              f"{item.prompt}")
+        print(
+            f"wrote {path} ({len(wave) / result.sample_rate:.2f} s, {result.sample_rate} Hz, seed {item.seed}): "
+            f"{item.prompt}"
+        )
     return 0
 
 
@@ -130,8 +145,15 @@ def _assemble(args: argparse.Namespace) -> int:
     from fluxmusic.modeldir import assemble
 
     out = assemble(
-        args.out, args.transformer, args.t5, args.t5_tokenizer, args.clap, args.clap_tokenizer or args.clap,
-        args.vae, args.vocoder, transformer_config=get_config(args.config) if args.config else None,
+        args.out,
+        args.transformer,
+        args.t5,
+        args.t5_tokenizer,
+        args.clap,
+        args.clap_tokenizer or args.clap,
+        args.vae,
+        args.vocoder,
+        transformer_config=get_config(args.config) if args.config else None,
     )
     print(f"wrote model directory {out}")
     return 0

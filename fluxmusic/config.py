@@ -35,13 +35,9 @@ class FluxMusicConfig:
     def __post_init__(self) -> None:
         object.__setattr__(self, "axes_dim", tuple(int(a) for a in self.axes_dim))
         if self.hidden_size % self.num_heads:
-            raise FluxMusicError(
-                f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}"
-            )
+            raise FluxMusicError(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
         if sum(self.axes_dim) != self.head_dim:
-            raise FluxMusicError(
-                f"sum(axes_dim) = {sum(self.axes_dim)} must equal head_dim = {self.head_dim}"
-            )
+            raise FluxMusicError(f"sum(axes_dim) = {sum(self.axes_dim)} must equal head_dim = {self.head_dim}")
         if any(a % 2 for a in self.axes_dim):
             raise FluxMusicError(f"every axes_dim entry must be even, got {list(self.axes_dim)}")
 
@@ -90,13 +86,17 @@ CONFIGS: dict[str, FluxMusicConfig] = {
     "giant_full": FluxMusicConfig(
         **_OFFICIAL, hidden_size=1408, depth=12, depth_single_blocks=24, axes_dim=(16, 36, 36)
     ),
-    "biggiant": FluxMusicConfig(
-        **_OFFICIAL, hidden_size=2048, depth=19, depth_single_blocks=38, axes_dim=(32, 48, 48)
-    ),
+    "biggiant": FluxMusicConfig(**_OFFICIAL, hidden_size=2048, depth=19, depth_single_blocks=38, axes_dim=(32, 48, 48)),
     # Tiny configs: same architecture, sizes small enough for tests and a CPU-trained default.
     "tiny": FluxMusicConfig(
-        in_channels=32, vec_in_dim=32, context_in_dim=48, hidden_size=64, num_heads=4,
-        depth=2, depth_single_blocks=2, axes_dim=(4, 6, 6),
+        in_channels=32,
+        vec_in_dim=32,
+        context_in_dim=48,
+        hidden_size=64,
+        num_heads=4,
+        depth=2,
+        depth_single_blocks=2,
+        axes_dim=(4, 6, 6),
     ),
 }
 

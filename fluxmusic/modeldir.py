@@ -36,8 +36,13 @@ NULL_EMBEDDINGS = "null_embeddings.safetensors"
 COMPONENTS = ("transformer", "text_encoder", "tokenizer", "clap", "clap_tokenizer", "vae", "vocoder")
 
 #: The official sampler's settings (sample.py); the bundled default stores its own in model_index.json.
-OFFICIAL_DEFAULTS = {"steps": 50, "guidance": 7.0, "solver": "euler", "shift": None,
-                     "negative_prompt": "low quality, gentle"}
+OFFICIAL_DEFAULTS = {
+    "steps": 50,
+    "guidance": 7.0,
+    "solver": "euler",
+    "shift": None,
+    "negative_prompt": "low quality, gentle",
+}
 
 
 @dataclass
@@ -110,7 +115,9 @@ def read_null_embeddings(model_dir: str | Path) -> Conditioning:
 
 
 def write_null_embeddings(model_dir: str | Path, null: Conditioning) -> None:
-    atomic_save_safetensors({"txt": null.txt.float().cpu(), "y": null.y.float().cpu()}, Path(model_dir) / NULL_EMBEDDINGS)
+    atomic_save_safetensors(
+        {"txt": null.txt.float().cpu(), "y": null.y.float().cpu()}, Path(model_dir) / NULL_EMBEDDINGS
+    )
 
 
 def geometry_from_components(vae_config: dict, vocoder_config: dict, max_duration: float = 10.24) -> LatentGeometry:
@@ -181,20 +188,31 @@ def assemble(
             convert_checkpoint(transformer, tmp / "transformer", transformer_config)
         else:
             _copy_dir(transformer, tmp / "transformer", "transformer")
-        for src, name_ in ((text_encoder, "text_encoder"), (tokenizer, "tokenizer"), (clap, "clap"),
-                           (clap_tokenizer, "clap_tokenizer"), (vae, "vae"), (vocoder, "vocoder")):
+        for src, name_ in (
+            (text_encoder, "text_encoder"),
+            (tokenizer, "tokenizer"),
+            (clap, "clap"),
+            (clap_tokenizer, "clap_tokenizer"),
+            (vae, "vae"),
+            (vocoder, "vocoder"),
+        ):
             _copy_dir(Path(src), tmp / name_, name_)
 
-        geometry = geometry_from_components(read_config(tmp / "vae", "VAE"), read_config(tmp / "vocoder", "vocoder"),
-                                            max_duration)
+        geometry = geometry_from_components(
+            read_config(tmp / "vae", "VAE"), read_config(tmp / "vocoder", "vocoder"), max_duration
+        )
         t5 = load_t5(tmp / "text_encoder")
         clap_model = load_clap_text(tmp / "clap")
         cfg = load_transformer(tmp / "transformer").config
         check_compatible(cfg, geometry, t5.config.d_model, clap_model.config.hidden_size)
         index = ModelIndex(geometry, t5_max_length, clap_max_length, dict(defaults or OFFICIAL_DEFAULTS), name)
         encoders = TextEncoders(
-            load_tokenizer(tmp / "tokenizer", "T5 tokenizer"), load_tokenizer(tmp / "clap_tokenizer", "CLAP tokenizer"),
-            torch_t5_fn(t5), torch_clap_fn(clap_model), index.t5_max_length, index.clap_max_length,
+            load_tokenizer(tmp / "tokenizer", "T5 tokenizer"),
+            load_tokenizer(tmp / "clap_tokenizer", "CLAP tokenizer"),
+            torch_t5_fn(t5),
+            torch_clap_fn(clap_model),
+            index.t5_max_length,
+            index.clap_max_length,
         )
         write_null_embeddings(tmp, encoders.encode([""]))
         atomic_write_text(tmp / INDEX, json.dumps(index.to_dict(), indent=2) + "\n")

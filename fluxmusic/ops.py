@@ -10,8 +10,8 @@ adjacent channel pairs: ``(x0, x1) -> (cos x0 - sin x1, sin x0 + cos x1)``.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -37,9 +37,7 @@ def gated_residual(x: Tensor, gate: Tensor, y: Tensor) -> Tensor:
     return x + _per_sample(gate) * y
 
 
-def gated_residual_modulate(
-    x: Tensor, gate: Tensor, y: Tensor, shift: Tensor, scale: Tensor
-) -> tuple[Tensor, Tensor]:
+def gated_residual_modulate(x: Tensor, gate: Tensor, y: Tensor, shift: Tensor, scale: Tensor) -> tuple[Tensor, Tensor]:
     """The residual update followed by the next modulation: returns (x + gate*y, modulate(LN(x + gate*y)))."""
     r = gated_residual(x, gate, y)
     return r, layernorm_modulate(r, shift, scale)

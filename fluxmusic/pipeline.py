@@ -88,8 +88,12 @@ class FluxMusicPipeline:
         self.geometry = index.geometry
         self.null = null
         self.encoders = TextEncoders(
-            tokenizers[0], tokenizers[1], backend.t5_encode, backend.clap_encode,
-            index.t5_max_length, index.clap_max_length,
+            tokenizers[0],
+            tokenizers[1],
+            backend.t5_encode,
+            backend.clap_encode,
+            index.t5_max_length,
+            index.clap_max_length,
         )
         self._cache: OrderedDict[str, Conditioning] = OrderedDict()
         self._cache_size = cache_size
@@ -108,8 +112,10 @@ class FluxMusicPipeline:
         model_dir = Path(model_dir) if model_dir is not None else default_model_dir()
         index = read_index(model_dir)
         be = make_backend(backend, model_dir, index, device, parse_dtype(dtype), **backend_options)
-        tokenizers = (load_tokenizer(model_dir / "tokenizer", "T5 tokenizer"),
-                      load_tokenizer(model_dir / "clap_tokenizer", "CLAP tokenizer"))
+        tokenizers = (
+            load_tokenizer(model_dir / "tokenizer", "T5 tokenizer"),
+            load_tokenizer(model_dir / "clap_tokenizer", "CLAP tokenizer"),
+        )
         return cls(be, index, read_null_embeddings(model_dir), tokenizers)
 
     # ------------------------------------------------------------------------------------ conditioning
@@ -158,8 +164,10 @@ class FluxMusicPipeline:
         prompts = check_prompts(prompt)
         if not isinstance(negative_prompt, str):
             raise FluxMusicError(f"negative prompt {negative_prompt!r} must be a string ('' for none)")
-        if isinstance(num_waveforms_per_prompt, bool) or not isinstance(num_waveforms_per_prompt, int) or (
-            num_waveforms_per_prompt < 1
+        if (
+            isinstance(num_waveforms_per_prompt, bool)
+            or not isinstance(num_waveforms_per_prompt, int)
+            or (num_waveforms_per_prompt < 1)
         ):
             raise FluxMusicError(f"waveforms per prompt {num_waveforms_per_prompt!r} must be an integer >= 1")
         expanded = [p for p in prompts for _ in range(num_waveforms_per_prompt)]

@@ -18,7 +18,45 @@ from fluxmusic.modeldir import assemble
 from fluxmusic.transformer_io import save_transformer
 
 SPECIAL_TOKENS = ["<pad>", "<unk>", "</s>", "<s>"]
-TINY_WORDS = ["a", "an", "the", "slow", "fast", "calm", "happy", "sad", "piano", "guitar", "drums", "bass", "melody", "loud", "soft", "high", "low", "music", "song", "with", "and", "of", "in", "on", "beat", "rhythm", "gentle", "quality", "cheerful", "dark", "bright", "pad", "string", "plucked", "organ", "bell", "synth"]
+TINY_WORDS = [
+    "a",
+    "an",
+    "the",
+    "slow",
+    "fast",
+    "calm",
+    "happy",
+    "sad",
+    "piano",
+    "guitar",
+    "drums",
+    "bass",
+    "melody",
+    "loud",
+    "soft",
+    "high",
+    "low",
+    "music",
+    "song",
+    "with",
+    "and",
+    "of",
+    "in",
+    "on",
+    "beat",
+    "rhythm",
+    "gentle",
+    "quality",
+    "cheerful",
+    "dark",
+    "bright",
+    "pad",
+    "string",
+    "plucked",
+    "organ",
+    "bell",
+    "synth",
+]
 
 
 def build_word_tokenizer(words: Iterable[str], out_dir: str | Path, model_max_length: int = 512):
@@ -33,7 +71,11 @@ def build_word_tokenizer(words: Iterable[str], out_dir: str | Path, model_max_le
     tok.normalizer = normalizers.Lowercase()
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>", eos_token="</s>", bos_token="<s>",
+        tokenizer_object=tok,
+        pad_token="<pad>",
+        unk_token="<unk>",
+        eos_token="</s>",
+        bos_token="<s>",
         model_max_length=model_max_length,
     )
     fast.save_pretrained(str(out_dir))
@@ -43,8 +85,18 @@ def build_word_tokenizer(words: Iterable[str], out_dir: str | Path, model_max_le
 def tiny_t5(vocab_size: int, d_model: int = 48):
     from transformers import T5Config, T5EncoderModel
 
-    cfg = T5Config(vocab_size=vocab_size, d_model=d_model, d_kv=12, d_ff=96, num_layers=2, num_heads=4,
-                   feed_forward_proj="gated-gelu", pad_token_id=0, eos_token_id=2, decoder_start_token_id=0)
+    cfg = T5Config(
+        vocab_size=vocab_size,
+        d_model=d_model,
+        d_kv=12,
+        d_ff=96,
+        num_layers=2,
+        num_heads=4,
+        feed_forward_proj="gated-gelu",
+        pad_token_id=0,
+        eos_token_id=2,
+        decoder_start_token_id=0,
+    )
     return T5EncoderModel(cfg)
 
 
@@ -52,12 +104,29 @@ def tiny_clap(vocab_size: int, hidden: int = 32):
     """A full ClapModel (text + audio towers), as the published laion/larger_clap_music checkpoint is."""
     from transformers import ClapConfig, ClapModel
 
-    text = dict(vocab_size=vocab_size, hidden_size=hidden, num_hidden_layers=2, num_attention_heads=4,
-                intermediate_size=64, max_position_embeddings=96, projection_dim=16, pad_token_id=0,
-                type_vocab_size=1)
-    audio = dict(hidden_size=16, depths=[1, 1], num_attention_heads=[2, 2], window_size=4, spec_size=32,
-                 patch_size=4, num_mel_bins=16, projection_dim=16, patch_embeds_hidden_size=16,
-                 enable_fusion=False)
+    text = dict(
+        vocab_size=vocab_size,
+        hidden_size=hidden,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        max_position_embeddings=96,
+        projection_dim=16,
+        pad_token_id=0,
+        type_vocab_size=1,
+    )
+    audio = dict(
+        hidden_size=16,
+        depths=[1, 1],
+        num_attention_heads=[2, 2],
+        window_size=4,
+        spec_size=32,
+        patch_size=4,
+        num_mel_bins=16,
+        projection_dim=16,
+        patch_embeds_hidden_size=16,
+        enable_fusion=False,
+    )
     return ClapModel(ClapConfig(text_config=text, audio_config=audio, projection_dim=16))
 
 
@@ -66,9 +135,15 @@ def tiny_vae(latent_channels: int = 8, levels: int = 3):
     from diffusers import AutoencoderKL
 
     return AutoencoderKL(
-        in_channels=1, out_channels=1, latent_channels=latent_channels,
-        down_block_types=("DownEncoderBlock2D",) * levels, up_block_types=("UpDecoderBlock2D",) * levels,
-        block_out_channels=(8, 16, 16, 16)[:levels], layers_per_block=1, norm_num_groups=4, scaling_factor=0.5,
+        in_channels=1,
+        out_channels=1,
+        latent_channels=latent_channels,
+        down_block_types=("DownEncoderBlock2D",) * levels,
+        up_block_types=("UpDecoderBlock2D",) * levels,
+        block_out_channels=(8, 16, 16, 16)[:levels],
+        layers_per_block=1,
+        norm_num_groups=4,
+        scaling_factor=0.5,
     )
 
 
@@ -77,9 +152,14 @@ def tiny_vocoder(n_mels: int = 64, channels: int = 64):
     from transformers import SpeechT5HifiGan, SpeechT5HifiGanConfig
 
     cfg = SpeechT5HifiGanConfig(
-        model_in_dim=n_mels, sampling_rate=16000, upsample_initial_channel=channels,
-        upsample_rates=[5, 4, 2, 2, 2], upsample_kernel_sizes=[16, 16, 8, 4, 4],
-        resblock_kernel_sizes=[3], resblock_dilation_sizes=[[1, 3]], normalize_before=False,
+        model_in_dim=n_mels,
+        sampling_rate=16000,
+        upsample_initial_channel=channels,
+        upsample_rates=[5, 4, 2, 2, 2],
+        upsample_kernel_sizes=[16, 16, 8, 4, 4],
+        resblock_kernel_sizes=[3],
+        resblock_dilation_sizes=[[1, 3]],
+        normalize_before=False,
     )
     return SpeechT5HifiGan(cfg)
 
@@ -91,8 +171,10 @@ def build_tiny_parts(root: str | Path, seed: int = 0) -> dict[str, Path]:
     quiet_libraries()
     root = Path(root)
     torch.manual_seed(seed)
-    paths = {name: root / name for name in
-             ("transformer", "text_encoder", "tokenizer", "clap", "clap_tokenizer", "vae", "vocoder")}
+    paths = {
+        name: root / name
+        for name in ("transformer", "text_encoder", "tokenizer", "clap", "clap_tokenizer", "vae", "vocoder")
+    }
     tok = build_word_tokenizer(TINY_WORDS, paths["tokenizer"])
     build_word_tokenizer(TINY_WORDS, paths["clap_tokenizer"])
     t5 = tiny_t5(len(tok))
@@ -101,9 +183,16 @@ def build_tiny_parts(root: str | Path, seed: int = 0) -> dict[str, Path]:
     clap.save_pretrained(str(paths["clap"]))
     tiny_vae().save_pretrained(str(paths["vae"]))
     tiny_vocoder().save_pretrained(str(paths["vocoder"]))
-    cfg = FluxMusicConfig(in_channels=32, vec_in_dim=clap.config.text_config.hidden_size,
-                          context_in_dim=t5.config.d_model, hidden_size=64, num_heads=4, depth=1,
-                          depth_single_blocks=1, axes_dim=(4, 6, 6))
+    cfg = FluxMusicConfig(
+        in_channels=32,
+        vec_in_dim=clap.config.text_config.hidden_size,
+        context_in_dim=t5.config.d_model,
+        hidden_size=64,
+        num_heads=4,
+        depth=1,
+        depth_single_blocks=1,
+        axes_dim=(4, 6, 6),
+    )
     save_transformer(FluxMusicTransformer(cfg), paths["transformer"])
     return paths
 
@@ -115,5 +204,6 @@ def build_tiny_model_dir(out_dir: str | Path, seed: int = 0) -> Path:
     """A complete tiny model directory (DESIGN.md section 5), assembled by the real ``assemble``."""
     with tempfile.TemporaryDirectory() as tmp:
         parts = build_tiny_parts(tmp, seed)
-        return assemble(out_dir, **parts, defaults=TINY_DEFAULTS, name="tiny-random", t5_max_length=16,
-                        clap_max_length=16)
+        return assemble(
+            out_dir, **parts, defaults=TINY_DEFAULTS, name="tiny-random", t5_max_length=16, clap_max_length=16
+        )

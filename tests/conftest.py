@@ -23,7 +23,7 @@ def official_tiny() -> dict:
     """The official parity case: meta, weights (official names) and arrays as torch tensors."""
     z = np.load(TESTDATA / "official_tiny_a.npz")
     meta = json.loads(bytes(z["meta_json"]))
-    state = {k[len("state."):]: torch.from_numpy(z[k]) for k in z.files if k.startswith("state.")}
+    state = {k[len("state.") :]: torch.from_numpy(z[k]) for k in z.files if k.startswith("state.")}
     arrays = {k: torch.from_numpy(z[k]) for k in z.files if not k.startswith("state.") and k != "meta_json"}
     return {"meta": meta, "state": state, **arrays}
 

@@ -8,8 +8,14 @@ from fluxmusic.errors import FluxMusicError
 from fluxmusic.model import FluxMusicTransformer
 
 OFFICIAL = ["small", "base", "large", "giant", "giant_full", "biggiant"]
-PAPER_MILLIONS = {"small": 142.3, "base": 473.9, "large": 840.6, "giant": 2109.9, "giant_full": 1586.2,
-                  "biggiant": 5289.1}
+PAPER_MILLIONS = {
+    "small": 142.3,
+    "base": 473.9,
+    "large": 840.6,
+    "giant": 2109.9,
+    "giant_full": 1586.2,
+    "biggiant": 5289.1,
+}
 
 
 @pytest.mark.parametrize("name", OFFICIAL)
