@@ -1,0 +1,115 @@
+"""The I/O contract of every exported component: names, dtypes and (symbolic) shapes.
+
+ONNX export, TensorRT profiles, the onnxruntime/TensorRT backends and the Triton model repository all read
+their tensor names and shapes from here, so they cannot drift apart. A dimension is an int (fixed) or a
+symbol name (dynamic): ``batch``, ``txt_len``, ``music_len``, ``seq_len`` (txt_len + music_len),
+``latent_frames``, ``mel_frames``, ``samples``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from fluxmusic.config import FluxMusicConfig
+from fluxmusic.latent import LatentGeometry
+
+Dim = int | str
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    dtype: str  # numpy-style name: "float32", "int64"
+    shape: tuple[Dim, ...]
+
+
+@dataclass(frozen=True)
+class ComponentSpec:
+    name: str
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+
+    @property
+    def filename(self) -> str:
+        return f"{self.name}.onnx"
+
+    def dynamic_axes(self) -> dict[str, dict[int, str]]:
+        """torch.onnx.export's dynamic_axes for this component."""
+        return {
+            t.name: {i: d for i, d in enumerate(t.shape) if isinstance(d, str)} for t in (*self.inputs, *self.outputs)
+        }
+
+
+#: Export order: also the order a generation uses them.
+COMPONENT_NAMES = ("t5", "clap", "transformer", "vae_decoder", "vocoder")
+#: The optional fused sampling step (CFG concat + combine + Euler update inside the graph).
+STEP_NAME = "euler_step"
+
+
+def component_specs(
+    cfg: FluxMusicConfig,
+    geometry: LatentGeometry,
+    t5_width: int,
+    clap_width: int,
+    include_step: bool = False,
+) -> dict[str, ComponentSpec]:
+    """Concrete specs for one model directory."""
+    f32, i64 = "float32", "int64"
+    half_head = cfg.head_dim // 2
+    patch_ch = cfg.in_channels
+    g = geometry
+    specs = {
+        "t5": ComponentSpec(
+            "t5",
+            (TensorSpec("input_ids", i64, ("batch", "txt_len")),),
+            (TensorSpec("last_hidden_state", f32, ("batch", "txt_len", t5_width)),),
+        ),
+        "clap": ComponentSpec(
+            "clap",
+            (
+                TensorSpec("input_ids", i64, ("batch", "clap_len")),
+                TensorSpec("attention_mask", i64, ("batch", "clap_len")),
+            ),
+            (TensorSpec("pooler_output", f32, ("batch", clap_width)),),
+        ),
+        "transformer": ComponentSpec(
+            "transformer",
+            (
+                TensorSpec("x", f32, ("batch", "music_len", patch_ch)),
+                TensorSpec("t", f32, ("batch",)),
+                TensorSpec("txt", f32, ("batch", "txt_len", t5_width)),
+                TensorSpec("y", f32, ("batch", clap_width)),
+                # RoPE table of [text; music] (see fluxmusic.ops); an input so the graph holds no float64.
+                TensorSpec("rope", f32, (1, "seq_len", half_head, 2)),
+            ),
+            (TensorSpec("v", f32, ("batch", "music_len", patch_ch)),),
+        ),
+        "vae_decoder": ComponentSpec(
+            "vae_decoder",
+            # Scaled latent in (the graph divides by the VAE scaling factor), log-mel out.
+            (TensorSpec("latent", f32, ("batch", g.latent_channels, "latent_frames", g.latent_width)),),
+            (TensorSpec("mel", f32, ("batch", "mel_frames", g.mel_bins)),),
+        ),
+        "vocoder": ComponentSpec(
+            "vocoder",
+            (TensorSpec("mel", f32, ("batch", "mel_frames", g.mel_bins)),),
+            (TensorSpec("waveform", f32, ("batch", "samples")),),
+        ),
+    }
+    if include_step:
+        specs[STEP_NAME] = ComponentSpec(
+            STEP_NAME,
+            (
+                TensorSpec("x", f32, ("batch", "music_len", patch_ch)),
+                TensorSpec("t", f32, ("batch",)),
+                TensorSpec("dt", f32, ("batch",)),
+                TensorSpec("txt", f32, ("batch", "txt_len", t5_width)),
+                TensorSpec("y", f32, ("batch", clap_width)),
+                TensorSpec("null_txt", f32, ("batch", "txt_len", t5_width)),
+                TensorSpec("null_y", f32, ("batch", clap_width)),
+                TensorSpec("guidance", f32, ("batch",)),
+                TensorSpec("rope", f32, (1, "seq_len", half_head, 2)),
+            ),
+            (TensorSpec("x_next", f32, ("batch", "music_len", patch_ch)),),
+        )
+    return specs
