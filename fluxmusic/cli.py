@@ -11,6 +11,7 @@ from fluxmusic.errors import FluxMusicError
 #: Modules that define ``register(subparsers)``; each adds one subcommand (or a group of them).
 COMMAND_MODULES = (
     "fluxmusic.commands_core",
+    "fluxmusic.data.commands",
     "fluxmusic.commands_generate",
 )
 
