@@ -13,6 +13,7 @@ COMMAND_MODULES = (
     "fluxmusic.commands_core",
     "fluxmusic.data.commands",
     "fluxmusic.commands_generate",
+    "fluxmusic.training.commands",
 )
 
 

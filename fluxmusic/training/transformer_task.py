@@ -1,0 +1,145 @@
+"""Training the FluxMusic transformer with rectified flow on cached (latent, T5, CLAP) embeddings."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from fluxmusic.config import FluxMusicConfig
+from fluxmusic.errors import FluxMusicError
+from fluxmusic.flow import Conditioning, cfg_velocity, flow_loss, sample, sample_t
+from fluxmusic.latent import PATCH, patchify, unpatchify
+from fluxmusic.model import FluxMusicTransformer
+from fluxmusic.training.distributed import unwrap
+from fluxmusic.training.task import Dataset, TrainTask
+
+#: Published CFG dropout: each encoder's caption is replaced by "" independently with this probability.
+P_UNCOND = 0.1
+
+
+def cfg_dropout(
+    txt: Tensor, y: Tensor, null_txt: Tensor, null_y: Tensor, p: float, generator: torch.Generator
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Replace each sample's T5 tokens and CLAP vector by the embeddings of "" independently with prob ``p``.
+
+    Returns (txt, y, dropped_txt [B] bool, dropped_y [B] bool).
+    """
+    u = torch.rand(2, txt.shape[0], generator=generator, device=generator.device).to(txt.device)
+    drop_txt, drop_y = u[0] < p, u[1] < p
+    txt = torch.where(drop_txt[:, None, None], null_txt.to(txt)[None], txt)
+    y = torch.where(drop_y[:, None], null_y.to(y)[None], y)
+    return txt, y, drop_txt, drop_y
+
+
+class TransformerTask(TrainTask):
+    """Batches ``{"latent" [B,C,H,W] (scaled), "txt" [B,Lt,Dt], "y" [B,Dy]}``; loss MSE(v, eps - x0)."""
+
+    name = "transformer"
+
+    def __init__(
+        self,
+        config: FluxMusicConfig,
+        train: Dataset,
+        null_txt: Tensor,
+        null_y: Tensor,
+        val: Dataset | None = None,
+        p_uncond: float = P_UNCOND,
+        sample_items: int = 2,
+        sample_steps: int = 25,
+        sample_guidance: float = 4.0,
+        decoder: Callable[[Tensor], Tensor] | None = None,
+        sample_rate: int = 16000,
+    ) -> None:
+        if not 0.0 <= p_uncond <= 1.0:
+            raise FluxMusicError(f"CFG dropout probability {p_uncond} must be in [0, 1]")
+        self.config = config
+        self.train, self.val = train, val
+        self.null_txt, self.null_y = null_txt.float(), null_y.float()
+        self.p_uncond = p_uncond
+        self.sample_items, self.sample_steps, self.sample_guidance = sample_items, sample_steps, sample_guidance
+        self.decoder, self.sample_rate = decoder, sample_rate
+        self._check_shapes(train[0])
+
+    def _check_shapes(self, item: dict[str, Tensor]) -> None:
+        c, h, w = item["latent"].shape
+        cfg = self.config
+        problems = []
+        if c * PATCH * PATCH != cfg.in_channels:
+            problems.append(f"latent channels {c} x {PATCH}x{PATCH} patch != model in_channels {cfg.in_channels}")
+        if h % PATCH or w % PATCH:
+            problems.append(f"latent grid {h}x{w} is not divisible by the patch size {PATCH}")
+        if item["txt"].shape[-1] != cfg.context_in_dim:
+            problems.append(f"T5 width {item['txt'].shape[-1]} != model context_in_dim {cfg.context_in_dim}")
+        if item["y"].shape[-1] != cfg.vec_in_dim:
+            problems.append(f"CLAP width {item['y'].shape[-1]} != model vec_in_dim {cfg.vec_in_dim}")
+        if tuple(self.null_txt.shape) != tuple(item["txt"].shape) or tuple(self.null_y.shape) != tuple(item["y"].shape):
+            problems.append("null embeddings do not match the items' txt / y shapes")
+        if problems:
+            raise FluxMusicError("training data does not fit the transformer config: " + "; ".join(problems))
+
+    # ------------------------------------------------------------------------------------ TrainTask
+    def build_model(self) -> nn.Module:
+        return FluxMusicTransformer(self.config)
+
+    def train_dataset(self) -> Dataset:
+        return self.train
+
+    def val_dataset(self) -> Dataset | None:
+        return self.val
+
+    def fingerprint(self) -> dict[str, Any]:
+        return {"model_config": self.config.to_dict()}
+
+    def loss(self, model: nn.Module, batch: Any, generator: torch.Generator) -> tuple[Tensor, dict[str, float]]:
+        latent, txt, y = batch["latent"], batch["txt"], batch["y"]
+        b, _, h, w = latent.shape
+        txt, y, drop_txt, drop_y = cfg_dropout(txt, y, self.null_txt, self.null_y, self.p_uncond, generator)
+        x0 = patchify(latent)
+        t = sample_t(b, generator, generator.device).to(x0)
+        noise = torch.randn(x0.shape, generator=generator, device=generator.device).to(x0)
+        rope = unwrap(model).rope_for(txt.shape[1], h // PATCH, w // PATCH)
+        loss = flow_loss(lambda x, tt: model(x, tt, txt, y, rope), x0, noise, t)
+        return loss, {"drop_txt": float(drop_txt.float().mean()), "drop_y": float(drop_y.float().mean())}
+
+    def sample(self, model: nn.Module, out_dir: Path, step: int) -> dict[str, float] | None:
+        """Euler + CFG from the first validation (else training) items' conditioning; saves latents (+ WAVs)."""
+        from fluxmusic.checkpoint import atomic_save_safetensors
+
+        source = self.val if self.val is not None else self.train
+        n = min(self.sample_items, len(source))
+        if n == 0:
+            return None
+        items = [source[i] for i in range(n)]
+        device = next(model.parameters()).device
+        latent_shape = items[0]["latent"].shape
+        c, h, w = latent_shape
+        cond = Conditioning(torch.stack([it["txt"] for it in items]).to(device),
+                            torch.stack([it["y"] for it in items]).to(device))
+        uncond = Conditioning(
+            self.null_txt.to(device)[None].expand(n, -1, -1), self.null_y.to(device)[None].expand(n, -1)
+        )
+        g = torch.Generator().manual_seed(1234)  # same noise every time: samples comparable across steps
+        noise = patchify(torch.randn((n, c, h, w), generator=g).to(device))
+        rope = model.rope_for(cond.txt.shape[1], h // PATCH, w // PATCH)
+        velocity = cfg_velocity(model, cond, uncond, torch.full((n,), self.sample_guidance, device=device), rope)
+        x = sample(velocity, noise, self.sample_steps)
+        latents = unpatchify(x, h // PATCH, w // PATCH).cpu()
+        out_dir.mkdir(parents=True, exist_ok=True)
+        atomic_save_safetensors({"latent": latents.contiguous()}, out_dir / f"step-{step:07d}.safetensors")
+        if self.decoder is not None:
+            from fluxmusic.audio import write_audio
+
+            waves = self.decoder(latents)
+            for i in range(n):
+                write_audio(out_dir / f"step-{step:07d}-{i}.wav", waves[i].float().cpu().numpy(), self.sample_rate)
+        return {"latent_std": float(latents.std())}
+
+    def export(self, model: nn.Module, out_dir: Path) -> Path | None:
+        from fluxmusic.transformer_io import save_transformer
+
+        assert isinstance(model, FluxMusicTransformer)
+        return save_transformer(model, out_dir)
