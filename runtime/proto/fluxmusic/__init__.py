@@ -1,0 +1,1 @@
+"""Generated code of the fluxmusic protobuf packages (see fluxmusic.runtime.codegen)."""
