@@ -1,9 +1,10 @@
 """``torch.library`` registration of the Triton kernels as ``fluxmusic::*`` ops, and the ``TRITON_OPS`` set.
 
-``triton_op`` makes each fused op a single node for torch.compile / torch.export (the op's body is visible to
-Inductor, which can still schedule the Triton kernel itself); its fake (meta) implementation is the
-registered ``register_fake`` function, so shape propagation never launches a kernel. Backward passes are the
-closed-form torch formulas in :mod:`.backward`.
+Each fused op is a ``custom_op``: torch.compile and torch.export see one opaque node per op and propagate
+shapes through its ``register_fake`` (meta) function, so tracing never launches a kernel. (``triton_op`` would
+let Inductor look inside, but these ops are already single fused kernels, and its tracing path runs the
+kernel on fake tensors under ``TRITON_INTERPRET=1``, so it could not be tested without a GPU.) Backward
+passes are the closed-form torch formulas in :mod:`.backward`.
 
 Attention stays the library's ``scaled_dot_product_attention`` (FlashAttention-2 / memory-efficient backends on
 CUDA): see the "Triton kernels" section of the README for why it is not replaced by a RoPE-in-load kernel.
@@ -13,7 +14,7 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
-from torch.library import triton_op
+from torch.library import custom_op
 
 from fluxmusic import ops as ref
 from fluxmusic.ops import OpSet
@@ -38,7 +39,7 @@ def _qk_out(qkv: Tensor, num_heads: int) -> tuple[Tensor, Tensor]:
 
 # --- layernorm_modulate ------------------------------------------------------------------------------------
 
-@triton_op("fluxmusic::layernorm_modulate", mutates_args=())
+@custom_op("fluxmusic::layernorm_modulate", mutates_args=())
 def layernorm_modulate_op(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
     out = _empty_rows(x)
     layernorm_modulate_fwd(x, shift, scale, out)
@@ -66,7 +67,7 @@ layernorm_modulate_op.register_autograd(_lnm_backward, setup_context=_lnm_setup)
 
 # --- gated_residual ----------------------------------------------------------------------------------------
 
-@triton_op("fluxmusic::gated_residual", mutates_args=())
+@custom_op("fluxmusic::gated_residual", mutates_args=())
 def gated_residual_op(x: Tensor, gate: Tensor, y: Tensor) -> Tensor:
     out = _empty_rows(x)
     gated_residual_fwd(x, gate, y, out)
@@ -93,7 +94,7 @@ gated_residual_op.register_autograd(_gr_backward, setup_context=_gr_setup)
 
 # --- gated_residual_modulate -------------------------------------------------------------------------------
 
-@triton_op("fluxmusic::gated_residual_modulate", mutates_args=())
+@custom_op("fluxmusic::gated_residual_modulate", mutates_args=())
 def gated_residual_modulate_op(
     x: Tensor, gate: Tensor, y: Tensor, shift: Tensor, scale: Tensor
 ) -> tuple[Tensor, Tensor]:
@@ -129,7 +130,7 @@ gated_residual_modulate_op.register_autograd(_grm_backward, setup_context=_grm_s
 
 # --- qk_rmsnorm_rope ---------------------------------------------------------------------------------------
 
-@triton_op("fluxmusic::qk_rmsnorm_rope", mutates_args=())
+@custom_op("fluxmusic::qk_rmsnorm_rope", mutates_args=())
 def qk_rmsnorm_rope_op(
     qkv: Tensor, q_scale: Tensor, k_scale: Tensor, rope: Tensor, num_heads: int
 ) -> tuple[Tensor, Tensor]:

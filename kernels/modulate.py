@@ -17,7 +17,6 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 from torch import Tensor
-from torch.library import wrap_triton
 
 from ._common import batch_stride, next_pow2, num_warps_for, per_sample, rows_per_program
 
@@ -74,8 +73,7 @@ def _launch(x: Tensor, y: Tensor | None, gate: Tensor | None, shift: Tensor | No
     scale = scale if scale is not None else dummy
     r = r_out if r_out is not None else dummy
     m = m_out if m_out is not None else dummy
-    # wrap_triton lets torch.compile / torch.export trace the launch; in eager it simply runs the kernel.
-    wrap_triton(_adaln_rows_kernel)[(triton.cdiv(b * l, rows),)](
+    _adaln_rows_kernel[(triton.cdiv(b * l, rows),)](
         x, y, gate, shift, scale, r, m,
         b * l, l, d,
         x.stride(0), x.stride(1), y.stride(0), y.stride(1), batch_stride(gate),

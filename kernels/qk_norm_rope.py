@@ -16,7 +16,6 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 from torch import Tensor
-from torch.library import wrap_triton
 
 from ._common import batch_stride, next_pow2, num_warps_for, rows_per_program
 
@@ -90,7 +89,7 @@ def qk_rmsnorm_rope_fwd(qkv: Tensor, q_scale: Tensor, k_scale: Tensor, rope: Ten
     q_scale, k_scale = q_scale.contiguous(), k_scale.contiguous()
     block_h, block_j = next_pow2(num_heads), next_pow2(dh // 2)
     tokens = rows_per_program(b * l, 2 * block_h * block_j)
-    wrap_triton(_qk_rmsnorm_rope_kernel)[(triton.cdiv(b * l, tokens),)](
+    _qk_rmsnorm_rope_kernel[(triton.cdiv(b * l, tokens),)](
         qkv, q_scale, k_scale, rope, q_out, k_out,
         b * l, l, num_heads, dh // 2, dh, d,
         qkv.stride(0), qkv.stride(1), batch_stride(rope), rope.stride(1), rope.stride(2), rope.stride(3),

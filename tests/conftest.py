@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import os
+
+# Triton reads TRITON_INTERPRET when it is imported: set it before any test module can import triton, so the
+# kernel tests (tests/test_kernels.py) run on CPU tensors through Triton's interpreter.
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
 import json
 from pathlib import Path
 
