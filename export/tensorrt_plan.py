@@ -357,15 +357,35 @@ def batch_inputs(spec: ComponentSpec) -> tuple[str, ...]:
 
 
 # --------------------------------------------------------------------------------------------- sources
+#: ONNX variants ``fluxmusic export onnx`` writes beside ``<c>.onnx`` (fp32): ``<c>.fp16.onnx`` holds fp16
+#: math behind fp32 I/O; ``<c>.fp8.onnx`` is an FP8 Q/DQ graph made outside this project (NVIDIA ModelOpt).
+ONNX_VARIANTS = ("fp32", "fp16", "bf16", "fp8")
+
+
+def onnx_variant_filename(component: str, variant: str) -> str:
+    return f"{component}.onnx" if variant == "fp32" else f"{component}.{variant}.onnx"
+
+
+@dataclass(frozen=True)
+class OnnxGraph:
+    path: Path
+    precision: str  # the math the graph carries: fp32 | fp16 | bf16 | fp8
+    quantized: bool = False  # has QuantizeLinear/DequantizeLinear nodes
+
+
 @dataclass(frozen=True)
 class ExportDescription:
-    """What a build needs to know about an ONNX export: specs with concrete fixed dims, and the geometry."""
+    """What a build needs to know about an ONNX export: specs with concrete fixed dims, the geometry, and the
+    graph variants per component (empty when planned from a model directory alone)."""
 
     specs: dict[str, ComponentSpec]
     index: ModelIndex
-    onnx_precision: dict[str, str] = field(default_factory=dict)  # component -> fp32|fp16|bf16
-    onnx_files: dict[str, Path] = field(default_factory=dict)
-    quantized: dict[str, bool] = field(default_factory=dict)  # has Q/DQ nodes (needed for fp8)
+    graphs: dict[str, dict[str, OnnxGraph]] = field(default_factory=dict)  # component -> variant -> graph
+
+    def graph_for(self, component: str, precision: str) -> OnnxGraph | None:
+        """The graph to build ``precision`` from: the variant in that precision if exported, else fp32."""
+        variants = self.graphs.get(component, {})
+        return variants.get(precision) or variants.get("fp32")
 
 
 def specs_from_model_dir(
@@ -383,16 +403,18 @@ def specs_from_model_dir(
     return specs, index
 
 
-def _find_index(onnx_dir: Path, manifest: dict) -> ModelIndex | None:
-    """The model index the ONNX export was made from: a copy in the export, or embedded in its manifest."""
+def _index_from_manifest(onnx_dir: Path, manifest: dict) -> ModelIndex | None:
+    """The geometry and text lengths the ONNX export recorded (``fluxmusic export onnx`` writes both)."""
+    if isinstance(manifest.get("geometry"), dict):
+        text = manifest.get("text", {})
+        return ModelIndex(
+            geometry=LatentGeometry.from_dict(manifest["geometry"]),
+            t5_max_length=int(text.get("t5_max_length", 256)),
+            clap_max_length=int(text.get("clap_max_length", 77)),
+            name=str(manifest.get("model_name", "fluxmusic")),
+        )
     if (onnx_dir / INDEX).is_file():
         return ModelIndex.from_dict(json.loads((onnx_dir / INDEX).read_text()), str(onnx_dir / INDEX))
-    for key in ("model_index", "index"):
-        if isinstance(manifest.get(key), dict):
-            return ModelIndex.from_dict(manifest[key], f"{onnx_dir / 'manifest.json'}[{key!r}]")
-    model_dir = manifest.get("model_dir") or manifest.get("model")
-    if isinstance(model_dir, str) and (Path(model_dir) / INDEX).is_file():
-        return read_index(model_dir)
     return None
 
 
@@ -422,12 +444,27 @@ def _onnx_inputs(path: Path) -> tuple[dict[str, tuple[str, tuple]], bool]:
     return out, qdq
 
 
+def _spec_from_graph(path: Path, template: ComponentSpec, graph_inputs: dict) -> ComponentSpec:
+    inputs = []
+    for t in template.inputs:
+        if t.name not in graph_inputs:
+            raise FluxMusicError(f"{path} has no input {t.name!r} (inputs: {', '.join(graph_inputs)})")
+        dtype, dims = graph_inputs[t.name]
+        if len(dims) != len(t.shape):
+            raise FluxMusicError(f"{path} input {t.name!r} has rank {len(dims)}; the contract says {len(t.shape)}")
+        if any(not isinstance(d, str) and g is None for d, g in zip(t.shape, dims)):
+            raise FluxMusicError(f"{path} input {t.name!r} is dynamic where the contract says fixed: {t.shape}")
+        # a fixed graph dim wins (a static export); a dynamic one takes the contract's symbol
+        inputs.append(type(t)(t.name, dtype, tuple(d if d is not None else sym for sym, d in zip(t.shape, dims))))
+    return ComponentSpec(template.name, tuple(inputs), template.outputs)
+
+
 def describe_onnx_dir(
     onnx_dir: str | Path, model_dir: str | Path | None = None, components: Sequence[str] | None = None
 ) -> ExportDescription:
-    """Read an ONNX export: which components exist, their inputs (fixed dims from the graphs, symbolic
-    dims from the spec contract), their float precision, and the latent geometry (from ``model_dir``, or a
-    ``model_index.json`` / manifest entry in the export)."""
+    """Read an ONNX export: which components and variants exist, their inputs (fixed dims from the graphs,
+    symbolic dims from the spec contract), and the latent geometry (from the export's manifest, or
+    ``model_dir``)."""
     onnx_dir = Path(onnx_dir)
     if not onnx_dir.is_dir():
         raise FluxMusicError(f"ONNX directory {onnx_dir} does not exist; create it with `fluxmusic export onnx`")
@@ -438,7 +475,7 @@ def describe_onnx_dir(
             manifest = json.loads(manifest_path.read_text())
         except json.JSONDecodeError as e:
             raise FluxMusicError(f"{manifest_path} is not valid JSON: {e}") from e
-    index = read_index(model_dir) if model_dir is not None else _find_index(onnx_dir, manifest)
+    index = read_index(model_dir) if model_dir is not None else _index_from_manifest(onnx_dir, manifest)
     if index is None:
         raise FluxMusicError(f"cannot tell the latent geometry of the export {onnx_dir}: pass --model DIR")
     template = _symbol_template()
@@ -446,45 +483,31 @@ def describe_onnx_dir(
     for c in wanted:
         if c not in ALL_COMPONENTS:
             raise FluxMusicError(f"unknown component {c!r}; allowed: {', '.join(ALL_COMPONENTS)}")
-    specs, precision, files, quantized = {}, {}, {}, {}
+    specs: dict[str, ComponentSpec] = {}
+    graphs: dict[str, dict[str, OnnxGraph]] = {}
     for name in wanted:
-        path = onnx_dir / template[name].filename
-        if not path.is_file():
-            continue
-        graph_inputs, qdq = _onnx_inputs(path)
-        inputs = []
-        for t in template[name].inputs:
-            if t.name not in graph_inputs:
-                raise FluxMusicError(f"{path} has no input {t.name!r} (inputs: {', '.join(graph_inputs)})")
-            dtype, dims = graph_inputs[t.name]
-            if len(dims) != len(t.shape):
-                raise FluxMusicError(f"{path} input {t.name!r} has rank {len(dims)}; the contract says {len(t.shape)}")
-            # a fixed graph dim wins (a static export), a dynamic one takes the contract's symbol
-            shape = tuple(d if d is not None else sym for sym, d in zip(t.shape, dims))
-            if any(not isinstance(d, str) and g is None for d, g in zip(t.shape, dims)):
-                raise FluxMusicError(f"{path} input {t.name!r} is dynamic where the contract says fixed: {t.shape}")
-            inputs.append(type(t)(t.name, dtype, shape))
-        specs[name] = ComponentSpec(name, tuple(inputs), template[name].outputs)
-        floats = [ONNX_FLOAT_DTYPES[t.dtype] for t in inputs if t.dtype in ONNX_FLOAT_DTYPES]
-        precision[name] = floats[0] if floats else "fp32"
-        files[name] = path
-        quantized[name] = qdq
+        for variant in ONNX_VARIANTS:
+            path = onnx_dir / onnx_variant_filename(name, variant)
+            if not path.is_file():
+                continue
+            graph_inputs, qdq = _onnx_inputs(path)
+            spec = _spec_from_graph(path, template[name], graph_inputs)
+            # profiles are sized from the fp32 graph; variants share its I/O contract
+            specs.setdefault(name, spec)
+            graphs.setdefault(name, {})[variant] = OnnxGraph(path, variant, qdq)
     if not specs:
         raise FluxMusicError(
             f"{onnx_dir} holds no component ONNX file; expected some of "
             + ", ".join(t.filename for t in template.values())
         )
-    return ExportDescription(specs, index, precision, files, quantized)
+    return ExportDescription(specs, index, graphs)
 
 
 def describe_model_dir(model_dir: str | Path, components: Sequence[str] | None = None) -> ExportDescription:
     """An export description from the model directory alone (for ``--dry-run`` before any ONNX exists)."""
     specs, index = specs_from_model_dir(model_dir)
-    if components:
-        specs = {c: s for c, s in specs.items() if c in components}
-    else:
-        specs = {c: s for c, s in specs.items() if c != STEP_NAME}
-    return ExportDescription(specs, index, {c: "fp32" for c in specs})
+    keep = set(components) if components else set(COMPONENT_NAMES)
+    return ExportDescription({c: s for c, s in specs.items() if c in keep}, index)
 
 
 # --------------------------------------------------------------------------------------------- the plan
@@ -594,11 +617,12 @@ def make_plan(
             raise FluxMusicError(
                 f"{name} in {prec} needs a GPU of compute capability >= sm{MIN_SM[prec]}; this plan targets sm{sm}"
             )
-        onnx_prec = desc.onnx_precision.get(name, "fp32")
-        if prec == "fp8" and desc.onnx_files.get(name) is not None and not desc.quantized.get(name, False):
+        graph = desc.graph_for(name, prec)
+        onnx_prec = graph.precision if graph else "fp32"
+        if prec == "fp8" and desc.graphs and not (graph and graph.quantized):
             raise FluxMusicError(
-                f"precision fp8 for {name} needs an FP8-quantized ONNX graph (QuantizeLinear/DequantizeLinear "
-                f"nodes, e.g. from NVIDIA ModelOpt); {desc.onnx_files[name]} has none"
+                f"precision fp8 for {name} needs an FP8-quantized ONNX graph {onnx_variant_filename(name, 'fp8')} "
+                "(QuantizeLinear/DequantizeLinear nodes, e.g. from NVIDIA ModelOpt); the export has none"
             )
         typed = strongly_typed(prec, onnx_prec)
         if not typed and prec == "fp32":
@@ -611,7 +635,7 @@ def make_plan(
                 typed,
                 tuple(component_profiles(spec, limits, desc.index.geometry, desc.index)),
                 engine_name(name, trt_version, prec, sm),
-                desc.onnx_files.get(name),
+                graph.path if graph else None,
                 batch_inputs(spec),
             )
         )
