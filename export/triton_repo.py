@@ -1,0 +1,181 @@
+"""Generate a Triton Inference Server model repository from a model directory and its exported components.
+
+```
+REPO/
+  t5/ clap/ transformer/ vae_decoder/ vocoder/     config.pbtxt + 1/model.onnx (or 1/model.plan)
+  fluxmusic/                                       the Python-backend BLS model
+    config.pbtxt
+    1/model.py                                     wraps fluxmusic.runtime.triton_bls
+    1/model_index.json  1/null_embeddings.safetensors  1/transformer_config.json
+    1/tokenizer/  1/clap_tokenizer/
+    1/components.json                              each component's platform and graph I/O (for --check)
+```
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from fluxmusic.export.spec import COMPONENT_NAMES
+from fluxmusic.export.triton_config import (
+    INSTANCE_KINDS,
+    MODEL_FILES,
+    PLATFORMS,
+    GraphIO,
+    external_data_files,
+    onnx_graph_io,
+    parse_config,
+    render_bls_config,
+    render_component_config,
+    templates_dir,
+)
+
+from fluxmusic.checkpoint import atomic_write_text
+from fluxmusic.errors import FluxMusicError
+from fluxmusic.modeldir import INDEX, NULL_EMBEDDINGS, read_index
+
+BLS_MODEL = "fluxmusic"
+VERSION = "1"
+COMPONENTS_FILE = "components.json"
+
+
+@dataclass(frozen=True)
+class RepoOptions:
+    """Serving knobs of the generated configs."""
+
+    max_batch_size: int = 8  # for the batchable components; the BLS sends at most 2 items (cond + uncond)
+    instance_count: int = 1  # instances per component model
+    instance_kind: str | None = None  # default: KIND_GPU for TensorRT plans, KIND_AUTO (GPU if any) for ONNX
+    bls_instance_count: int = 1  # concurrent generations; each holds one request through its whole solve
+    decoupled: bool = False  # stream per-step progress responses before the audio
+    max_queue_delay_us: int = 1000
+
+    def check(self) -> None:
+        for name in ("max_batch_size", "instance_count", "bls_instance_count"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise FluxMusicError(f"{name.replace('_', ' ')} {v!r} must be an integer >= 1")
+        if self.max_queue_delay_us < 0:
+            raise FluxMusicError(f"max queue delay {self.max_queue_delay_us!r} us must be >= 0")
+        if self.instance_kind is not None and self.instance_kind not in INSTANCE_KINDS:
+            raise FluxMusicError(
+                f"instance kind {self.instance_kind!r} is not allowed; allowed: {', '.join(INSTANCE_KINDS)}"
+            )
+
+
+def engine_path(engines_dir: Path, component: str) -> Path:
+    """A component's TensorRT engine: the name the TensorRT exporter uses if it is installed, else <name>.plan."""
+    try:
+        trt_plan = importlib.import_module("fluxmusic.export.tensorrt_plan")
+    except ImportError:
+        trt_plan = None
+    namer = getattr(trt_plan, "engine_filename", None)
+    return engines_dir / (namer(component) if callable(namer) else f"{component}.plan")
+
+
+def build_repository(
+    model_dir: str | Path,
+    onnx_dir: str | Path,
+    out: str | Path,
+    engines_dir: str | Path | None = None,
+    options: RepoOptions | None = None,
+) -> Path:
+    """Write the repository to a temporary sibling, check it (``check_repository``), then rename it into place."""
+    from fluxmusic.export.triton_check import check_repository
+
+    options = options or RepoOptions()
+    options.check()
+    model_dir, onnx_dir, out = Path(model_dir), Path(onnx_dir), Path(out)
+    read_index(model_dir)  # a complete model directory, or a clear error
+    if not onnx_dir.is_dir():
+        raise FluxMusicError(f"ONNX directory {onnx_dir} does not exist (make it with `fluxmusic export onnx`)")
+    sources = {c: onnx_dir / f"{c}.onnx" for c in COMPONENT_NAMES}
+    missing = [str(p) for p in sources.values() if not p.is_file()]
+    if engines_dir is not None:
+        engines_dir = Path(engines_dir)
+        if not engines_dir.is_dir():
+            raise FluxMusicError(f"engines directory {engines_dir} does not exist")
+        missing += [
+            str(engine_path(engines_dir, c)) for c in COMPONENT_NAMES if not engine_path(engines_dir, c).is_file()
+        ]
+    if missing:
+        raise FluxMusicError(f"missing exported component(s): {', '.join(missing)}")
+    if out.exists():
+        raise FluxMusicError(f"output repository {out} already exists; choose a new path")
+
+    templates = templates_dir()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
+    try:
+        components = {}
+        for c in COMPONENT_NAMES:
+            io = onnx_graph_io(sources[c])
+            platform = PLATFORMS["plan" if engines_dir is not None else "onnx"]
+            kind = options.instance_kind or ("KIND_GPU" if engines_dir is not None else "KIND_AUTO")
+            text = render_component_config(
+                c,
+                io,
+                platform,
+                options.max_batch_size,
+                kind,
+                options.instance_count,
+                options.max_queue_delay_us,
+                templates,
+            )
+            parse_config(text, f"generated config of {c}")
+            version = tmp / c / VERSION
+            version.mkdir(parents=True)
+            if engines_dir is not None:
+                shutil.copy2(engine_path(engines_dir, c), version / MODEL_FILES[platform])
+            else:
+                _copy_onnx(sources[c], version / MODEL_FILES[platform])
+            atomic_write_text(tmp / c / "config.pbtxt", text)
+            components[c] = {"platform": platform, "source": sources[c].name, "graph": io.to_json()}
+        _write_bls_model(tmp, model_dir, components, options, templates)
+        check_repository(tmp)
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def _copy_onnx(src: Path, dst: Path) -> None:
+    """Copy a graph as model.onnx with its external-data files, whose names the graph references as they are."""
+    shutil.copy2(src, dst)
+    for name in external_data_files(src):
+        data = src.parent / name
+        if not data.is_file():
+            raise FluxMusicError(f"{src} references external data {name}, which is not next to it")
+        shutil.copy2(data, dst.parent / name)
+
+
+def _write_bls_model(repo: Path, model_dir: Path, components: dict, options: RepoOptions, templates: Path) -> None:
+    from fluxmusic.runtime.triton_bls import CLAP_TOKENIZER_DIR, TOKENIZER_DIR, TRANSFORMER_CONFIG
+
+    version = repo / BLS_MODEL / VERSION
+    version.mkdir(parents=True)
+    text = render_bls_config(BLS_MODEL, options.bls_instance_count, options.decoupled, templates)
+    parse_config(text, "generated config of the BLS model")
+    atomic_write_text(repo / BLS_MODEL / "config.pbtxt", text)
+    shutil.copy2(templates / BLS_MODEL / VERSION / "model.py", version / "model.py")
+    for name in (INDEX, NULL_EMBEDDINGS):
+        shutil.copy2(model_dir / name, version / name)
+    shutil.copy2(model_dir / "transformer" / "config.json", version / TRANSFORMER_CONFIG)
+    shutil.copytree(model_dir / "tokenizer", version / TOKENIZER_DIR)
+    shutil.copytree(model_dir / "clap_tokenizer", version / CLAP_TOKENIZER_DIR)
+    atomic_write_text(version / COMPONENTS_FILE, json.dumps({"components": components}, indent=2) + "\n")
+
+
+def read_components(repo: Path) -> dict[str, tuple[str, GraphIO]]:
+    """component -> (platform, graph I/O recorded at generation time)."""
+    path = repo / BLS_MODEL / VERSION / COMPONENTS_FILE
+    if not path.is_file():
+        raise FluxMusicError(f"{repo} is not a fluxmusic Triton repository: it has no {path.relative_to(repo)}")
+    data = json.loads(path.read_text())["components"]
+    return {c: (d["platform"], GraphIO.from_json(d["graph"])) for c, d in data.items()}

@@ -1,0 +1,252 @@
+"""The logic of the Triton BLS model ``fluxmusic``, free of Triton so it can be tested without a server.
+
+One request = one generation: prompt, negative prompt, duration, steps, guidance and seed come in as request
+tensors; float32 audio and the seed used go out. Everything between is the project's own pipeline
+(:class:`fluxmusic.pipeline.FluxMusicPipeline`: tokenization, null embeddings for "", seeded noise, patchify,
+the batched cond+uncond CFG velocity and the Euler solver). Only the component calls are different: they go
+through an ``infer(model_name, inputs) -> outputs`` function over numpy arrays, which is
+``pb_utils.InferenceRequest(...).exec()`` inside Triton (``triton_models/fluxmusic/1/model.py``) and
+onnxruntime sessions in tests (:class:`OnnxRuntimeInfer`).
+
+The version directory of the BLS model holds what the pipeline needs besides the components: the tokenizers,
+``null_embeddings.safetensors``, ``model_index.json`` and the transformer's ``config.json`` (for RoPE tables).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from fluxmusic.export.spec import COMPONENT_NAMES, ComponentSpec, component_specs
+from torch import Tensor
+
+from fluxmusic.config import FluxMusicConfig
+from fluxmusic.errors import FluxMusicError
+from fluxmusic.modeldir import INDEX, NULL_EMBEDDINGS, ModelIndex, read_null_embeddings
+from fluxmusic.pipeline import FluxMusicPipeline, ProgressFn
+from fluxmusic.rope import RopeCache
+
+#: ``infer(model_name, {input name: array}) -> {output name: array}``: one call of a component model.
+InferFn = Callable[[str, Mapping[str, np.ndarray]], Mapping[str, np.ndarray]]
+
+#: Files of the BLS model's version directory besides ``model.py``.
+TOKENIZER_DIR = "tokenizer"
+CLAP_TOKENIZER_DIR = "clap_tokenizer"
+TRANSFORMER_CONFIG = "transformer_config.json"
+VERSION_FILES = (INDEX, NULL_EMBEDDINGS, TRANSFORMER_CONFIG, TOKENIZER_DIR, CLAP_TOKENIZER_DIR)
+
+
+@dataclass(frozen=True)
+class BlsTensor:
+    """One input or output of the BLS model itself, in Triton's terms."""
+
+    name: str
+    data_type: str  # Triton TYPE_*
+    dims: tuple[int, ...]
+    optional: bool = False
+
+
+#: The BLS model's request inputs: every generation setting is per request (absent = the model's default).
+BLS_INPUTS = (
+    BlsTensor("prompt", "TYPE_STRING", (1,)),
+    BlsTensor("negative_prompt", "TYPE_STRING", (1,), optional=True),
+    BlsTensor("duration", "TYPE_FP32", (1,), optional=True),
+    BlsTensor("steps", "TYPE_INT32", (1,), optional=True),
+    BlsTensor("guidance", "TYPE_FP32", (1,), optional=True),
+    BlsTensor("seed", "TYPE_INT64", (1,), optional=True),
+)
+#: Outputs: the waveform, the seed used (random when none was given) and its sample rate. In decoupled mode
+#: progress responses carry only ``step`` and ``total_steps``; the final response carries the rest.
+BLS_OUTPUTS = (
+    BlsTensor("audio", "TYPE_FP32", (-1,)),
+    BlsTensor("seed_used", "TYPE_INT64", (1,)),
+    BlsTensor("sample_rate", "TYPE_INT32", (1,)),
+    BlsTensor("step", "TYPE_INT32", (1,)),
+    BlsTensor("total_steps", "TYPE_INT32", (1,)),
+)
+
+
+@dataclass
+class BlsRequest:
+    prompt: str
+    negative_prompt: str = ""
+    duration: float | None = None
+    steps: int | None = None
+    guidance: float | None = None
+    seed: int | None = None
+
+
+def parse_request(inputs: Mapping[str, np.ndarray | None]) -> BlsRequest:
+    """Request tensors (numpy, ``None`` for an absent optional input) -> a request; errors name the input."""
+    known = {t.name for t in BLS_INPUTS}
+    unknown = sorted(set(inputs) - known)
+    if unknown:
+        raise FluxMusicError(f"unknown input(s) {', '.join(unknown)}; allowed: {', '.join(sorted(known))}")
+    values: dict[str, object] = {}
+    for spec in BLS_INPUTS:
+        arr = inputs.get(spec.name)
+        if arr is None:
+            if not spec.optional:
+                raise FluxMusicError(f"input {spec.name!r} is required")
+            continue
+        arr = np.asarray(arr)
+        if arr.size != 1:
+            raise FluxMusicError(f"input {spec.name!r} must hold exactly one value; got shape {list(arr.shape)}")
+        values[spec.name] = _scalar(spec, arr.reshape(-1)[0])
+    return BlsRequest(**values)
+
+
+def _scalar(spec: BlsTensor, v: object) -> object:
+    if spec.data_type == "TYPE_STRING":
+        if isinstance(v, bytes):
+            try:
+                return v.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise FluxMusicError(f"input {spec.name!r} is not valid UTF-8: {e}") from e
+        if isinstance(v, str):
+            return v
+        raise FluxMusicError(f"input {spec.name!r} must be a string (BYTES); got {type(v).__name__}")
+    if spec.data_type in ("TYPE_INT32", "TYPE_INT64"):
+        if not isinstance(v, (int, np.integer)) or isinstance(v, (bool, np.bool_)):
+            raise FluxMusicError(f"input {spec.name!r} must be an integer ({spec.data_type}); got {v!r}")
+        return int(v)
+    if not isinstance(v, (int, float, np.integer, np.floating)) or isinstance(v, (bool, np.bool_)):
+        raise FluxMusicError(f"input {spec.name!r} must be a number ({spec.data_type}); got {v!r}")
+    return float(v)
+
+
+class InferBackend:
+    """The pipeline's backend interface (see ``fluxmusic.backend.Backend``) over ``infer`` calls.
+
+    Tensor names and dtypes come from the export contract (``fluxmusic.export.spec``), the same one the
+    exported graphs and the generated ``config.pbtxt`` files follow.
+    """
+
+    name = "triton-bls"
+
+    def __init__(self, infer: InferFn, transformer_config: FluxMusicConfig, specs: Mapping[str, ComponentSpec]):
+        self.infer = infer
+        self.transformer_config = transformer_config
+        self.specs = specs
+        self.device = torch.device("cpu")
+        self._rope = RopeCache(transformer_config.axes_dim, transformer_config.theta)
+        self.calls: dict[str, int] = dict.fromkeys(COMPONENT_NAMES, 0)  # per model, for tests and metrics
+
+    def call(self, component: str, **inputs: Tensor) -> Tensor:
+        """Send exactly the contract's inputs (cast to its dtypes) and return its single output as fp32."""
+        spec = self.specs[component]
+        arrays = {
+            t.name: np.ascontiguousarray(inputs[t.name].detach().cpu().numpy(), dtype=t.dtype) for t in spec.inputs
+        }
+        self.calls[component] += 1
+        out = self.infer(component, arrays)
+        name = spec.outputs[0].name
+        if name not in out:
+            raise RuntimeError(f"model {component!r} returned {sorted(out)}; expected output {name!r}")
+        return torch.from_numpy(np.array(out[name], dtype=np.float32))
+
+    def t5_encode(self, input_ids: Tensor) -> Tensor:
+        return self.call("t5", input_ids=input_ids)
+
+    def clap_encode(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        return self.call("clap", input_ids=input_ids, attention_mask=attention_mask)
+
+    def velocity(self, x: Tensor, t: Tensor, txt: Tensor, y: Tensor, rope: Tensor) -> Tensor:
+        # cfg_velocity already stacked [cond; uncond]: one transformer request of 2B items per step.
+        return self.call("transformer", x=x, t=t, txt=txt, y=y, rope=rope)
+
+    def rope(self, txt_len: int, grid_h: int, grid_w: int) -> Tensor:
+        return self._rope.get(txt_len, grid_h, grid_w)
+
+    def vae_decode(self, latent: Tensor) -> Tensor:
+        return self.call("vae_decoder", latent=latent)
+
+    def vocode(self, mel: Tensor) -> Tensor:
+        return self.call("vocoder", mel=mel)
+
+
+def read_version_dir(version_dir: str | Path) -> tuple[ModelIndex, FluxMusicConfig, dict[str, ComponentSpec]]:
+    """The model index, transformer config and component contract stored in a BLS version directory."""
+    version_dir = Path(version_dir)
+    missing = [f for f in VERSION_FILES if not (version_dir / f).exists()]
+    if missing:
+        raise FluxMusicError(f"BLS version directory {version_dir} is incomplete; missing: {', '.join(missing)}")
+    index = ModelIndex.from_dict(json.loads((version_dir / INDEX).read_text()), str(version_dir / INDEX))
+    cfg = FluxMusicConfig.load(version_dir / TRANSFORMER_CONFIG)
+    null = read_null_embeddings(version_dir)
+    specs = component_specs(cfg, index.geometry, int(null.txt.shape[-1]), int(null.y.shape[-1]))
+    return index, cfg, specs
+
+
+class FluxMusicBls:
+    """Generate one waveform per request through component-model calls."""
+
+    def __init__(self, version_dir: str | Path, infer: InferFn) -> None:
+        from fluxmusic.components import load_tokenizer
+
+        version_dir = Path(version_dir)
+        index, cfg, specs = read_version_dir(version_dir)
+        self.backend = InferBackend(infer, cfg, specs)
+        tokenizers = (
+            load_tokenizer(version_dir / TOKENIZER_DIR, "T5 tokenizer"),
+            load_tokenizer(version_dir / CLAP_TOKENIZER_DIR, "CLAP tokenizer"),
+        )
+        self.pipeline = FluxMusicPipeline(self.backend, index, read_null_embeddings(version_dir), tokenizers)
+
+    @property
+    def sample_rate(self) -> int:
+        return self.pipeline.sample_rate
+
+    def total_steps(self, request: BlsRequest) -> int:
+        return request.steps if request.steps is not None else int(self.pipeline.defaults.get("steps", 50))
+
+    def generate(self, request: BlsRequest, progress: ProgressFn | None = None) -> tuple[np.ndarray, int]:
+        """-> (float32 audio [samples], seed used). The solver is Euler, as the official sampler."""
+        result = self.pipeline(
+            request.prompt,
+            negative_prompt=request.negative_prompt,
+            duration=request.duration,
+            steps=request.steps,
+            guidance=request.guidance,
+            seed=request.seed,
+            solver="euler",
+            progress=progress,
+        )
+        return result.audio[0], result.seeds[0]
+
+    def execute(self, inputs: Mapping[str, np.ndarray | None], progress: ProgressFn | None = None) -> dict:
+        """Request tensors -> the final response's tensors (``audio``, ``seed_used``, ``sample_rate``)."""
+        audio, seed = self.generate(parse_request(inputs), progress)
+        return {
+            "audio": audio.astype(np.float32, copy=False),
+            "seed_used": np.array([seed], dtype=np.int64),
+            "sample_rate": np.array([self.sample_rate], dtype=np.int32),
+        }
+
+
+def progress_tensors(step: int, total: int) -> dict[str, np.ndarray]:
+    """A decoupled-mode progress response."""
+    return {"step": np.array([step], dtype=np.int32), "total_steps": np.array([total], dtype=np.int32)}
+
+
+class OnnxRuntimeInfer:
+    """``infer`` over onnxruntime sessions of ``<component>.onnx`` files: the BLS calls without a server."""
+
+    def __init__(self, onnx_files: Mapping[str, str | Path], providers: list[str] | None = None) -> None:
+        import onnxruntime as ort
+
+        opts = ort.SessionOptions()
+        opts.log_severity_level = 3
+        self.sessions = {
+            name: ort.InferenceSession(str(path), opts, providers=providers or ["CPUExecutionProvider"])
+            for name, path in onnx_files.items()
+        }
+
+    def __call__(self, model_name: str, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        session = self.sessions[model_name]
+        names = [o.name for o in session.get_outputs()]
+        return dict(zip(names, session.run(names, dict(inputs))))
