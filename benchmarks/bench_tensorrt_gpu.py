@@ -171,7 +171,10 @@ def main() -> int:
         except Exception as e:  # a missing provider or engine skips one row, not the run
             print(f"{name:26s} unavailable: {e}")
             continue
-        clip = lambda: pipe(PROMPT, duration=DURATION, steps=args.steps, seed=0)  # noqa: E731
+
+        def clip(p=pipe) -> None:
+            p(PROMPT, duration=DURATION, steps=args.steps, seed=0)
+
         pipe(PROMPT, duration=DURATION, steps=2, seed=0)  # warm-up: lazy init, graph capture, autotuning
         e2e = cuda_time(clip, args.repeats)
         inputs = step_inputs(pipe)
@@ -179,7 +182,7 @@ def main() -> int:
         step = cuda_time(lambda p=pipe, i=inputs: p.backend.velocity(*i), args.step_repeats)
         base = base or (e2e, step)
         print(f"{name:26s} {e2e:9.3f} {base[0] / e2e:7.2f}x {step * 1e3:10.2f} {base[1] / step:7.2f}x")
-        del pipe
+        pipe = None  # free this variant's GPU memory before the next one loads
         torch.cuda.empty_cache()
     return 0
 
