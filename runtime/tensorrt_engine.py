@@ -56,6 +56,7 @@ class Binding:
     graph: torch.cuda.CUDAGraph | None = None
     capture_tried: bool = False
     key: tuple = field(default=())
+    context: object | None = None  # its own execution context when it may be captured in a CUDA graph
 
 
 class EngineRunner:
@@ -95,26 +96,17 @@ class EngineRunner:
             self.ranges.append(r)
         self.cuda_graphs = cuda_graphs
         self.max_bindings = max_bindings
-        self._contexts: dict[int, object] = {}
-        self._active: dict[int, tuple] = {}  # profile -> binding key its context is configured for
+        self._contexts: dict[int, object] = {}  # profile -> context shared by the bindings without graphs
+        self._active: dict[int, tuple] = {}  # id(context) -> binding key it is configured for
         self._bindings: OrderedDict[tuple, Binding] = OrderedDict()
 
     # ------------------------------------------------------------------------------------- selection
     def select(self, shapes: Mapping[str, Shape]) -> tuple[int, dict[str, Shape]]:
         """(profile, shapes to bind): the first profile holding the shapes, else one whose fixed batch can hold
         them after zero-padding; raises naming the shapes and what the engine was built for."""
-        for p, ranges in enumerate(self.ranges):
-            if all(_within(shapes[n], *ranges[n]) for n in self.inputs):
-                return p, dict(shapes)
-        if self.batch_inputs:
-            b = shapes[self.batch_inputs[0]][0]
-            for p, ranges in enumerate(self.ranges):
-                target = max(ranges[n][0][0] for n in self.batch_inputs)
-                if target < b:
-                    continue
-                padded = {n: ((target, *s[1:]) if n in self.batch_inputs else s) for n, s in shapes.items()}
-                if all(_within(padded[n], *ranges[n]) for n in self.inputs):
-                    return p, padded
+        chosen = select_profile(self.ranges, shapes, self.batch_inputs)
+        if chosen is not None:
+            return chosen
         built = "; ".join(
             f"profile {p}: " + ", ".join(f"{n} {_fmt(lo)}..{_fmt(hi)}" for n, (lo, hi) in r.items())
             for p, r in enumerate(self.ranges)
@@ -126,21 +118,31 @@ class EngineRunner:
         )
 
     # ------------------------------------------------------------------------------------- execution
-    def _context(self, profile: int):
-        if profile not in self._contexts:
-            ctx = self.engine.create_execution_context()
-            if ctx is None:
-                raise FluxMusicError(f"TensorRT could not create an execution context for {self.path.name}")
-            if self.engine.num_optimization_profiles > 1:
-                ctx.set_optimization_profile_async(profile, self.stream.cuda_stream)
-            self._contexts[profile] = ctx
-        return self._contexts[profile]
+    def _new_context(self, profile: int):
+        ctx = self.engine.create_execution_context()
+        if ctx is None:
+            raise FluxMusicError(f"TensorRT could not create an execution context for {self.path.name}")
+        if self.engine.num_optimization_profiles > 1:
+            ctx.set_optimization_profile_async(profile, self.stream.cuda_stream)
+        return ctx
 
-    def _configure(self, binding: Binding) -> None:
-        """Point the profile's context at this binding's shapes and buffers (only when it changes)."""
-        if self._active.get(binding.profile) == binding.key:
-            return
-        ctx = self._context(binding.profile)
+    def _context(self, binding: Binding):
+        """A graph-captured binding owns its context: a captured launch must never see the context re-shaped
+        for another binding (TensorRT keeps shape-dependent state in the context). Others share one per profile."""
+        if binding.context is not None:
+            return binding.context
+        if self.cuda_graphs:
+            binding.context = self._new_context(binding.profile)
+            return binding.context
+        if binding.profile not in self._contexts:
+            self._contexts[binding.profile] = self._new_context(binding.profile)
+        return self._contexts[binding.profile]
+
+    def _configure(self, binding: Binding):
+        """Point the binding's context at its shapes and buffers (only when it changes); returns the context."""
+        ctx = self._context(binding)
+        if self._active.get(id(ctx)) == binding.key:
+            return ctx
         for n, t in binding.inputs.items():
             if not ctx.set_input_shape(n, tuple(t.shape)):
                 raise FluxMusicError(f"{self.path.name}: TensorRT refused shape {tuple(t.shape)} for {n}")
@@ -150,7 +152,8 @@ class EngineRunner:
                 binding.outputs[n] = torch.empty(shape, dtype=self.dtypes[n], device=self.device)
         for n, t in (*binding.inputs.items(), *binding.outputs.items()):
             ctx.set_tensor_address(n, t.data_ptr())
-        self._active[binding.profile] = binding.key
+        self._active[id(ctx)] = binding.key
+        return ctx
 
     def _binding(self, profile: int, shapes: Mapping[str, Shape]) -> Binding:
         key = (profile, tuple(shapes[n] for n in self.inputs))
@@ -159,8 +162,8 @@ class EngineRunner:
             return self._bindings[key]
         if len(self._bindings) >= self.max_bindings:
             old_key, _ = self._bindings.popitem(last=False)
-            self._active = {p: k for p, k in self._active.items() if k != old_key}
-        # zeros: padded batch rows stay finite (rows are independent, so their values never leak)
+            self._active = {c: k for c, k in self._active.items() if k != old_key}
+        # zeros: padded batch rows hold zeros or an earlier call's rows -- finite, and rows are independent
         inputs = {n: torch.zeros(shapes[n], dtype=self.dtypes[n], device=self.device) for n in self.inputs}
         binding = Binding(profile, inputs, {}, key=key)
         self._bindings[key] = binding
@@ -170,8 +173,7 @@ class EngineRunner:
         if binding.graph is not None:
             binding.graph.replay()
             return
-        self._configure(binding)
-        ctx = self._contexts[binding.profile]
+        ctx = self._configure(binding)
         if not ctx.execute_async_v3(self.stream.cuda_stream):
             raise RuntimeError(f"TensorRT failed to run {self.path.name}")
         if self.cuda_graphs and not binding.capture_tried:
@@ -209,6 +211,27 @@ class EngineRunner:
         for t in outs.values():
             t.record_stream(current)
         return outs
+
+
+def select_profile(
+    ranges: Sequence[Mapping[str, tuple[Shape, Shape]]], shapes: Mapping[str, Shape], batch_inputs: Sequence[str] = ()
+) -> tuple[int, dict[str, Shape]] | None:
+    """(profile, shapes to bind) for a call: the first profile whose (min, max) ranges hold ``shapes``; else the
+    first whose batch can hold them after zero-padding ``batch_inputs`` up to its min batch (a static engine);
+    None if no profile fits."""
+    for p, r in enumerate(ranges):
+        if all(_within(shapes[n], *r[n]) for n in r):
+            return p, dict(shapes)
+    if batch_inputs:
+        b = shapes[batch_inputs[0]][0]
+        for p, r in enumerate(ranges):
+            target = max(r[n][0][0] for n in batch_inputs)
+            if target < b:
+                continue
+            padded = {n: ((target, *s[1:]) if n in batch_inputs else s) for n, s in shapes.items()}
+            if all(_within(padded[n], *r[n]) for n in r):
+                return p, padded
+    return None
 
 
 def _within(shape: Shape, lo: Shape, hi: Shape) -> bool:

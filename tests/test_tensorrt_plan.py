@@ -158,6 +158,28 @@ def test_duration_buckets_and_static_shapes():
                 assert all(lo <= o <= hi for lo, o, hi in zip(r.min, r.opt, r.max))
 
 
+def test_runtime_selects_the_planned_profile_and_pads_static_batches():
+    from fluxmusic.runtime.tensorrt_engine import select_profile
+
+    def ranges(build):  # what the engine reports per profile: (min, max) per input
+        return [{n: (r.min, r.max) for n, r in p.shapes} for p in build.profiles]
+
+    def call(batch, tokens):
+        return {"x": (batch, tokens, 32), "t": (batch,), "txt": (batch, 256, 4096), "y": (batch, 768),
+                "rope": (1, 256 + tokens, 16, 2)}  # fmt: skip
+
+    batch_inputs = ("x", "t", "txt", "y")
+    buckets = build_of(plan("fp16", RequestLimits(max_batch=2, durations=(2.56, 5.12, 10.24))), "transformer")
+    assert select_profile(ranges(buckets), call(4, 512), batch_inputs) == (1, call(4, 512))
+    assert select_profile(ranges(buckets), call(2, 1024), batch_inputs)[0] == 2
+    assert select_profile(ranges(buckets), call(6, 1024), batch_inputs) is None  # more than --max-batch
+    assert select_profile(ranges(buckets), call(2, 700), batch_inputs) is None  # no bucket of that length
+    static = build_of(plan("fp16", RequestLimits(max_batch=2, durations=(10.24,), static=True)), "transformer")
+    profile, shapes = select_profile(ranges(static), call(2, 1024), batch_inputs)
+    assert profile == 0 and shapes == call(4, 1024)  # zero-padded up to the static CFG batch
+    assert shapes["rope"] == (1, 1280, 16, 2)  # the shared table is not padded
+
+
 def test_bad_limits_name_the_value():
     with pytest.raises(FluxMusicError, match="outside the allowed range"):
         parse_durations("1,20", GEO)
