@@ -1,0 +1,277 @@
+"""Dynamic batching: one worker thread groups queued requests into batched CFG solves.
+
+Requests that share (steps, solver, shift, latent length) can run in one ``generate_items`` call; their
+prompts, negative prompts, guidance, seeds and durations may all differ. The oldest queued request decides
+the next batch: it starts when its compatible requests fill ``max_batch`` waveforms or when it has waited
+``max_delay`` seconds, whichever comes first (so no request waits longer than ``max_delay`` for company).
+
+Cancellation and deadlines. A queued request that is cancelled or expires leaves the queue at once. A
+running one is finished (CANCELLED / DEADLINE_EXCEEDED) at the next solver step and its caller released,
+but its row keeps being solved with the rest of the batch and is dropped at the end: the other requests
+then stay bit-identical to an undisturbed run, and re-planning would throw away the steps they have done.
+Only when every request of a batch is gone does the solve stop, at the next step, freeing the worker.
+
+Failures. An exception in a batched solve is isolated by solving each of its requests alone, so one bad
+request fails only itself (its survivors then equal a solo run, which is within float noise of the batch).
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+from fluxmusic.runtime.metrics import Metrics
+from fluxmusic.runtime.validation import RequestSpec
+
+from fluxmusic.errors import FluxMusicError
+
+log = logging.getLogger("fluxmusic.serve")
+
+#: (step, total steps, monotonic time of the step)
+ProgressHook = Callable[[int, int, float], None]
+
+
+class QueueFull(Exception):
+    """The bounded queue is full (answered RESOURCE_EXHAUSTED)."""
+
+
+class ShuttingDown(Exception):
+    """The scheduler no longer takes work (answered UNAVAILABLE)."""
+
+
+class _Abandoned(Exception):
+    """Raised inside the progress callback when every request of the batch is gone: stops the solve."""
+
+
+@dataclass
+class Job:
+    """One request moving through the scheduler. ``code`` is a gRPC status code name once ``done`` is set."""
+
+    spec: RequestSpec
+    deadline: float | None = None  # time.monotonic() seconds
+    on_progress: ProgressHook | None = None
+    on_done: Callable[[], None] | None = None
+    request_id: str = ""
+    received: float = field(default_factory=time.monotonic)
+    enqueued: float = 0.0
+    done: threading.Event = field(default_factory=threading.Event)
+    code: str | None = None
+    message: str = ""
+    audio: list[np.ndarray] = field(default_factory=list)
+    sample_rate: int = 0
+    batch_size: int = 0
+    timings: dict[str, float] = field(default_factory=dict)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    @property
+    def size(self) -> int:
+        return len(self.spec.items)
+
+    def expired(self, now: float) -> bool:
+        return self.deadline is not None and now >= self.deadline
+
+    def finish(self, code: str, message: str = "", audio: list[np.ndarray] | None = None) -> bool:
+        """Set the outcome once; later calls (a cancel racing a result) are ignored. True if this call won."""
+        with self._lock:
+            if self.done.is_set():
+                return False
+            self.code, self.message, self.audio = code, message, audio or []
+            self.done.set()
+        if self.on_done is not None:
+            self.on_done()
+        return True
+
+
+class BatchScheduler:
+    """A bounded FIFO of :class:`Job` and the worker thread that batches and solves them."""
+
+    def __init__(self, pipe, max_batch: int = 8, max_delay: float = 0.01, max_queue: int = 64,
+                 metrics: Metrics | None = None) -> None:
+        if max_batch < 1 or max_queue < 1 or max_delay < 0:
+            raise FluxMusicError(
+                f"need max_batch >= 1, max_queue >= 1, max_delay >= 0; got {max_batch}, {max_queue}, {max_delay}"
+            )
+        self.pipe = pipe
+        self.max_batch, self.max_delay, self.max_queue = max_batch, max_delay, max_queue
+        self.metrics = metrics or Metrics()
+        self._pending: collections.deque[Job] = collections.deque()
+        self._cond = threading.Condition()
+        self._stopping = False
+        self._thread = threading.Thread(target=self._loop, name="fluxmusic-scheduler", daemon=True)
+
+    # ------------------------------------------------------------------------------------ public
+    def start(self) -> BatchScheduler:
+        self._thread.start()
+        return self
+
+    def submit(self, job: Job) -> None:
+        """Queue a job, or raise QueueFull / ShuttingDown without queueing it."""
+        with self._cond:
+            if self._stopping:
+                raise ShuttingDown("the server is shutting down")
+            if len(self._pending) >= self.max_queue:
+                raise QueueFull(f"the request queue is full ({self.max_queue} waiting); retry later")
+            job.enqueued = time.monotonic()
+            self._pending.append(job)
+            self.metrics.in_flight.inc()
+            self._set_depth()
+            self._cond.notify()
+
+    def cancel(self, job: Job, code: str = "CANCELLED", message: str = "cancelled by the client") -> None:
+        """Finish a job early. Queued: it leaves the queue now. Running: its row is dropped (see module doc)."""
+        with self._cond:
+            if job in self._pending:
+                self._pending.remove(job)
+                self._set_depth()
+        self._finish(job, code, message)
+
+    def stop(self, timeout: float | None = None) -> None:
+        """Take no new jobs, finish the queued ones, and join the worker."""
+        with self._cond:
+            self._stopping = True
+            self._cond.notify_all()
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+
+    @property
+    def queue_depth(self) -> int:
+        return len(self._pending)
+
+    # ------------------------------------------------------------------------------------ worker
+    def _set_depth(self) -> None:
+        self.metrics.queue_depth.set(len(self._pending))
+
+    def _finish(self, job: Job, code: str, message: str = "", audio: list[np.ndarray] | None = None) -> None:
+        if job.finish(code, message, audio):
+            self.metrics.in_flight.dec()
+
+    def _loop(self) -> None:
+        while True:
+            batch = self._take_batch()
+            if batch is None:
+                return
+            try:
+                self._run(batch)
+            except BaseException as e:  # a bug here must not kill the worker and hang every later request
+                log.exception("scheduler error")
+                for job in batch:
+                    self._finish(job, "INTERNAL", f"scheduler error: {type(e).__name__}: {e}")
+
+    def _take_batch(self) -> list[Job] | None:
+        with self._cond:
+            while True:
+                now = time.monotonic()
+                for job in [j for j in self._pending if j.done.is_set() or j.expired(now)]:
+                    self._pending.remove(job)
+                    self._finish(job, "DEADLINE_EXCEEDED", "the deadline passed while queued")
+                if not self._pending:
+                    self._set_depth()
+                    if self._stopping:
+                        return None
+                    self._cond.wait()
+                    continue
+                head = self._pending[0]
+                same = [j for j in self._pending if j.spec.batch_key == head.spec.batch_key]
+                wait = head.enqueued + self.max_delay - now
+                if sum(j.size for j in same) >= self.max_batch or wait <= 0 or self._stopping:
+                    break
+                self._cond.wait(wait)
+            # FIFO within the key; the head always goes (a request larger than max_batch runs alone).
+            chosen, total = [], 0
+            for job in same:
+                if chosen and total + job.size > self.max_batch:
+                    continue
+                chosen.append(job)
+                total += job.size
+            for job in chosen:
+                self._pending.remove(job)
+            self._set_depth()
+            return chosen
+
+    def _run(self, jobs: list[Job]) -> None:
+        start = time.monotonic()
+        live = []
+        for job in jobs:
+            if job.done.is_set():
+                continue
+            if job.expired(start):
+                self._finish(job, "DEADLINE_EXCEEDED", "the deadline passed while queued")
+                continue
+            job.timings["queue_ms"] = 1e3 * (start - job.enqueued)
+            self.metrics.queue_seconds.observe(start - job.enqueued)
+            live.append(job)
+        if live:
+            self._solve(live)
+
+    def _solve(self, jobs: list[Job]) -> None:
+        pipe, spec = self.pipe, jobs[0].spec
+        items = [it for job in jobs for it in job.spec.items]
+        t0 = time.monotonic()
+        try:
+            # Encode now, in the order generate_items asks (cond then uncond), so its own lookups hit the
+            # cache and the text-encoder time can be reported apart from sampling.
+            pipe.conditioning([it.prompt for it in items])
+            pipe.conditioning([it.negative_prompt for it in items])
+        except Exception as e:
+            return self._isolate(jobs, e)
+        t1 = time.monotonic()
+        last = [t1]
+
+        def progress(step: int, total: int) -> None:
+            now = last[0] = time.monotonic()
+            self.metrics.solver_steps.inc()
+            alive = False
+            for job in jobs:
+                if not job.done.is_set() and job.expired(now):
+                    self._finish(job, "DEADLINE_EXCEEDED", f"the deadline passed at step {step}/{total}")
+                if job.done.is_set():
+                    continue
+                alive = True
+                if job.on_progress is not None:
+                    job.on_progress(step, total, now)
+            if not alive:
+                raise _Abandoned
+
+        self.metrics.batches.inc()
+        self.metrics.batch_size.observe(len(items))
+        self.metrics.waveforms.inc(len(items))
+        try:
+            result = pipe.generate_items(items, spec.steps, spec.solver, spec.shift, progress)
+        except _Abandoned:
+            log.info(json.dumps({"event": "batch_abandoned", "requests": [j.request_id for j in jobs]}))
+            return None
+        except Exception as e:
+            return self._isolate(jobs, e)
+        t2 = time.monotonic()
+        self.metrics.sampling_seconds.observe(last[0] - t1)
+        timings = {"text_encode_ms": 1e3 * (t1 - t0), "sampling_ms": 1e3 * (last[0] - t1),
+                   "decode_ms": 1e3 * (t2 - last[0])}
+        offset = 0
+        for job in jobs:
+            audio = result.audio[offset : offset + job.size]
+            offset += job.size
+            job.sample_rate, job.batch_size = result.sample_rate, len(items)
+            job.timings.update(timings)
+            self._finish(job, "OK", audio=audio)
+        return None
+
+    def _isolate(self, jobs: list[Job], error: Exception) -> None:
+        live = [j for j in jobs if not j.done.is_set()]
+        if len(live) > 1:
+            log.warning(json.dumps({"event": "batch_failed", "error": f"{type(error).__name__}: {error}",
+                                    "requests": [j.request_id for j in live], "action": "retrying each alone"}))
+            for job in live:
+                self._solve([job])
+        elif live:
+            job = live[0]
+            if isinstance(error, FluxMusicError):
+                self._finish(job, "INVALID_ARGUMENT", str(error))
+            else:
+                log.error(f"request {job.request_id} failed", exc_info=error)
+                self._finish(job, "INTERNAL", f"generation failed: {type(error).__name__}: {error}")
