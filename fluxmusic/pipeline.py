@@ -244,6 +244,19 @@ class FluxMusicPipeline:
         audio = [wave[i, : geo.num_samples(it.duration)].cpu().numpy().astype(np.float32) for i, it in enumerate(items)]
         return GenerationResult(audio, geo.sample_rate, [it.seed for it in items], [it.prompt for it in items])
 
+    def encode_audio(self, wave: Tensor | np.ndarray, sample: bool = False) -> Tensor:
+        """Waveform [B, T] at the model's sample rate -> scaled VAE latent [B, C, frames, width] (for training).
+
+        T should be a whole number of hops times the VAE downsampling; the posterior mean unless ``sample``.
+        """
+        from fluxmusic.audio import MelConfig, log_mel
+
+        mel_cfg = MelConfig(
+            sample_rate=self.geometry.sample_rate, hop_length=self.geometry.hop_length, n_mels=self.geometry.mel_bins
+        )
+        mel = log_mel(torch.as_tensor(np.asarray(wave), dtype=torch.float32), mel_cfg)
+        return self.backend.vae_encode(mel, sample=sample)
+
     def decode(self, latent: Tensor) -> Tensor:
         """Scaled latent [B, C, H, W] -> waveform [B, samples]."""
         return self.backend.vocode(self.backend.vae_decode(latent))
