@@ -14,7 +14,6 @@ REPO/
 
 from __future__ import annotations
 
-import importlib
 import json
 import shutil
 import tempfile
@@ -68,14 +67,28 @@ class RepoOptions:
             )
 
 
-def engine_path(engines_dir: Path, component: str) -> Path:
-    """A component's TensorRT engine: the name the TensorRT exporter uses if it is installed, else <name>.plan."""
-    try:
-        trt_plan = importlib.import_module("fluxmusic.export.tensorrt_plan")
-    except ImportError:
-        trt_plan = None
-    namer = getattr(trt_plan, "engine_filename", None)
-    return engines_dir / (namer(component) if callable(namer) else f"{component}.plan")
+def engine_path(engines_dir: Path, component: str, precision: str | None = None) -> Path | None:
+    """A component's TensorRT engine in ``engines_dir``: ``<component>.plan``, or one named by
+    ``fluxmusic export tensorrt`` (``transformer.trt10.8.fp16.sm89.plan``). Triton loads it as is, so the engine
+    must come from the server's TensorRT version and GPU; with several candidates, ``precision`` picks one.
+    """
+    from fluxmusic.export.tensorrt_plan import parse_engine_filename
+
+    plain = engines_dir / f"{component}.plan"
+    named = [
+        (n, p)
+        for p in sorted(engines_dir.glob(f"{component}.*.plan"))
+        if (n := parse_engine_filename(p.name)) is not None and n.component == component
+    ]
+    found = [p for n, p in named if precision is None or n.precision == precision]
+    if plain.is_file() and (precision is None or not found):  # a plain name carries no precision to filter on
+        found.append(plain)
+    if len(found) > 1:
+        raise FluxMusicError(
+            f"{engines_dir} has several {component} engines ({', '.join(p.name for p in found)}); "
+            "choose one with --engine-precision, or keep only the engines built for the server's GPU"
+        )
+    return found[0] if found else None
 
 
 def build_repository(
@@ -84,6 +97,7 @@ def build_repository(
     out: str | Path,
     engines_dir: str | Path | None = None,
     options: RepoOptions | None = None,
+    engine_precision: str | None = None,
 ) -> Path:
     """Write the repository to a temporary sibling, check it (``check_repository``), then rename it into place."""
     from fluxmusic.export.triton_check import check_repository
@@ -96,13 +110,17 @@ def build_repository(
         raise FluxMusicError(f"ONNX directory {onnx_dir} does not exist (make it with `fluxmusic export onnx`)")
     sources = {c: onnx_dir / f"{c}.onnx" for c in COMPONENT_NAMES}
     missing = [str(p) for p in sources.values() if not p.is_file()]
+    engines: dict[str, Path] = {}
     if engines_dir is not None:
         engines_dir = Path(engines_dir)
         if not engines_dir.is_dir():
             raise FluxMusicError(f"engines directory {engines_dir} does not exist")
-        missing += [
-            str(engine_path(engines_dir, c)) for c in COMPONENT_NAMES if not engine_path(engines_dir, c).is_file()
-        ]
+        for c in COMPONENT_NAMES:
+            path = engine_path(engines_dir, c, engine_precision)
+            if path is None:
+                missing.append(f"{c} engine in {engines_dir} ({c}.plan or {c}.trt<version>.<precision>.sm<cc>.plan)")
+            else:
+                engines[c] = path
     if missing:
         raise FluxMusicError(f"missing exported component(s): {', '.join(missing)}")
     if out.exists():
@@ -131,11 +149,12 @@ def build_repository(
             version = tmp / c / VERSION
             version.mkdir(parents=True)
             if engines_dir is not None:
-                shutil.copy2(engine_path(engines_dir, c), version / MODEL_FILES[platform])
+                shutil.copy2(engines[c], version / MODEL_FILES[platform])
             else:
                 _copy_onnx(sources[c], version / MODEL_FILES[platform])
             atomic_write_text(tmp / c / "config.pbtxt", text)
-            components[c] = {"platform": platform, "source": sources[c].name, "graph": io.to_json()}
+            source = engines[c].name if engines else sources[c].name
+            components[c] = {"platform": platform, "source": source, "onnx": sources[c].name, "graph": io.to_json()}
         _write_bls_model(tmp, model_dir, components, options, templates)
         check_repository(tmp)
         tmp.rename(out)
