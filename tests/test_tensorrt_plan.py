@@ -369,11 +369,9 @@ def test_dry_run_json_and_bad_precision(tiny_model, capsys):
 def test_build_without_gpu_fails_with_one_clear_message(tmp_path, capsys):
     from fluxmusic.export.tensorrt_build import require_tensorrt
 
-    from fluxmusic.cli import main
-
     with pytest.raises(FluxMusicError, match="TensorRT needs a CUDA GPU"):
         require_tensorrt()
-    rc = main(["export", "tensorrt", "--onnx", str(tmp_path), "--out", str(tmp_path / "engines")])
+    rc = run_cli(["export", "tensorrt", "--onnx", str(tmp_path), "--out", str(tmp_path / "engines")])
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(err) == 1 and "TensorRT needs a CUDA GPU" in err[0]
     assert not (tmp_path / "engines").exists()
