@@ -318,3 +318,21 @@ def test_bls_rejects_malformed_tensors(bls):
         bls.execute({**_request(prompt=PROMPT), "steps": np.array([2.5], dtype=np.float32)})
     with pytest.raises(FluxMusicError, match="unknown input"):
         bls.execute({**_request(prompt=PROMPT), "temperature": np.array([1.0])})
+
+
+def test_client_example_sends_what_the_bls_model_declares():
+    import importlib.util
+
+    from fluxmusic.runtime.triton_bls import BLS_INPUTS
+
+    path = Path(__file__).resolve().parents[1] / "triton_models" / "client_example.py"
+    spec = importlib.util.spec_from_file_location("client_example", path)
+    client = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(client)
+    inputs = client.build_inputs(PROMPT, "", 2.0, 4, 3.0, 5)
+    sent = {i.name(): (i.datatype(), i.shape()) for i in inputs}
+    declared = {
+        t.name: (t.data_type.removeprefix("TYPE_").replace("STRING", "BYTES"), list(t.dims)) for t in BLS_INPUTS
+    }
+    assert sent == declared
+    assert [i.name() for i in client.build_inputs(PROMPT)] == ["prompt"]  # the rest take the model's defaults

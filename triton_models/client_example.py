@@ -1,0 +1,111 @@
+"""Generate music from a Triton Inference Server serving the repository of `fluxmusic export triton`.
+
+    python triton_models/client_example.py "a fast cheerful melody on a plucked string" -o out.wav --seed 0
+    python triton_models/client_example.py "a slow piano" -o out.wav --stream   # repository made with --decoupled
+
+Needs only ``tritonclient[grpc]`` and numpy. Untested against a live server here (no container runtime).
+"""
+
+from __future__ import annotations
+
+import argparse
+import queue
+import sys
+import wave
+
+import numpy as np
+import tritonclient.grpc as grpcclient
+
+MODEL = "fluxmusic"
+OUTPUTS = ("audio", "seed_used", "sample_rate")
+
+
+def build_inputs(
+    prompt: str,
+    negative_prompt: str | None = None,
+    duration: float | None = None,
+    steps: int | None = None,
+    guidance: float | None = None,
+    seed: int | None = None,
+) -> list[grpcclient.InferInput]:
+    """Request tensors of the ``fluxmusic`` model; an omitted setting takes the model's default."""
+    values = {
+        "prompt": (np.array([prompt.encode()], dtype=np.object_), "BYTES"),
+        "negative_prompt": (
+            None if negative_prompt is None else np.array([negative_prompt.encode()], np.object_),
+            "BYTES",
+        ),
+        "duration": (None if duration is None else np.array([duration], np.float32), "FP32"),
+        "steps": (None if steps is None else np.array([steps], np.int32), "INT32"),
+        "guidance": (None if guidance is None else np.array([guidance], np.float32), "FP32"),
+        "seed": (None if seed is None else np.array([seed], np.int64), "INT64"),
+    }
+    inputs = []
+    for name, (array, datatype) in values.items():
+        if array is not None:
+            tensor = grpcclient.InferInput(name, list(array.shape), datatype)
+            tensor.set_data_from_numpy(array)
+            inputs.append(tensor)
+    return inputs
+
+
+def generate(client: grpcclient.InferenceServerClient, inputs: list) -> tuple[np.ndarray, int, int]:
+    result = client.infer(MODEL, inputs, outputs=[grpcclient.InferRequestedOutput(n) for n in OUTPUTS])
+    return result.as_numpy("audio"), int(result.as_numpy("seed_used")[0]), int(result.as_numpy("sample_rate")[0])
+
+
+def generate_streaming(client: grpcclient.InferenceServerClient, inputs: list) -> tuple[np.ndarray, int, int]:
+    """Decoupled model: progress responses (step, total_steps) arrive before the one with the audio."""
+    responses: queue.Queue = queue.Queue()
+    client.start_stream(callback=lambda result, error: responses.put((result, error)))
+    try:
+        client.async_stream_infer(MODEL, inputs)
+        while True:
+            result, error = responses.get()
+            if error is not None:
+                raise error
+            audio = result.as_numpy("audio")
+            if audio is not None:
+                return audio, int(result.as_numpy("seed_used")[0]), int(result.as_numpy("sample_rate")[0])
+            step, total = int(result.as_numpy("step")[0]), int(result.as_numpy("total_steps")[0])
+            print(f"step {step}/{total}", file=sys.stderr)
+    finally:
+        client.stop_stream()
+
+
+def write_wav(path: str, audio: np.ndarray, sample_rate: int) -> None:
+    pcm = (np.clip(audio, -1.0, 1.0) * 32767).astype("<i2")
+    with wave.open(path, "wb") as f:
+        f.setnchannels(1)
+        f.setsampwidth(2)
+        f.setframerate(sample_rate)
+        f.writeframes(pcm.tobytes())
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("prompt")
+    p.add_argument("-o", "--output", required=True, help="output .wav file")
+    p.add_argument("--url", default="localhost:8001", help="Triton gRPC endpoint")
+    p.add_argument("--negative-prompt")
+    p.add_argument("--duration", type=float)
+    p.add_argument("--steps", type=int)
+    p.add_argument("--guidance", type=float)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--stream", action="store_true", help="stream progress (repository generated with --decoupled)")
+    args = p.parse_args(argv)
+
+    inputs = build_inputs(args.prompt, args.negative_prompt, args.duration, args.steps, args.guidance, args.seed)
+    client = grpcclient.InferenceServerClient(args.url)
+    try:
+        audio, seed, sample_rate = (generate_streaming if args.stream else generate)(client, inputs)
+    except grpcclient.InferenceServerException as e:  # e.g. INVALID_ARG naming the bad input
+        print(f"error: {e.message()}", file=sys.stderr)
+        return 2
+    write_wav(args.output, audio, sample_rate)
+    print(f"wrote {args.output}: {audio.size / sample_rate:.2f} s at {sample_rate} Hz, seed {seed}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
