@@ -14,6 +14,7 @@ COMMAND_MODULES = (
     "fluxmusic.data.commands",
     "fluxmusic.commands_generate",
     "fluxmusic.training.commands",
+    "fluxmusic.runtime.serving_commands",
 )
 
 

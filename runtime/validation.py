@@ -91,8 +91,9 @@ def parse_request(req, limits: Limits, pipe: FluxMusicPipeline) -> RequestSpec:
     duration = limits.max_duration
     if req.HasField("duration"):
         # The upper bound gets the same 1e-9 slack as LatentGeometry.check_duration (10.24 is not exact).
-        duration = _check_range("duration", req.duration, 0.0, limits.max_duration + 1e-9, lo_open=True)
-        duration = min(duration, limits.max_duration)
+        if not (math.isfinite(req.duration) and 0 < req.duration <= limits.max_duration + 1e-9):
+            raise _invalid("duration", req.duration, f"(0, {limits.max_duration}] seconds")
+        duration = min(req.duration, limits.max_duration)
     steps = int(defaults.get("steps", 50))
     if req.HasField("steps"):
         steps = int(_check_range("steps", req.steps, 1, limits.max_steps))

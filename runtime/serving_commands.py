@@ -1,0 +1,216 @@
+"""``fluxmusic serve``, ``fluxmusic client ...`` and ``fluxmusic loadtest``.
+
+gRPC is imported only when a command runs, so the rest of the CLI works without the ``serve`` extra.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+from fluxmusic.errors import FluxMusicError
+
+TOKEN_ENV = "FLUXMUSIC_TOKEN"
+
+
+def _connection_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--server", default="127.0.0.1:50051", help="host:port of the server (default 127.0.0.1:50051)")
+    p.add_argument("--token", default=os.environ.get(TOKEN_ENV), help=f"bearer token (default: ${TOKEN_ENV})")
+    p.add_argument("--tls", action="store_true", help="use TLS with the system's root certificates")
+    p.add_argument("--tls-ca", help="PEM file of the CA (or self-signed cert) to trust; implies --tls")
+    p.add_argument("--timeout", type=float, help="deadline per request, seconds")
+
+
+def _request_args(p: argparse.ArgumentParser) -> None:
+    from fluxmusic.flow import SOLVERS
+
+    p.add_argument("--negative-prompt", default="", help='negative prompt (default "": the trained null condition)')
+    p.add_argument("--duration", type=float, help="seconds (default: the model's maximum)")
+    p.add_argument("--steps", type=int, help="solver steps (default: the model's)")
+    p.add_argument("--guidance", type=float, help="CFG scale (default: the model's)")
+    p.add_argument("--solver", choices=SOLVERS, help="ODE solver (default: the model's)")
+    p.add_argument("--shift", type=float, help="time-shift factor > 0 (default: the model's)")
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    from fluxmusic.backend import BACKENDS, DTYPES
+
+    s = sub.add_parser("serve", help="serve the model over gRPC with dynamic batching")
+    s.add_argument("--model", help="model directory (default: the bundled default model)")
+    s.add_argument("--backend", default="torch", choices=sorted(BACKENDS))
+    s.add_argument("--onnx-dir", help="exported ONNX directory (onnx backend)")
+    s.add_argument("--engine-dir", help="TensorRT engine directory (tensorrt backend)")
+    s.add_argument("--device", default="cpu", help="torch device (cpu, cuda, cuda:1)")
+    s.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
+    s.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback; 0.0.0.0 for all)")
+    s.add_argument("--port", type=int, default=50051, help="port (0 picks a free one)")
+    s.add_argument("--max-batch", type=int, default=8, help="waveforms per batched solve (1 = no batching)")
+    s.add_argument("--max-delay-ms", type=float, default=10.0, help="longest wait for a batch to fill")
+    s.add_argument("--max-queue", type=int, default=64, help="queued requests beyond this get RESOURCE_EXHAUSTED")
+    s.add_argument("--max-steps", type=int, default=1000, help="largest steps a request may ask for")
+    s.add_argument("--max-waveforms", type=int, default=8, help="largest num_waveforms of one request")
+    s.add_argument("--grace", type=float, default=30.0, help="seconds in-flight requests get at shutdown")
+    s.add_argument("--tls-cert", help="PEM certificate chain (with --tls-key: serve TLS only)")
+    s.add_argument("--tls-key", help="PEM private key")
+    s.add_argument("--token", default=os.environ.get(TOKEN_ENV),
+                   help=f"require 'authorization: Bearer TOKEN' (default: ${TOKEN_ENV}; prefer it over argv)")
+    s.add_argument("--metrics-port", type=int, help="serve Prometheus text on http://HOST:PORT/metrics")
+    s.add_argument("--no-warmup", action="store_true", help="skip the one-step warm-up generation at start")
+    s.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
+    s.set_defaults(func=_serve)
+
+    c = sub.add_parser("client", help="talk to a fluxmusic server")
+    csub = c.add_subparsers(dest="client_command", required=True, metavar="ACTION")
+    g = csub.add_parser("generate", help="generate music on the server and write it to a file")
+    g.add_argument("prompt")
+    g.add_argument("-o", "--output", required=True, help="output .wav/.flac/.ogg; several waveforms get _00, ...")
+    _connection_args(g)
+    _request_args(g)
+    g.add_argument("--seed", type=int, help="seed (default: random, chosen by the server and printed)")
+    g.add_argument("--num-waveforms", type=int, default=1)
+    g.add_argument("--quiet", action="store_true", help="no progress bar")
+    g.set_defaults(func=_client_generate)
+    for name, helptext in (("info", "print the model info"), ("stats", "print the server's statistics"),
+                           ("health", "print the health status")):
+        a = csub.add_parser(name, help=helptext)
+        _connection_args(a)
+        a.set_defaults(func=_client_info, client_command=name)
+
+    lt = sub.add_parser("loadtest", help="load-test a server: throughput, latency percentiles, errors")
+    _connection_args(lt)
+    _request_args(lt)
+    lt.add_argument("--concurrency", type=int, default=4, help="client threads")
+    lt.add_argument("--requests", type=int, default=32, help="requests in total")
+    lt.add_argument("--encoding", default="wav", choices=("wav", "flac", "pcm_f32le"))
+    lt.add_argument("--json", action="store_true", help="print the report as JSON")
+    lt.set_defaults(func=_loadtest)
+
+
+# ---------------------------------------------------------------------------------------------------- serve
+def _serve(args: argparse.Namespace) -> int:
+    from fluxmusic.runtime.server import FluxMusicServer, ServerConfig, serve_forever
+
+    from fluxmusic.pipeline import FluxMusicPipeline
+
+    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    config = ServerConfig(
+        host=args.host, port=args.port, max_batch=args.max_batch, max_delay_ms=args.max_delay_ms,
+        max_queue=args.max_queue, max_steps=args.max_steps, max_waveforms=args.max_waveforms, grace_s=args.grace,
+        tls_cert=args.tls_cert, tls_key=args.tls_key, token=args.token, metrics_port=args.metrics_port,
+    )
+    config.check()  # before the (slow) model load
+    options = {k: v for k, v in (("onnx_dir", args.onnx_dir), ("engine_dir", args.engine_dir)) if v}
+    pipe = FluxMusicPipeline.from_pretrained(args.model, args.device, args.dtype, args.backend, **options)
+    if not args.no_warmup:
+        # The first call pays one-off costs (allocator, kernel selection); keep them off the first request.
+        pipe("music", steps=1, duration=min(1.0, pipe.geometry.max_duration), seed=0)
+    server = FluxMusicServer(pipe, config).start()
+    print(f"serving on {server.target}" + (f", metrics on :{server.metrics_port}" if server.metrics_port else ""),
+          file=sys.stderr, flush=True)
+    serve_forever(server)
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------------- client
+def _client(args: argparse.Namespace):
+    from fluxmusic.runtime.client import FluxMusicClient
+
+    return FluxMusicClient(args.server, token=args.token, tls=args.tls, tls_ca=args.tls_ca)
+
+
+def _rpc_failure(e) -> int:
+    print(f"fluxmusic: server error {e.code().name}: {e.details()}", file=sys.stderr)
+    return 1
+
+
+def write_bytes_atomic(path: Path, data: bytes) -> None:
+    """Write to a temporary file beside ``path`` and rename it over, so no half-written file is left."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _client_generate(args: argparse.Namespace) -> int:
+    import grpc
+
+    from fluxmusic.audio import write_audio
+    from fluxmusic.commands_generate import output_paths
+
+    paths = output_paths(args.output, max(args.num_waveforms, 1))
+    suffix = paths[0].suffix.lower()
+    encoding = {".wav": "wav", ".flac": "flac"}.get(suffix, "pcm_f32le")  # others: encode here from float32
+    bar = None
+    if not args.quiet:
+        from tqdm import tqdm
+
+        bar = tqdm(total=0, unit="step", file=sys.stderr, desc="sampling")
+
+    def progress(step: int, total: int, elapsed_ms: float) -> None:
+        if bar is not None:
+            bar.total = total
+            bar.update(step - bar.n)
+
+    request = dict(negative_prompt=args.negative_prompt, duration=args.duration, steps=args.steps,
+                   guidance=args.guidance, solver=args.solver, shift=args.shift, seed=args.seed,
+                   num_waveforms=args.num_waveforms, encoding=encoding)
+    try:
+        with _client(args) as client:
+            out = client.generate_stream(args.prompt, on_progress=progress, timeout=args.timeout, **request)
+    except grpc.RpcError as e:
+        return _rpc_failure(e)
+    finally:
+        if bar is not None:
+            bar.close()
+    for path, data, wave, seed in zip(paths, out.data, out.audio, out.seeds):
+        if encoding == "pcm_f32le":
+            write_audio(path, wave, out.sample_rate)
+        else:
+            write_bytes_atomic(path, data)
+        print(f"wrote {path} ({len(wave) / out.sample_rate:.2f} s, {out.sample_rate} Hz, seed {seed}): {args.prompt}")
+    t = out.timings
+    print(f"server: queue {t.get('queue_ms', 0):.0f} ms, sampling {t.get('sampling_ms', 0):.0f} ms, "
+          f"decode {t.get('decode_ms', 0):.0f} ms, total {t.get('total_ms', 0):.0f} ms, batch {out.batch_size}",
+          file=sys.stderr)
+    return 0
+
+
+def _client_info(args: argparse.Namespace) -> int:
+    import grpc
+    from google.protobuf.json_format import MessageToDict
+
+    try:
+        with _client(args) as client:
+            if args.client_command == "health":
+                print(client.health(timeout=args.timeout or 10.0))
+                return 0
+            msg = client.model_info() if args.client_command == "info" else client.stats()
+    except grpc.RpcError as e:
+        return _rpc_failure(e)
+    print(json.dumps(MessageToDict(msg, preserving_proto_field_name=True), indent=2))
+    return 0
+
+
+def _loadtest(args: argparse.Namespace) -> int:
+    from fluxmusic.runtime.loadtest import run_loadtest
+
+    request = dict(negative_prompt=args.negative_prompt, duration=args.duration, steps=args.steps,
+                   guidance=args.guidance, solver=args.solver, shift=args.shift, encoding=args.encoding)
+    with _client(args) as client:
+        try:
+            client.wait_ready(timeout=args.timeout or 30.0)
+        except Exception as e:
+            raise FluxMusicError(f"server {args.server} is not reachable: {type(e).__name__}") from None
+        report = run_loadtest(client, args.concurrency, args.requests, timeout=args.timeout, **request)
+    print(json.dumps(report.to_dict(), indent=2) if args.json else report.summary())
+    return 0 if not report.errors else 1
