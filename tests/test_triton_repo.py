@@ -336,3 +336,107 @@ def test_client_example_sends_what_the_bls_model_declares():
     }
     assert sent == declared
     assert [i.name() for i in client.build_inputs(PROMPT)] == ["prompt"]  # the rest take the model's defaults
+
+
+# ----------------------------------------------------------------------------------------- model.py glue
+class _FakePbUtils:
+    """The slice of Triton's ``triton_python_backend_utils`` that model.py uses (no server here); BLS calls run
+    on onnxruntime sessions of the repository's component models."""
+
+    TRITONSERVER_RESPONSE_COMPLETE_FINAL = 1
+
+    def __init__(self, infer: OnnxRuntimeInfer) -> None:
+        self.sent: list = []  # (response, flags) sent by decoupled response senders
+
+        class Tensor:
+            def __init__(self, name, array):
+                self._name, self._array = name, np.asarray(array)
+
+            def name(self):
+                return self._name
+
+            def as_numpy(self):
+                return self._array
+
+        class TritonError:
+            INVALID_ARG, INTERNAL = 3, 13
+
+            def __init__(self, message, code=None):
+                self._message, self.code = message, code
+
+            def message(self):
+                return self._message
+
+        class InferenceResponse:
+            def __init__(self, output_tensors=(), error=None):
+                self._tensors, self._error = list(output_tensors), error
+
+            def has_error(self):
+                return self._error is not None
+
+            def error(self):
+                return self._error
+
+            def output_tensors(self):
+                return self._tensors
+
+        class InferenceRequest:
+            def __init__(self, model_name, requested_output_names, inputs):
+                self.model_name, self.outputs, self.inputs = model_name, requested_output_names, inputs
+
+            def exec(self):
+                out = infer(self.model_name, {t.name(): t.as_numpy() for t in self.inputs})
+                return InferenceResponse([Tensor(n, out[n]) for n in self.outputs])
+
+        self.Tensor, self.TritonError = Tensor, TritonError
+        self.InferenceResponse, self.InferenceRequest = InferenceResponse, InferenceRequest
+        self.get_input_tensor_by_name = lambda request, name: request.tensors.get(name)
+        self.using_decoupled_model_transaction_policy = lambda cfg: cfg["model_transaction_policy"]["decoupled"]
+
+
+class _Request:
+    def __init__(self, pb: _FakePbUtils, arrays: dict[str, np.ndarray]) -> None:
+        self.tensors = {k: pb.Tensor(k, v) for k, v in arrays.items()}
+        self.pb = pb
+
+    def get_response_sender(self):
+        pb = self.pb
+
+        class Sender:
+            def send(self, response, flags=0):
+                pb.sent.append((response, flags))
+
+        return Sender()
+
+
+@pytest.mark.parametrize("decoupled", [False, True])
+def test_model_py_maps_requests_responses_and_errors(setup, monkeypatch, decoupled):
+    import importlib.util
+    import json
+    import sys
+
+    repo = setup["repo"]
+    pb = _FakePbUtils(OnnxRuntimeInfer({c: repo / c / "1" / "model.onnx" for c in COMPONENT_NAMES}))
+    monkeypatch.setitem(sys.modules, "triton_python_backend_utils", pb)
+    spec = importlib.util.spec_from_file_location("fluxmusic_triton_model", repo / "fluxmusic" / "1" / "model.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    model = module.TritonPythonModel()
+    config = {"name": "fluxmusic", "model_transaction_policy": {"decoupled": decoupled}}
+    model.initialize(
+        {"model_config": json.dumps(config), "model_repository": str(repo / "fluxmusic"), "model_version": "1"}
+    )
+
+    good = _Request(pb, _request(prompt=PROMPT, duration=0.5, steps=2, seed=3))
+    bad = _Request(pb, _request(prompt=PROMPT, steps=0))
+    responses = model.execute([good, bad])
+    if decoupled:
+        assert responses is None
+        progress = [r for r, flags in pb.sent if flags == 0]
+        assert [int(r.output_tensors()[0].as_numpy()[0]) for r in progress] == [1, 2]
+        responses = [r for r, flags in pb.sent if flags == pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL]
+    ok, err = responses
+    assert not ok.has_error()
+    out = {t.name(): t.as_numpy() for t in ok.output_tensors()}
+    assert out["audio"].dtype == np.float32 and out["audio"].shape == (8000,) and out["seed_used"].tolist() == [3]
+    assert err.has_error() and "steps 0" in err.error().message() and err.error().code == pb.TritonError.INVALID_ARG
