@@ -13,6 +13,8 @@ COMMAND_MODULES = (
     "fluxmusic.commands_core",
     "fluxmusic.data.commands",
     "fluxmusic.commands_generate",
+    "fluxmusic.export.commands",
+    "fluxmusic.runtime.bench",
     "fluxmusic.training.commands",
     "fluxmusic.runtime.serving_commands",
 )
