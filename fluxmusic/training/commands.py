@@ -6,6 +6,7 @@ import argparse
 import importlib
 from pathlib import Path
 
+from fluxmusic.errors import FluxMusicError
 from fluxmusic.training.config import SCHEDULES, TrainConfig
 
 #: ``--task`` name -> "module:function" building a TrainTask from the parsed arguments (imported lazily,
@@ -24,7 +25,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--nproc_per_node N` the same command runs DistributedDataParallel (gloo on CPU, nccl on CUDA).",
     )
     p.add_argument("--task", default="transformer", choices=sorted(TASK_BUILDERS), help="what to train")
-    p.add_argument("--data", required=True, help="training data (transformer: an embedding cache directory)")
+    p.add_argument("--data", default=None, help="training data (transformer: an embedding cache directory)")
     p.add_argument("--out", required=True, help="run directory: checkpoint.pt, log.jsonl, samples/, export/")
     p.add_argument("--config", default="tiny", help="named transformer config or a config.json path")
     p.add_argument("--steps", type=int, default=_DEFAULTS.steps, help="optimizer steps in total")
@@ -52,6 +53,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=_DEFAULTS.seed)
     p.add_argument("--device", default="auto", help="auto, cpu, cuda")
     p.add_argument("--p-uncond", type=float, default=0.1, help="CFG dropout per text encoder")
+    from fluxmusic.training.recipe import add_arguments
+
+    add_arguments(p)
     p.set_defaults(func=_train)
 
 
@@ -68,6 +72,12 @@ def train_config(args: argparse.Namespace) -> TrainConfig:
 def _train(args: argparse.Namespace) -> int:
     from fluxmusic.training.loop import train
 
+    if args.recipe:
+        from fluxmusic.training.recipe import run_recipe_command
+
+        return run_recipe_command(args)
+    if args.data is None:
+        raise FluxMusicError("--data is required (or --recipe to train a whole model directory)")
     cfg = train_config(args)  # validate the options before any heavy work
     module, func = TASK_BUILDERS[args.task].split(":")
     task = getattr(importlib.import_module(module), func)(args)

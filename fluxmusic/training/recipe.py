@@ -1,0 +1,367 @@
+"""``fluxmusic train --recipe default``: the bundled default model from scratch, on the CPU.
+
+Stages (each skipped when its output exists in ``--out``, so an interrupted recipe continues; each trainer
+also resumes from its own checkpoint):
+
+1. ``corpus/``      procedural music corpus (``fluxmusic data synth``)
+2. ``parts/tokenizer``, ``parts/clap_tokenizer``  word-level tokenizers from the training captions
+3. ``parts/vae``    mel VAE, 8x down in time and frequency          (runs/vae)
+4. ``parts/vocoder`` HiFi-GAN, hop 160                              (runs/vocoder)
+5. ``parts/clap``, ``parts/text_encoder``  CLAP + T5, contrastive   (runs/text)
+6. ``cache/``       scaled latents + T5 / CLAP embeddings of every clip
+7. ``parts/transformer``  rectified flow on the cache               (runs/transformer)
+8. ``model/``       the assembled model directory (DESIGN.md section 5), with its sampling defaults
+
+Every stage runs on the shared training loop (``fluxmusic.training.loop.train``). ``--budget-minutes``
+scales every stage's step count linearly from the recipe's nominal budget (measured on this machine).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fluxmusic.checkpoint import atomic_write_text
+from fluxmusic.config import FluxMusicConfig
+from fluxmusic.errors import FluxMusicError
+from fluxmusic.training.config import TrainConfig
+from fluxmusic.training.text_task import TextEncodersConfig
+from fluxmusic.training.vae_task import VAEConfig
+from fluxmusic.training.vocoder_task import VocoderConfig
+
+
+@dataclass(frozen=True)
+class Stage:
+    """Optimisation settings of one trainer."""
+
+    steps: int
+    batch_size: int
+    lr: float
+    ema_decay: float = 0.99
+    warmup_steps: int = 0
+    bf16: bool = False
+
+    def train_config(self, scale: float, seed: int, log_every: int) -> TrainConfig:
+        steps = max(2, int(round(self.steps * scale)))
+        return TrainConfig(
+            steps=steps, batch_size=self.batch_size, lr=self.lr, ema_decay=self.ema_decay, ema_every=1,
+            warmup_steps=min(self.warmup_steps, steps // 4), schedule="cosine", min_lr_ratio=0.1, bf16=self.bf16,
+            log_every=min(log_every, steps), ckpt_every=max(50, steps // 4), seed=seed, device="cpu",
+        )
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """Everything that defines a default model: data size, component sizes, step budgets, sampling defaults."""
+
+    hours: float
+    seed: int
+    nominal_minutes: float  # wall time of the whole recipe with these steps on this machine (README)
+    vae: VAEConfig
+    vae_stage: Stage
+    vae_crop_frames: int
+    vocoder: VocoderConfig
+    vocoder_stage: Stage
+    vocoder_crop_frames: int
+    text: TextEncodersConfig
+    text_stage: Stage
+    transformer: FluxMusicConfig
+    transformer_stage: Stage
+    defaults: dict = field(default_factory=dict)
+    name: str = "fluxmusic-default"
+    log_every: int = 25
+
+
+_DEFAULT_TRANSFORMER = FluxMusicConfig(
+    in_channels=32, vec_in_dim=128, context_in_dim=128, hidden_size=192, num_heads=3, depth=1,
+    depth_single_blocks=3, axes_dim=(16, 24, 24),
+)
+
+RECIPES: dict[str, Recipe] = {
+    "default": Recipe(
+        hours=1.0, seed=0, nominal_minutes=50.0,
+        vae=VAEConfig(channels=(8, 16, 32, 64)), vae_stage=Stage(steps=600, batch_size=8, lr=1e-3),
+        vae_crop_frames=128,
+        vocoder=VocoderConfig(initial_channels=64), vocoder_stage=Stage(steps=1500, batch_size=8, lr=1e-3),
+        vocoder_crop_frames=48,
+        text=TextEncodersConfig(), text_stage=Stage(steps=400, batch_size=32, lr=5e-4, warmup_steps=25),
+        transformer=_DEFAULT_TRANSFORMER,
+        transformer_stage=Stage(steps=1400, batch_size=16, lr=5e-4, ema_decay=0.995, warmup_steps=100, bf16=True),
+        defaults={"steps": 16, "guidance": 4.0, "solver": "euler", "shift": None},
+    ),
+    # A toy of the same pipeline for tests: minutes of audio, a handful of steps, tiny widths.
+    "toy": Recipe(
+        hours=0.012, seed=0, nominal_minutes=1.0,
+        vae=VAEConfig(channels=(8, 8, 8, 8), latent_channels=8, norm_groups=4),
+        vae_stage=Stage(steps=3, batch_size=4, lr=1e-3), vae_crop_frames=64,
+        vocoder=VocoderConfig(initial_channels=32, resblock_kernels=(3,), resblock_dilations=((1,),)),
+        vocoder_stage=Stage(steps=3, batch_size=2, lr=1e-3), vocoder_crop_frames=16,
+        text=TextEncodersConfig(t5_d_model=32, t5_heads=2, t5_layers=1, clap_hidden=32, clap_layers=1,
+                                clap_heads=2, projection_dim=16, audio_patch_hidden=16, audio_depths=(1, 1),
+                                audio_heads=(1, 2)),
+        text_stage=Stage(steps=3, batch_size=4, lr=1e-3),
+        transformer=FluxMusicConfig(in_channels=32, vec_in_dim=32, context_in_dim=32, hidden_size=32, num_heads=2,
+                                    depth=1, depth_single_blocks=1, axes_dim=(4, 6, 6)),
+        transformer_stage=Stage(steps=3, batch_size=4, lr=1e-3),
+        defaults={"steps": 2, "guidance": 3.0, "solver": "euler", "shift": None}, name="fluxmusic-toy", log_every=1,
+    ),
+}
+
+
+def _round_up(n: int, k: int = 8) -> int:
+    return k * math.ceil(n / k)
+
+
+class RecipeRun:
+    """Runs the stages of a recipe in ``out``; each stage's output is its completion marker."""
+
+    def __init__(self, recipe: Recipe, out: str | Path, budget_minutes: float | None = None,
+                 hours: float | None = None, stream=None) -> None:
+        self.r = recipe
+        self.out = Path(out)
+        self.hours = recipe.hours if hours is None else hours
+        if budget_minutes is not None and not (budget_minutes > 0 and math.isfinite(budget_minutes)):
+            raise FluxMusicError(f"--budget-minutes must be a positive number, got {budget_minutes}")
+        self.scale = 1.0 if budget_minutes is None else budget_minutes / recipe.nominal_minutes
+        self.stream = stream or sys.stderr
+        self.parts = self.out / "parts"
+        self.timings: dict[str, float] = {}
+
+    def say(self, msg: str) -> None:
+        print(f"recipe: {msg}", file=self.stream, flush=True)
+
+    def _stage(self, name: str, done: Path, fn) -> None:
+        if done.exists():
+            self.say(f"{name}: done already ({done})")
+            return
+        self.say(f"{name}: starting")
+        t0 = time.perf_counter()
+        fn()
+        self.timings[name] = time.perf_counter() - t0
+        self.say(f"{name}: {self.timings[name]:.0f} s")
+
+    def _train(self, task, stage: Stage, run: str, export: Path) -> None:
+        from fluxmusic.training.loop import train
+
+        cfg = stage.train_config(self.scale, self.r.seed, self.r.log_every)
+        train(task, cfg, self.out / "runs" / run, resume=True, export_dir=export, stream=self.stream)
+
+    # ------------------------------------------------------------------------------------------ stages
+    def run(self) -> Path:
+        t0 = time.perf_counter()
+        self.out.mkdir(parents=True, exist_ok=True)
+        manifest = self.out / "corpus" / "manifest.jsonl"
+        self._stage("corpus", manifest, lambda: self.corpus(manifest))
+        self._stage("tokenizers", self.parts / "clap_tokenizer", lambda: self.tokenizers(manifest))
+        self._bank: dict[str, Any] = {}
+        self._stage("vae", self.parts / "vae", lambda: self.train_vae(manifest))
+        self._stage("vocoder", self.parts / "vocoder", lambda: self.train_vocoder(manifest))
+        self._stage("text_encoders", self.parts / "text_encoder", lambda: self.train_text(manifest))
+        self._stage("precompute", self.out / "cache" / "cache.json", lambda: self.precompute(manifest))
+        self._stage("transformer", self.parts / "transformer", self.train_transformer)
+        model = self.out / "model"
+        self._stage("assemble", model, lambda: self.assemble(model))
+        total = time.perf_counter() - t0
+        report = {"recipe": self.r.name, "scale": self.scale, "hours": self.hours, "total_s": total,
+                  "stages_s": self.timings}
+        atomic_write_text(self.out / "recipe_run.json", json.dumps(report, indent=2) + "\n")
+        self.say(f"model directory {model} ({total / 60:.1f} min this run)")
+        return model
+
+    def bank(self, manifest: Path, split: str):
+        from fluxmusic.training.audio_data import load_clip_bank
+
+        if split not in self._bank:
+            self._bank[split] = load_clip_bank(manifest, split=split)
+        return self._bank[split]
+
+    def corpus(self, manifest: Path) -> None:
+        from fluxmusic.data.synth import make_corpus
+
+        make_corpus(manifest.parent, self.hours, seed=self.r.seed, workers=2, progress=True)
+
+    def tokenizers(self, manifest: Path) -> None:
+        from fluxmusic.data.manifest import load_manifest
+        from fluxmusic.training.caption_tokenizer import build_caption_tokenizer, max_tokens
+
+        captions = [e.caption for e in load_manifest(manifest) if e.attributes.get("split", "train") == "train"]
+        t5 = build_caption_tokenizer(captions, self.parts / ".tok_t5", "t5", 512)
+        clap = build_caption_tokenizer(captions, self.parts / ".tok_clap", "clap", 512)
+        # Room for longer prompts than the corpus's, rounded to a multiple of 8.
+        lengths = {"t5_max_length": _round_up(max_tokens(t5, captions) + 8),
+                   "clap_max_length": min(_round_up(max_tokens(clap, captions) + 8), self.r.text.max_positions - 4)}
+        atomic_write_text(self.parts / "text_lengths.json", json.dumps(lengths) + "\n")
+        (self.parts / ".tok_t5").rename(self.parts / "tokenizer")
+        (self.parts / ".tok_clap").rename(self.parts / "clap_tokenizer")
+
+    def text_lengths(self) -> dict[str, int]:
+        return json.loads((self.parts / "text_lengths.json").read_text())
+
+    def train_vae(self, manifest: Path) -> None:
+        from fluxmusic.training.audio_data import MelCropDataset
+        from fluxmusic.training.vae_task import VAETask
+
+        train_bank, val_bank = self.bank(manifest, "train"), self.bank(manifest, "val")
+        task = VAETask(MelCropDataset(train_bank, self.r.vae_crop_frames, self.r.seed),
+                       MelCropDataset(val_bank, self.r.vae_crop_frames, self.r.seed + 1), self.r.vae,
+                       scale_items=_WholeMels(train_bank))
+        self._train(task, self.r.vae_stage, "vae", self.parts / "vae")
+
+    def train_vocoder(self, manifest: Path) -> None:
+        from fluxmusic.training.audio_data import WaveMelCropDataset
+        from fluxmusic.training.vocoder_task import VocoderTask
+
+        train_bank, val_bank = self.bank(manifest, "train"), self.bank(manifest, "val")
+        f = self.r.vocoder_crop_frames
+        task = VocoderTask(WaveMelCropDataset(train_bank, f, self.r.seed), WaveMelCropDataset(val_bank, f, 1),
+                           self.r.vocoder, train_bank.mel_config)
+        self._train(task, self.r.vocoder_stage, "vocoder", self.parts / "vocoder")
+
+    def train_text(self, manifest: Path) -> None:
+        from fluxmusic.components import load_tokenizer
+        from fluxmusic.training.audio_data import CaptionMelDataset
+        from fluxmusic.training.text_task import TextEncodersTask
+
+        train_bank, val_bank = self.bank(manifest, "train"), self.bank(manifest, "val")
+        lengths = self.text_lengths()
+        task = TextEncodersTask(
+            CaptionMelDataset(train_bank), load_tokenizer(self.parts / "tokenizer", "T5 tokenizer"),
+            load_tokenizer(self.parts / "clap_tokenizer", "CLAP tokenizer"), lengths["t5_max_length"],
+            lengths["clap_max_length"], val=CaptionMelDataset(val_bank), config=self.r.text,
+            frames=train_bank.mels.shape[1], n_mels=train_bank.mels.shape[2],
+        )
+        tmp = self.parts / ".text"
+        self._train(task, self.r.text_stage, "text", tmp)
+        (tmp / "clap").rename(self.parts / "clap")
+        (tmp / "text_encoder").rename(self.parts / "text_encoder")
+        shutil.rmtree(tmp, ignore_errors=True)
+
+    def precompute(self, manifest: Path) -> None:
+        from fluxmusic.training.precompute import precompute_cache
+
+        encoder = PartsEncoder(self.parts, **self.text_lengths())
+        items = []
+        for split in ("train", "val"):
+            bank = self.bank(manifest, split)
+            items += [{"audio": bank.waves[i], "caption": bank.captions[i], "split": split,
+                       **{k: v for k, v in bank.attributes[i].items() if k != "split"}} for i in range(len(bank))]
+        precompute_cache(encoder, items, self.out / "cache", batch_size=16,
+                         metadata={"scaling_factor": encoder.scaling_factor})
+
+    def train_transformer(self) -> None:
+        from fluxmusic.training.cache import CachedEmbeddingDataset
+        from fluxmusic.training.transformer_task import TransformerTask
+
+        data = CachedEmbeddingDataset(self.out / "cache")
+        meta = data.items_meta()
+        train_ids = [i for i, m in enumerate(meta) if m.get("split") != "val"]
+        val_ids = [i for i, m in enumerate(meta) if m.get("split") == "val"]
+        task = TransformerTask(self.r.transformer, data.subset(train_ids), data.null_txt, data.null_y,
+                               val=data.subset(val_ids) if val_ids else None)
+        self._train(task, self.r.transformer_stage, "transformer", self.parts / "transformer")
+
+    def assemble(self, model: Path) -> None:
+        from fluxmusic.modeldir import assemble
+
+        parts = {k: self.parts / k for k in
+                 ("transformer", "text_encoder", "tokenizer", "clap", "clap_tokenizer", "vae", "vocoder")}
+        assemble(model, **parts, defaults=dict(self.r.defaults), name=self.r.name, **self.text_lengths())
+
+
+class _WholeMels:
+    """Whole-clip mels as ``{"mel"}`` items: the VAE's latent std is measured on what it will encode."""
+
+    def __init__(self, bank) -> None:
+        self.bank = bank
+
+    def __len__(self) -> int:
+        return len(self.bank)
+
+    def __getitem__(self, i: int) -> dict:
+        return {"mel": self.bank.mels[i]}
+
+
+class PartsEncoder:
+    """``encode_audio`` / ``encode_text`` from trained parts (the interface ``precompute_cache`` expects)."""
+
+    def __init__(self, parts: Path, t5_max_length: int, clap_max_length: int) -> None:
+        from fluxmusic.components import load_clap_text, load_t5, load_tokenizer, load_vae
+        from fluxmusic.text import TextEncoders, torch_clap_fn, torch_t5_fn
+
+        self.vae = load_vae(parts / "vae").eval()
+        self.scaling_factor = float(self.vae.config.scaling_factor)
+        self.text = TextEncoders(
+            load_tokenizer(parts / "tokenizer", "T5 tokenizer"), load_tokenizer(parts / "clap_tokenizer", "CLAP"),
+            torch_t5_fn(load_t5(parts / "text_encoder").eval()), torch_clap_fn(load_clap_text(parts / "clap").eval()),
+            t5_max_length, clap_max_length,
+        )
+
+    @torch.no_grad()
+    def encode_audio(self, wave: torch.Tensor) -> torch.Tensor:
+        from fluxmusic.audio import log_mel
+
+        return self.vae.encode(log_mel(wave)[:, None]).latent_dist.mode() * self.scaling_factor
+
+    def encode_text(self, captions: list[str]):
+        return self.text.encode(captions)
+
+
+def install_default(model: Path, target: Path) -> Path:
+    """Replace ``target`` (the package's bundled default) with a copy of ``model``, atomically."""
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
+    try:
+        shutil.rmtree(tmp)
+        shutil.copytree(model, tmp)
+        if target.exists():
+            old = target.with_name(f".{target.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            target.rename(old)
+            tmp.rename(target)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
+
+
+# ---------------------------------------------------------------------------------------------------- CLI
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The recipe's options on ``fluxmusic train`` (used with ``--recipe``; ``--out`` is shared)."""
+    p.add_argument("--recipe", choices=sorted(RECIPES), default=None,
+                   help="train every component of a model directory from scratch (default: the bundled model)")
+    p.add_argument("--hours", type=float, default=None, help="recipe: hours of synthetic corpus")
+    p.add_argument("--budget-minutes", type=float, default=None,
+                   help="recipe: scale every stage's steps to about this wall time on this machine")
+    p.add_argument("--threads", type=int, default=1,
+                   help="recipe: torch CPU threads (1: on a shared machine more threads spin-wait and run slower)")
+    p.add_argument("--install-default", action="store_true",
+                   help="recipe: copy the result to fluxmusic/default_model (the bundled default)")
+
+
+def run_recipe_command(args: argparse.Namespace) -> int:
+    recipe = RECIPES[args.recipe]
+    if args.threads < 1:
+        raise FluxMusicError(f"--threads must be >= 1, got {args.threads}")
+    torch.set_num_threads(args.threads)
+    if args.seed:
+        recipe = dataclasses.replace(recipe, seed=args.seed)
+    model = RecipeRun(recipe, args.out, args.budget_minutes, args.hours).run()
+    if args.install_default:
+        from fluxmusic.pipeline import default_model_dir
+
+        print(f"installed {install_default(model, default_model_dir())}")
+    print(f"wrote {model}")
+    return 0
