@@ -358,6 +358,9 @@ class _FakePbUtils:
             def as_numpy(self):
                 return self._array
 
+            def is_cpu(self):
+                return True
+
         class TritonError:
             INVALID_ARG, INTERNAL = 3, 13
 

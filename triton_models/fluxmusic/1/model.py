@@ -32,7 +32,16 @@ def _infer(outputs: dict[str, list[str]], model_name: str, inputs: dict[str, np.
     response = request.exec()
     if response.has_error():
         raise RuntimeError(f"model {model_name!r} failed: {response.error().message()}")
-    return {t.name(): t.as_numpy() for t in response.output_tensors()}
+    return {t.name(): _numpy(t) for t in response.output_tensors()}
+
+
+def _numpy(tensor) -> np.ndarray:
+    """A BLS output may sit in GPU memory (GPU instances of the component models): copy it to the host."""
+    if tensor.is_cpu():
+        return tensor.as_numpy()
+    from torch.utils.dlpack import from_dlpack
+
+    return from_dlpack(tensor.to_dlpack()).cpu().numpy()
 
 
 def _error(message: str, invalid_argument: bool) -> pb_utils.TritonError:
