@@ -227,6 +227,15 @@ def test_engines_give_tensorrt_plan_models(setup, tmp_path):
         assert (repo / c / "1" / "model.plan").read_bytes() == b"engine bytes of " + c.encode()
     check_repository(repo)  # against the ONNX I/O recorded at generation time
 
+    # Config and recorded graph agree with each other but not with what the BLS model reads: still caught.
+    bad = shutil.copytree(repo, tmp_path / "bad")
+    for f in (bad / "vocoder" / "config.pbtxt", bad / "fluxmusic" / "1" / "components.json"):
+        f.write_text(f.read_text().replace('"waveform"', '"wave"'))
+    with pytest.raises(FluxMusicError) as e:
+        check_repository(bad)
+    assert "vocoder/config.pbtxt: the BLS model reads output 'waveform'" in str(e.value)
+    assert "graph" not in str(e.value)
+
     (engines / "transformer.trt10.8.fp32.sm89.plan").write_bytes(b"x")
     with pytest.raises(FluxMusicError, match="several transformer engines"):
         build_repository(setup["model"], setup["onnx"], tmp_path / "repo2", engines)
