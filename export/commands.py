@@ -10,7 +10,7 @@ import argparse
 import importlib
 
 #: Modules that define ``register(export_subparsers)``, each adding one or more ``export`` sub-commands.
-SUBCOMMAND_MODULES = ("fluxmusic.export.onnx_commands",)
+SUBCOMMAND_MODULES = ("fluxmusic.export.onnx_commands", "fluxmusic.export.triton_commands")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
