@@ -38,3 +38,18 @@ def official_tiny() -> dict:
 def _deterministic():
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """A complete tiny model directory of the real component classes (random weights), built once."""
+    from fluxmusic.tiny import build_tiny_model_dir
+
+    return build_tiny_model_dir(tmp_path_factory.mktemp("tiny") / "model")
+
+
+@pytest.fixture(scope="session")
+def tiny_pipe(tiny_model_dir):
+    from fluxmusic.pipeline import FluxMusicPipeline
+
+    return FluxMusicPipeline.from_pretrained(tiny_model_dir)
