@@ -60,6 +60,7 @@ class Job:
     request_id: str = ""
     received: float = field(default_factory=time.monotonic)
     enqueued: float = 0.0
+    admitted: bool = False  # counted in in_flight
     done: threading.Event = field(default_factory=threading.Event)
     code: str | None = None
     message: str = ""
@@ -117,7 +118,7 @@ class BatchScheduler:
                 raise ShuttingDown("the server is shutting down")
             if len(self._pending) >= self.max_queue:
                 raise QueueFull(f"the request queue is full ({self.max_queue} waiting); retry later")
-            job.enqueued = time.monotonic()
+            job.enqueued, job.admitted = time.monotonic(), True
             self._pending.append(job)
             self.metrics.in_flight.inc()
             self._set_depth()
@@ -148,7 +149,7 @@ class BatchScheduler:
         self.metrics.queue_depth.set(len(self._pending))
 
     def _finish(self, job: Job, code: str, message: str = "", audio: list[np.ndarray] | None = None) -> None:
-        if job.finish(code, message, audio):
+        if job.finish(code, message, audio) and job.admitted:
             self.metrics.in_flight.dec()
 
     def _loop(self) -> None:

@@ -7,9 +7,10 @@ import json
 import logging
 import queue
 import sys
+import threading
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import grpc
 from fluxmusic.runtime.audio_codec import encode_audio
@@ -42,6 +43,8 @@ class _Call:
     request_id: str
     peer: str
     received: float
+    ended: bool = False
+    lock: threading.Lock = field(default_factory=threading.Lock)
 
 
 class FluxMusicService(pb2_grpc.FluxMusicServicer):
@@ -109,11 +112,14 @@ class FluxMusicService(pb2_grpc.FluxMusicServicer):
         job = Job(spec, deadline, on_progress, on_done, call.request_id, call.received)
 
         def on_rpc_end() -> None:
-            # Runs when the RPC ends for any reason; after a normal end the job is done and this is a no-op.
+            # Runs when the RPC ends for any reason; after a normal end the job and the log line are done and
+            # this is a no-op. A cancelled stream's generator may never run again, so account for it here.
             if deadline is not None and time.monotonic() >= deadline - 1e-3:
-                self.scheduler.cancel(job, "DEADLINE_EXCEEDED", "the deadline passed")
+                code, message = grpc.StatusCode.DEADLINE_EXCEEDED, "the deadline passed"
             else:
-                self.scheduler.cancel(job, "CANCELLED", "cancelled by the client")
+                code, message = grpc.StatusCode.CANCELLED, "cancelled by the client"
+            self.scheduler.cancel(job, code.name, message)
+            self._end(call, code, message, job, request)
 
         if not context.add_callback(on_rpc_end):
             raise _Reject(grpc.StatusCode.CANCELLED, "the call ended before it was queued")
@@ -148,7 +154,11 @@ class FluxMusicService(pb2_grpc.FluxMusicServicer):
         )
 
     def _end(self, call: _Call, code: grpc.StatusCode, message: str, job: Job | None, request) -> None:
-        """Count the request and write its structured log line."""
+        """Count the request and write its structured log line (once per call, whoever gets here first)."""
+        with call.lock:
+            if call.ended:
+                return
+            call.ended = True
         total = time.monotonic() - call.received
         self.metrics.requests.labels(call.method, code.name).inc()
         self.metrics.request_seconds.observe(total)
