@@ -433,3 +433,29 @@ def test_cli_client_generate_and_loadtest(server, tmp_path, capsys):
     rc = main(["loadtest", "--server", server.target, "--concurrency", "16", "--requests", "16", "--steps", "1",
                "--duration", str(DUR), "--json"])
     assert rc == 0 and '"ok": 16' in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_serve_command_runs_and_stops_on_sigterm(tiny_dir):
+    import re
+    import signal
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "fluxmusic.cli", "serve", "--model", str(tiny_dir), "--port", "0", "--no-warmup",
+         "--threads", "1", "--log-level", "WARNING"],
+        stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        line = proc.stderr.readline()
+        target = re.match(r"serving on (\S+?)(,|$)", line.strip()).group(1)
+        assert target.startswith("127.0.0.1:")  # loopback unless told otherwise
+        with FluxMusicClient(target) as c:
+            assert c.health() == "SERVING"
+            assert c.generate("slow piano", steps=1, duration=DUR).sample_rate == 16000
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
