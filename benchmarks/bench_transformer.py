@@ -69,7 +69,7 @@ def main() -> None:
         ref = unoptimized()
         for name, fn in variants.items():
             err = (fn().float() - ref).abs().max().item()
-            print(f"check {name}: max-abs vs unoptimized {err:.2e}")
+            print(f"check {name}: max-abs vs unoptimized {err:.2e} ({err / ref.abs().max().item():.1e} of the peak)")
         times: dict[str, list[float]] = {k: [] for k in variants}
         for _ in range(args.repeats):
             for name, fn in variants.items():
