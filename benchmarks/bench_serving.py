@@ -18,7 +18,9 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+from collections import Counter
 from pathlib import Path
 
 
@@ -34,6 +36,8 @@ def start_server(model: Path, max_batch: int, args) -> tuple[subprocess.Popen, s
         lines.append(line)
         m = re.match(r"serving on (\S+?)(,|$)", line.strip())
         if m:
+            # Keep draining its log so a full pipe can never block the server.
+            threading.Thread(target=proc.stderr.read, daemon=True).start()
             return proc, m.group(1)
     raise RuntimeError("the server did not start:\n" + "".join(lines))
 
@@ -46,16 +50,22 @@ def stop_server(proc: subprocess.Popen) -> None:
         proc.kill()
 
 
+_PIPES: dict = {}
+
+
 def in_process_latency(model: Path, args, request: dict, repeats: int) -> list[float]:
+    """Latency of the same requests on a pipeline in this process (loaded and warmed up once)."""
     import torch
 
     from fluxmusic.pipeline import FluxMusicPipeline
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    pipe = FluxMusicPipeline.from_pretrained(model)
     opts = dict(duration=request.get("duration"), steps=request.get("steps"))
-    pipe("music", seed=0, **opts)  # warm-up, as the server does
+    if model not in _PIPES:
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        _PIPES[model] = FluxMusicPipeline.from_pretrained(model)
+        _PIPES[model]("music", seed=0, **opts)  # warm-up, as the server does
+    pipe = _PIPES[model]
     from fluxmusic.runtime.loadtest import DEFAULT_PROMPTS
 
     times = []
@@ -70,7 +80,8 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", help="model directory (default: the bundled default, else a tiny random model)")
     ap.add_argument("--concurrency", default="1,4,16", help="comma-separated client concurrencies")
-    ap.add_argument("--requests", type=int, default=32, help="requests per (mode, concurrency)")
+    ap.add_argument("--requests", type=int, default=32, help="requests per (mode, concurrency), over all rounds")
+    ap.add_argument("--rounds", type=int, default=2, help="alternating rounds of off/on (and in-process) runs")
     ap.add_argument("--max-batch", type=int, default=16, help="max batch of the batching-on server")
     ap.add_argument("--max-delay-ms", type=float, default=10.0)
     ap.add_argument("--steps", type=int, help="solver steps (default: the model's)")
@@ -80,7 +91,7 @@ def main() -> int:
     args = ap.parse_args()
 
     from fluxmusic.runtime.client import FluxMusicClient
-    from fluxmusic.runtime.loadtest import run_loadtest
+    from fluxmusic.runtime.loadtest import LoadReport, run_loadtest
 
     from fluxmusic.pipeline import default_model_dir
 
@@ -99,26 +110,41 @@ def main() -> int:
     print(f"model: {label}; request: {request or 'model defaults'}; {args.requests} requests per level",
           file=sys.stderr)
 
-    rows = []
-    for mode, max_batch in (("off", 1), ("on", args.max_batch)):
-        proc, target = start_server(model, max_batch, args)
-        try:
-            with FluxMusicClient(target) as client:
-                client.wait_ready(60)
-                for c in levels:
-                    r = run_loadtest(client, c, max(args.requests, c), encoding="wav", **request)
-                    rows.append({"batching": mode, "max_batch": max_batch, **r.to_dict()})
-                    print(f"batching {mode:3s} c={c:<3d} {r.summary().splitlines()[1]}", file=sys.stderr)
-        finally:
+    # Both servers stay up and are driven in alternation, round after round, so slow drifts of a shared
+    # machine's load hit both modes alike; the in-process pipeline is timed in the same rounds.
+    servers = {mode: start_server(model, mb, args) for mode, mb in (("off", 1), ("on", args.max_batch))}
+    reports: dict[tuple[str, int], list] = {(m, c): [] for m in servers for c in levels}
+    local: list[float] = []
+    pipe_args = (model, args, request)
+    try:
+        clients = {mode: FluxMusicClient(target) for mode, (_, target) in servers.items()}
+        for c in clients.values():
+            c.wait_ready(60)
+        per_round = max(1, args.requests // args.rounds)
+        for rnd in range(args.rounds):
+            for c in levels:
+                for mode in ("off", "on"):
+                    r = run_loadtest(clients[mode], c, max(per_round, c), encoding="wav", **request)
+                    reports[(mode, c)].append(r)
+                    print(f"round {rnd} batching {mode:3s} c={c:<3d} {r.summary().splitlines()[1]}", file=sys.stderr)
+            local += in_process_latency(*pipe_args, repeats=max(2, per_round // 2))
+        for cl in clients.values():
+            cl.close()
+    finally:
+        for proc, _ in servers.values():
             stop_server(proc)
-
-    repeats = max(5, min(args.requests, 16))
-    local = in_process_latency(model, args, request, repeats)
+    rows = []
+    for (mode, c), rs in reports.items():
+        merged = LoadReport(c, sum(r.requests for r in rs), sum(r.wall_s for r in rs),
+                            [x for r in rs for x in r.latencies_s], [x for r in rs for x in r.batch_sizes],
+                            dict(sum((Counter(r.errors) for r in rs), Counter())))
+        rows.append({"batching": mode, "max_batch": args.max_batch if mode == "on" else 1, **merged.to_dict()})
+    repeats = len(local)
     grpc_c1 = next(r for r in rows if r["batching"] == "off" and r["concurrency"] == 1)
     local_p50 = statistics.median(local)
 
     print(f"\nModel: {label}. Request: {request or 'model defaults'}; WAV output; "
-          f"{args.requests} requests per row; batching on = --max-batch {args.max_batch} "
+          f"{args.rounds} alternating rounds; batching on = --max-batch {args.max_batch} "
           f"--max-delay-ms {args.max_delay_ms:g}.\n")
     print("| batching | concurrency | ok / requests | errors | throughput (req/s) | p50 (s) | p95 (s) | p99 (s) "
           "| mean batch |")

@@ -49,7 +49,7 @@ class _Abandoned(Exception):
     """Raised inside the progress callback when every request of the batch is gone: stops the solve."""
 
 
-@dataclass
+@dataclass(eq=False)  # identity semantics: jobs are removed from the queue by identity, never by value
 class Job:
     """One request moving through the scheduler. ``code`` is a gRPC status code name once ``done`` is set."""
 

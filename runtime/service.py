@@ -161,7 +161,8 @@ class FluxMusicService(pb2_grpc.FluxMusicServicer):
             call.ended = True
         total = time.monotonic() - call.received
         self.metrics.requests.labels(call.method, code.name).inc()
-        self.metrics.request_seconds.observe(total)
+        if code == grpc.StatusCode.OK:  # latency of served requests; rejections would only skew it
+            self.metrics.request_seconds.observe(total)
         line = {
             "event": "request", "request_id": call.request_id, "method": call.method, "peer": call.peer,
             "code": code.name, "total_ms": round(1e3 * total, 3), "prompt_chars": len(request.prompt),
