@@ -29,6 +29,9 @@ class LoadReport:
     wall_s: float
     latencies_s: list[float] = field(default_factory=list)  # of successful requests
     batch_sizes: list[int] = field(default_factory=list)
+    #: per request: client latency minus the server's compute for it (text encode + sampling + decode), i.e.
+    #: queueing, scheduling, gRPC, audio encoding and client decoding; paired, so machine noise mostly cancels
+    overheads_s: list[float] = field(default_factory=list)
     errors: dict[str, int] = field(default_factory=dict)  # status code name -> count
 
     @property
@@ -49,6 +52,7 @@ class LoadReport:
             "errors": dict(self.errors), "wall_s": self.wall_s, "throughput_rps": self.throughput,
             "p50_s": self.percentile(50), "p95_s": self.percentile(95), "p99_s": self.percentile(99),
             "mean_batch": float(np.mean(self.batch_sizes)) if self.batch_sizes else 0.0,
+            "overhead_p50_s": float(np.median(self.overheads_s)) if self.overheads_s else float("nan"),
         }
 
     def summary(self) -> str:
@@ -74,7 +78,7 @@ def run_loadtest(
     if concurrency < 1 or requests < 1:
         raise FluxMusicError(f"concurrency {concurrency} and requests {requests} must be >= 1")
     lock = threading.Lock()
-    latencies, batches, errors = [], [], Counter()
+    latencies, batches, overheads, errors = [], [], [], Counter()
 
     def one(i: int) -> None:
         t0 = time.perf_counter()
@@ -89,12 +93,15 @@ def run_loadtest(
                 errors["INVALID_ARGUMENT"] += 1
             return
         dt = time.perf_counter() - t0
+        compute = sum(out.timings.get(k, 0.0) for k in ("text_encode_ms", "sampling_ms", "decode_ms")) / 1e3
         with lock:
             latencies.append(dt)
             batches.append(out.batch_size)
+            overheads.append(dt - compute)
 
     t0 = time.perf_counter()
     with ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="loadtest") as pool:
         list(pool.map(one, range(requests)))
     wall = time.perf_counter() - t0
-    return LoadReport(concurrency, requests, wall, latencies, batches, dict(errors))
+    return LoadReport(concurrency, requests, wall, latencies_s=latencies, batch_sizes=batches,
+                      overheads_s=overheads, errors=dict(errors))
