@@ -9,13 +9,11 @@ from __future__ import annotations
 
 import argparse
 import shutil
-import warnings
 from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
-from fluxmusic.export.spec import COMPONENT_NAMES, component_specs
+from fluxmusic.export.spec import COMPONENT_NAMES
 from fluxmusic.export.triton_check import check_repository
 from fluxmusic.export.triton_repo import RepoOptions, build_repository
 from fluxmusic.runtime.triton_bls import BlsRequest, FluxMusicBls, OnnxRuntimeInfer
@@ -27,76 +25,15 @@ from fluxmusic.errors import FluxMusicError
 PROMPT = "a slow calm piano melody"
 
 
-def _export_onnx(model_dir: Path, out: Path) -> None:
-    """Export the tiny components to <component>.onnx with the I/O contract of fluxmusic.export.spec."""
-    from fluxmusic.backend import TorchBackend
-    from fluxmusic.modeldir import read_index, read_null_embeddings
-
-    index = read_index(model_dir)
-    be = TorchBackend(model_dir, index)
-    null = read_null_embeddings(model_dir)
-    specs = component_specs(be.transformer_config, index.geometry, null.txt.shape[-1], null.y.shape[-1])
-    geo, lt, lc = index.geometry, index.t5_max_length, index.clap_max_length
-    frames = 8
-    gh, gw = geo.grid(frames)
-
-    class Graph(torch.nn.Module):
-        def __init__(self, fn, module):
-            super().__init__()
-            self.fn, self.module = fn, module
-
-        def forward(self, *args):
-            return self.fn(*args)
-
-    ids = torch.ones(1, lt, dtype=torch.long)
-    cases = {
-        "t5": (Graph(lambda i: be.t5(input_ids=i).last_hidden_state, be.t5), (ids,)),
-        "clap": (
-            Graph(lambda i, m: be.clap(input_ids=i, attention_mask=m).pooler_output, be.clap),
-            (torch.ones(1, lc, dtype=torch.long), torch.ones(1, lc, dtype=torch.long)),
-        ),
-        "transformer": (
-            be.transformer,
-            (
-                torch.randn(2, gh * gw, 32),
-                torch.rand(2),
-                torch.randn(2, lt, null.txt.shape[-1]),
-                torch.randn(2, null.y.shape[-1]),
-                be.rope(lt, gh, gw),
-            ),
-        ),
-        "vae_decoder": (
-            Graph(lambda z: be.vae.decode(z / be.scaling_factor).sample.squeeze(1), be.vae),
-            (torch.randn(1, geo.latent_channels, frames, geo.latent_width),),
-        ),
-        "vocoder": (Graph(be.vocoder, be.vocoder), (torch.randn(1, frames * geo.vae_downsample, geo.mel_bins),)),
-    }
-    out.mkdir()
-    for name, (module, args) in cases.items():
-        s = specs[name]
-        with warnings.catch_warnings(), torch.no_grad():
-            warnings.simplefilter("ignore")
-            torch.onnx.export(
-                module,
-                args,
-                str(out / s.filename),
-                input_names=[t.name for t in s.inputs],
-                output_names=[t.name for t in s.outputs],
-                dynamic_axes=s.dynamic_axes(),
-                # The legacy exporter is much faster; the transformer's LayerNorm needs the dynamo one.
-                dynamo=name == "transformer",
-                optimize=False,
-                **({} if name == "transformer" else {"opset_version": 17}),
-            )
-
-
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
+    from fluxmusic.export.onnx_export import export_onnx
+
     from fluxmusic.tiny import build_tiny_model_dir
 
     root = tmp_path_factory.mktemp("triton")
     model_dir = build_tiny_model_dir(root / "model")
-    _export_onnx(model_dir, root / "onnx")
+    export_onnx(model_dir, root / "onnx", progress=None)  # the project's exporter: <component>.onnx + manifest
     repo = build_repository(model_dir, root / "onnx", root / "repo")
     return {"root": root, "model": model_dir, "onnx": root / "onnx", "repo": repo}
 
@@ -125,7 +62,6 @@ def test_repository_configs_parse_with_triton_schema(setup):
     for name in ("t5", "clap", "vae_decoder", "vocoder"):
         assert configs[name].max_batch_size == 8 and configs[name].HasField("dynamic_batching"), name
     assert configs["transformer"].max_batch_size == 0 and not configs["transformer"].HasField("dynamic_batching")
-    assert (repo / "transformer" / "1" / "transformer.onnx.data").is_file()  # external weights travel along
 
     null_width = 48  # the tiny T5's d_model
     assert _dims(configs["t5"].input) == {"input_ids": ("TYPE_INT64", [-1])}
@@ -210,6 +146,24 @@ def test_cli_generate_check_and_errors(setup, tmp_path, capsys):
         run("--model", str(setup["model"]), "--onnx", str(partial), "--out", str(tmp_path / "r3"))
     assert not (tmp_path / "r2").exists() and not (tmp_path / "r3").exists()
     assert not list(tmp_path.glob(".r*"))  # no half-written temporary directories left
+
+
+def test_external_data_travels_with_the_graph(setup, tmp_path):
+    """Large graphs keep their weights in external-data files, which must sit next to model.onnx."""
+    import onnx
+
+    onnx_dir = shutil.copytree(setup["onnx"], tmp_path / "onnx")
+    graph = onnx.load(str(onnx_dir / "t5.onnx"))
+    onnx.save_model(
+        graph, str(onnx_dir / "t5.onnx"), save_as_external_data=True, location="t5.weights", size_threshold=4096
+    )
+    repo = build_repository(setup["model"], onnx_dir, tmp_path / "repo")
+    assert (repo / "t5" / "1" / "t5.weights").is_file()
+    infer = OnnxRuntimeInfer({"t5": repo / "t5" / "1" / "model.onnx"})
+    assert infer("t5", {"input_ids": np.ones((1, 16), np.int64)})["last_hidden_state"].shape == (1, 16, 48)
+    (onnx_dir / "t5.weights").unlink()
+    with pytest.raises(FluxMusicError, match="t5.weights"):
+        build_repository(setup["model"], onnx_dir, tmp_path / "repo2")
 
 
 def test_engines_give_tensorrt_plan_models(setup, tmp_path):
