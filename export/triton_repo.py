@@ -108,6 +108,7 @@ def build_repository(
     read_index(model_dir)  # a complete model directory, or a clear error
     if not onnx_dir.is_dir():
         raise FluxMusicError(f"ONNX directory {onnx_dir} does not exist (make it with `fluxmusic export onnx`)")
+    _check_same_model(model_dir, onnx_dir)
     sources = {c: onnx_dir / f"{c}.onnx" for c in COMPONENT_NAMES}
     missing = [str(p) for p in sources.values() if not p.is_file()]
     engines: dict[str, Path] = {}
@@ -162,6 +163,15 @@ def build_repository(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+def _check_same_model(model_dir: Path, onnx_dir: Path) -> None:
+    """The BLS model takes tokenizers and null embeddings from ``model_dir``: refuse graphs exported from another
+    model (the exporter's manifest records hashes of each component's config and files)."""
+    from fluxmusic.export.onnx_export import MANIFEST, check_manifest_matches, read_manifest
+
+    if (onnx_dir / MANIFEST).is_file():  # hand-made exports have none; their widths are still checked later
+        check_manifest_matches(model_dir, read_manifest(onnx_dir), COMPONENT_NAMES, weights=True)
 
 
 def _copy_onnx(src: Path, dst: Path) -> None:

@@ -144,7 +144,11 @@ def test_cli_generate_check_and_errors(setup, tmp_path, capsys):
     (partial / "vocoder.onnx").unlink()
     with pytest.raises(FluxMusicError, match="vocoder.onnx"):
         run("--model", str(setup["model"]), "--onnx", str(partial), "--out", str(tmp_path / "r3"))
-    assert not (tmp_path / "r2").exists() and not (tmp_path / "r3").exists()
+    other = shutil.copytree(setup["model"], tmp_path / "other_model")
+    (other / "vocoder" / "config.json").write_text((other / "vocoder" / "config.json").read_text() + "\n")
+    with pytest.raises(FluxMusicError, match="model/ONNX mismatch"):  # graphs exported from another model
+        run("--model", str(other), "--onnx", str(setup["onnx"]), "--out", str(tmp_path / "r4"))
+    assert not any((tmp_path / r).exists() for r in ("r2", "r3", "r4"))
     assert not list(tmp_path.glob(".r*"))  # no half-written temporary directories left
 
 
