@@ -201,9 +201,6 @@ class FluxMusicBls:
     def sample_rate(self) -> int:
         return self.pipeline.sample_rate
 
-    def total_steps(self, request: BlsRequest) -> int:
-        return request.steps if request.steps is not None else int(self.pipeline.defaults.get("steps", 50))
-
     def generate(self, request: BlsRequest, progress: ProgressFn | None = None) -> tuple[np.ndarray, int]:
         """-> (float32 audio [samples], seed used). The solver is Euler, as the official sampler."""
         result = self.pipeline(

@@ -16,7 +16,7 @@ import pytest
 from fluxmusic.export.spec import COMPONENT_NAMES
 from fluxmusic.export.triton_check import check_repository
 from fluxmusic.export.triton_repo import RepoOptions, build_repository
-from fluxmusic.runtime.triton_bls import BlsRequest, FluxMusicBls, OnnxRuntimeInfer
+from fluxmusic.runtime.triton_bls import FluxMusicBls, OnnxRuntimeInfer
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2
 
@@ -257,7 +257,6 @@ def test_bls_seed_defaults_and_determinism(bls):
     b = bls.execute(_request(prompt=PROMPT, duration=0.5, steps=1, seed=int(a["seed_used"][0])))
     assert a["audio"].shape == (8000,)
     np.testing.assert_array_equal(a["audio"], b["audio"])
-    assert bls.total_steps(BlsRequest(PROMPT)) == 4  # the tiny model's default steps
 
 
 @pytest.mark.parametrize(
