@@ -628,3 +628,12 @@ def exporter_name() -> str:
     except ImportError:  # pragma: no cover
         osv = "?"
     return f"torch.onnx dynamo (torch {torch.__version__}, onnxscript {osv}, onnx {onnx.__version__})"
+
+
+def ops_markdown(onnx_dir: str | Path) -> str:
+    """A README table: which ONNX ops each exported graph uses (with counts)."""
+    rows = ["| graph | ops (count) |", "|---|---|"]
+    for path in sorted(Path(onnx_dir).glob("*.onnx")):
+        ops = ", ".join(f"{k} ({v})" for k, v in op_counts(path).items())
+        rows.append(f"| {path.name} | {ops} |")
+    return "\n".join(rows)
