@@ -91,13 +91,13 @@ _DEFAULT_TRANSFORMER = FluxMusicConfig(
 RECIPES: dict[str, Recipe] = {
     "default": Recipe(
         hours=1.0, seed=0, nominal_minutes=50.0,
-        vae=VAEConfig(channels=(8, 16, 32, 64)), vae_stage=Stage(steps=600, batch_size=8, lr=1e-3),
+        vae=VAEConfig(channels=(8, 16, 32, 64)), vae_stage=Stage(steps=400, batch_size=8, lr=1e-3),
         vae_crop_frames=128,
         vocoder=VocoderConfig(initial_channels=64), vocoder_stage=Stage(steps=1500, batch_size=8, lr=1e-3),
         vocoder_crop_frames=48,
-        text=TextEncodersConfig(), text_stage=Stage(steps=400, batch_size=32, lr=5e-4, warmup_steps=25),
+        text=TextEncodersConfig(), text_stage=Stage(steps=250, batch_size=32, lr=5e-4, warmup_steps=25),
         transformer=_DEFAULT_TRANSFORMER,
-        transformer_stage=Stage(steps=1400, batch_size=16, lr=5e-4, ema_decay=0.995, warmup_steps=100, bf16=True),
+        transformer_stage=Stage(steps=1000, batch_size=16, lr=5e-4, ema_decay=0.995, warmup_steps=100, bf16=True),
         defaults={"steps": 16, "guidance": 4.0, "solver": "euler", "shift": None},
     ),
     # A toy of the same pipeline for tests: minutes of audio, a handful of steps, tiny widths.
@@ -165,11 +165,15 @@ class RecipeRun:
         self._stage("corpus", manifest, lambda: self.corpus(manifest))
         self._stage("tokenizers", self.parts / "clap_tokenizer", lambda: self.tokenizers(manifest))
         self._bank: dict[str, Any] = {}
+        # The vocoder depends only on the corpus: it trains in a second process alongside the chain
+        # VAE -> text encoders -> precompute -> transformer (one thread each: see --threads).
+        vocoder = None if (self.parts / "vocoder").exists() else self._start_vocoder()
         self._stage("vae", self.parts / "vae", lambda: self.train_vae(manifest))
-        self._stage("vocoder", self.parts / "vocoder", lambda: self.train_vocoder(manifest))
         self._stage("text_encoders", self.parts / "text_encoder", lambda: self.train_text(manifest))
         self._stage("precompute", self.out / "cache" / "cache.json", lambda: self.precompute(manifest))
         self._stage("transformer", self.parts / "transformer", self.train_transformer)
+        if vocoder is not None:
+            self._join_vocoder(vocoder)
         model = self.out / "model"
         self._stage("assemble", model, lambda: self.assemble(model))
         total = time.perf_counter() - t0
@@ -178,6 +182,34 @@ class RecipeRun:
         atomic_write_text(self.out / "recipe_run.json", json.dumps(report, indent=2) + "\n")
         self.say(f"model directory {model} ({total / 60:.1f} min this run)")
         return model
+
+    def _start_vocoder(self):
+        import multiprocessing as mp
+
+        other = _live_pid(self.out / "runs" / "vocoder.pid")
+        if other is not None:  # an earlier, interrupted recipe run left its vocoder process training
+            self.say(f"vocoder: already training in process {other}; waiting for it at the end")
+            return _PidWaiter(other)
+        self.say(f"vocoder: training in a second process (log {self.out / 'runs' / 'vocoder.log'})")
+        proc = mp.get_context("spawn").Process(
+            target=_vocoder_worker, args=(self.r, str(self.out), self.scale, self.hours, torch.get_num_threads()),
+        )
+        proc.start()
+        proc.started_at = time.perf_counter()  # type: ignore[attr-defined]
+        return proc
+
+    def _join_vocoder(self, proc) -> None:
+        proc.join()
+        if isinstance(proc, _PidWaiter):
+            if not (self.parts / "vocoder").exists():
+                raise FluxMusicError(f"the vocoder process {proc.pid} ended without writing {self.parts / 'vocoder'}")
+            return
+        if proc.exitcode != 0 or not (self.parts / "vocoder").exists():
+            raise FluxMusicError(
+                f"the vocoder stage failed (exit code {proc.exitcode}); see {self.out}/runs/vocoder.log"
+            )
+        self.timings["vocoder (parallel)"] = time.perf_counter() - proc.started_at
+        self.say(f"vocoder: done ({self.timings['vocoder (parallel)']:.0f} s, in parallel)")
 
     def bank(self, manifest: Path, split: str):
         from fluxmusic.training.audio_data import load_clip_bank
@@ -277,6 +309,48 @@ class RecipeRun:
         parts = {k: self.parts / k for k in
                  ("transformer", "text_encoder", "tokenizer", "clap", "clap_tokenizer", "vae", "vocoder")}
         assemble(model, **parts, defaults=dict(self.r.defaults), name=self.r.name, **self.text_lengths())
+
+
+def _live_pid(path: Path) -> int | None:
+    import os
+
+    try:
+        pid = int(path.read_text())
+        os.kill(pid, 0)
+    except (OSError, ValueError):
+        return None
+    return pid
+
+
+class _PidWaiter:
+    """Waits for a process this run did not start (no ``join`` without being its parent)."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid, self.exitcode, self.started_at = pid, 0, time.perf_counter()
+
+    def join(self) -> None:
+        import os
+
+        while True:
+            try:
+                os.kill(self.pid, 0)
+            except OSError:
+                return
+            time.sleep(5)
+
+
+def _vocoder_worker(recipe: Recipe, out: str, scale: float, hours: float, threads: int) -> None:
+    import os
+
+    torch.set_num_threads(threads)
+    run = RecipeRun(recipe, out, hours=hours)
+    run.scale = scale
+    (run.out / "runs").mkdir(parents=True, exist_ok=True)
+    atomic_write_text(run.out / "runs" / "vocoder.pid", f"{os.getpid()}\n")
+    with open(run.out / "runs" / "vocoder.log", "a", encoding="utf-8") as log:
+        run.stream = log
+        run._bank = {}
+        run._stage("vocoder", run.parts / "vocoder", lambda: run.train_vocoder(run.out / "corpus" / "manifest.jsonl"))
 
 
 class _WholeMels:

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from fluxmusic.errors import FluxMusicError
 from fluxmusic.training.distributed import unwrap
 from fluxmusic.training.saving import atomic_save_dir
 from fluxmusic.training.task import Dataset, TrainTask
@@ -66,7 +67,11 @@ class TextEncodersConfig:
         from transformers import ClapConfig, ClapModel
 
         t_in, f_in = frames // CLAP_POOL[0], n_mels // CLAP_POOL[1]
-        freq_ratio = max(1, int(math.isqrt(t_in // f_in)))  # HTSAT folds time into a square image
+        if t_in != 16 * f_in:
+            # HTSAT folds time into a square image: [16 F, F] -> [4 F, 4 F] (laion's: 1024 x 64 -> 256 x 256).
+            raise FluxMusicError(f"the CLAP audio tower takes {16 * n_mels} mel frames for {n_mels} mel bins "
+                                 f"(10.24 s at 64 bins), got {frames}")
+        freq_ratio = 4
         text = dict(
             vocab_size=vocab_size, hidden_size=self.clap_hidden, num_hidden_layers=self.clap_layers,
             num_attention_heads=self.clap_heads, intermediate_size=2 * self.clap_hidden,
