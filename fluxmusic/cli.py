@@ -17,6 +17,7 @@ COMMAND_MODULES = (
     "fluxmusic.runtime.bench",
     "fluxmusic.training.commands",
     "fluxmusic.runtime.serving_commands",
+    "fluxmusic.evaluation.commands",
 )
 
 

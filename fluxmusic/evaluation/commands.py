@@ -1,0 +1,163 @@
+"""``fluxmusic eval``: quality metrics, baselines and (with ``--sweep``) steps versus quality."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+from fluxmusic.errors import FluxMusicError
+
+#: --quick: prompt and reference counts that keep a run within minutes on 2 shared CPU cores.
+QUICK = {"prompts": 16, "reference": 32, "sweep_prompts": 4}
+FULL_SWEEP_PROMPTS = 8
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    from fluxmusic.flow import SOLVERS
+
+    e = sub.add_parser("eval", help="quality metrics (FAD, CLAP score, KL, IS, attribute accuracy) with baselines")
+    e.add_argument("--model", help="model directory (default: the bundled default model)")
+    e.add_argument("--prompts", required=True, help="prompts: a text file (one per line) or JSONL (a corpus manifest)")
+    e.add_argument("--reference", required=True, help="reference clips: a manifest, a corpus dir or a dir of audio")
+    e.add_argument("--embedder", help="a transformers ClapModel directory (default: the model directory's CLAP)")
+    e.add_argument("--out", default="eval_results.json", help="results JSON (default: eval_results.json)")
+    e.add_argument("--steps", type=int, help="solver steps (default: the model's)")
+    e.add_argument("--solver", choices=SOLVERS, help="ODE solver (default: the model's)")
+    e.add_argument("--guidance", type=float, help="CFG scale (default: the model's)")
+    e.add_argument("--shift", type=float, help="time-shift schedule factor (default: the model's)")
+    e.add_argument("--seed", type=int, default=0, help="prompt i uses seed + i (default 0)")
+    e.add_argument("--batch-size", type=int, default=4, help="generation batch size (default 4)")
+    e.add_argument("--limit", type=int, help="use only the first N prompts")
+    e.add_argument("--reference-limit", type=int, help="use only the first N reference clips")
+    e.add_argument("--no-untrained", action="store_true", help="skip the untrained-transformer baseline")
+    e.add_argument("--sweep", action="store_true", help="also run the steps-versus-quality sweep")
+    e.add_argument("--sweep-prompts", type=int, help=f"prompts in the sweep (default {FULL_SWEEP_PROMPTS})")
+    e.add_argument("--sweep-steps", default="4,6,8,12,16,25,50", help="comma-separated step counts")
+    e.add_argument("--sweep-shift", type=float, default=3.0, help="time-shift schedule also swept (0: none)")
+    e.add_argument("--sweep-target", type=int, default=50, help="match this many uniform Euler steps (default 50)")
+    e.add_argument("--sweep-reference-steps", type=int, default=200,
+                   help="Heun steps of the reference solution latent distances are measured to (default 200)")
+    e.add_argument("--plot", help="steps-sweep PNG (default: next to --out, *_steps.png)")
+    e.add_argument("--quick", action="store_true",
+                   help=f"at most {QUICK['prompts']} prompts, {QUICK['reference']} reference clips, "
+                        f"{QUICK['sweep_prompts']} sweep prompts")
+    e.add_argument("--quiet", action="store_true", help="no progress bars")
+    e.set_defaults(func=run)
+
+
+def _positive(name: str, v: int | None) -> int | None:
+    if v is not None and v < 1:
+        raise FluxMusicError(f"{name} {v} must be an integer >= 1")
+    return v
+
+
+def _out_path(path: str, suffix: str) -> Path:
+    p = Path(path)
+    if p.suffix.lower() != suffix:
+        raise FluxMusicError(f"{path!r} must end in {suffix}")
+    parent = p.parent if str(p.parent) else Path(".")
+    if not parent.is_dir() or not os.access(parent, os.W_OK):
+        raise FluxMusicError(f"output directory {parent} does not exist or is not writable")
+    return p
+
+
+def _steps_list(text: str, target: int) -> list[int]:
+    try:
+        steps = [int(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        raise FluxMusicError(f"--sweep-steps {text!r} must be comma-separated integers") from None
+    if not steps or min(steps) < 1:
+        raise FluxMusicError(f"--sweep-steps {text!r} must list integers >= 1")
+    if target not in steps:
+        raise FluxMusicError(f"--sweep-steps {text!r} must include the --sweep-target {target} it matches against")
+    return sorted(set(steps))
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from fluxmusic.checkpoint import atomic_write_text
+    from fluxmusic.evaluation.data import load_prompts, load_reference
+    from fluxmusic.evaluation.embedders import model_dir_embedder
+    from fluxmusic.evaluation.evaluate import evaluate
+    from fluxmusic.evaluation.report import describe_fewest, metrics_table, plot_sweep, steps_table
+    from fluxmusic.pipeline import FluxMusicPipeline, check_guidance, check_seed, check_steps, default_model_dir
+
+    out = _out_path(args.out, ".json")
+    plot = _out_path(args.plot, ".png") if args.plot else out.with_name(out.stem + "_steps.png")
+    for name in ("batch_size", "limit", "reference_limit", "sweep_prompts", "sweep_target", "sweep_reference_steps"):
+        _positive("--" + name.replace("_", "-"), getattr(args, name))
+    check_seed(args.seed)
+    sweep_steps = _steps_list(args.sweep_steps, args.sweep_target) if args.sweep else None
+    if args.sweep_shift < 0:
+        raise FluxMusicError(f"--sweep-shift {args.sweep_shift} must be > 0 (or 0 for none)")
+    limit, ref_limit = args.limit, args.reference_limit
+    sweep_n = args.sweep_prompts or FULL_SWEEP_PROMPTS
+    if args.quick:
+        limit = min(limit or QUICK["prompts"], QUICK["prompts"])
+        ref_limit = min(ref_limit or QUICK["reference"], QUICK["reference"])
+        sweep_n = min(args.sweep_prompts or QUICK["sweep_prompts"], QUICK["sweep_prompts"])
+
+    torch.manual_seed(args.seed)
+    model_dir = Path(args.model) if args.model else default_model_dir()
+    progress = not args.quiet
+    t0 = time.perf_counter()
+    pipe = FluxMusicPipeline.from_pretrained(model_dir)
+    d = pipe.defaults
+    steps = check_steps(args.steps if args.steps is not None else d.get("steps", 50))
+    solver = args.solver or d.get("solver", "euler")
+    guidance = check_guidance(args.guidance if args.guidance is not None else d.get("guidance", 7.0))
+    shift = args.shift if args.shift is not None else d.get("shift")
+    prompts = load_prompts(args.prompts)[:limit]
+    if len(prompts) < 2:
+        raise FluxMusicError(f"--limit {limit} leaves {len(prompts)} prompt; at least 2 are needed")
+    geo = pipe.geometry
+    ref = load_reference(args.reference, geo.sample_rate, geo.max_duration, ref_limit)
+    embedder = model_dir_embedder(model_dir, args.embedder)
+
+    results = evaluate(pipe, prompts, ref, embedder, steps=steps, solver=solver, guidance=guidance, shift=shift,
+                       seed=args.seed, batch_size=args.batch_size, untrained=not args.no_untrained,
+                       progress=progress)
+    scored = results.pop("_scored")
+    if args.sweep:
+        from fluxmusic.evaluation.sweep import steps_sweep
+
+        n = min(sweep_n, len(prompts))
+        results["steps_sweep"] = steps_sweep(
+            pipe, [p.text for p in prompts[:n]], scored["text_emb"][:n], scored["reference"].emb, embedder,
+            guidance=guidance, seed=args.seed, steps=sweep_steps,
+            shifts=(None, args.sweep_shift) if args.sweep_shift else (None,), target_steps=args.sweep_target,
+            reference_steps=args.sweep_reference_steps, batch_size=args.batch_size,
+            progress=progress,
+        )
+        results["steps_sweep"]["plot"] = str(plot_sweep(results["steps_sweep"], plot))
+        results["steps_sweep"]["model_defaults"] = dict(d)
+    results["config"] = {
+        "model": str(model_dir), "prompts": str(args.prompts), "reference": str(args.reference),
+        "embedder": embedder.name, "steps": steps, "solver": solver, "guidance": guidance, "shift": shift,
+        "seed": args.seed, "quick": bool(args.quick), "argv": sys.argv[1:],
+    }
+    results["timing"]["total_s"] = time.perf_counter() - t0
+    atomic_write_text(out, json.dumps(results, indent=2, default=_json_default) + "\n")
+    print(metrics_table(results))
+    if args.sweep:
+        print()
+        print(steps_table(results["steps_sweep"]))
+        print(describe_fewest(results["steps_sweep"]))
+        print(f"plot: {plot}")
+    print(f"results: {out}")
+    return 0
+
+
+def _json_default(o):
+    import numpy as np
+
+    if isinstance(o, (np.floating, np.integer)):
+        return o.item()
+    if isinstance(o, Path):
+        return str(o)
+    raise TypeError(f"not JSON serialisable: {type(o).__name__}")

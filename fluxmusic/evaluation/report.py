@@ -1,0 +1,112 @@
+"""Human-readable output of an evaluation: the metrics table, the steps table, and the steps plot."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+SYSTEMS = (("reference", "reference halves (floor)"), ("model", "model"), ("shuffled_prompts", "shuffled prompts"),
+           ("untrained", "untrained transformer"))
+
+
+def _f(x, fmt: str = ".3f") -> str:
+    return "-" if x is None else format(x, fmt)
+
+
+def _get(d: dict, *keys):
+    for k in keys:
+        if not isinstance(d, dict) or k not in d:
+            return None
+        d = d[k]
+    return d
+
+
+def metrics_table(results: dict) -> str:
+    """Markdown table: one row per system (model and baselines)."""
+    head = ("| system | FAD | CLAP score | KL (mean) | IS (instrument) | acc tempo | acc register | acc instrument "
+            "| acc mean |\n|---|---|---|---|---|---|---|---|---|")
+    lines = [head]
+    for key, label in SYSTEMS:
+        s = results["systems"].get(key)
+        if s is None:
+            continue
+        kl = _get(s, "kl", "paired", "mean") if results.get("paired") and key != "reference" else None
+        kl = kl if kl is not None else _get(s, "kl", "marginal", "mean")
+        acc = s.get("attribute_accuracy", {})
+        lines.append(f"| {label} | {_f(s.get('fad'), '.4f')} | {_f(s.get('clap_score'))} | {_f(kl)} | "
+                     f"{_f(_get(s, 'inception_score', 'instrument'), '.2f')} | {_f(acc.get('tempo'), '.2f')} | "
+                     f"{_f(acc.get('register'), '.2f')} | {_f(acc.get('instrument'), '.2f')} | "
+                     f"{_f(acc.get('mean'), '.2f')} |")
+    return "\n".join(lines)
+
+
+def steps_table(sweep: dict) -> str:
+    ref = sweep["reference_solver"]["steps"]
+    lines = [f"| solver | schedule | steps | NFE | latent dist. to Heun-{ref} | FAD | CLAP score |",
+             "|---|---|---|---|---|---|---|"]
+    for r in sweep["rows"]:
+        sched = "uniform" if r["shift"] is None else f"shift {r['shift']:g}"
+        lines.append(f"| {r['solver']} | {sched} | {r['steps']} | {r['nfe']} | {r['latent_distance']:.4f} | "
+                     f"{r['fad']:.4f} | {r['clap_score']:.3f} |")
+    return "\n".join(lines)
+
+
+def describe_fewest(sweep: dict) -> str:
+    out = []
+    n = (sweep.get("fewest", {}).get("target") or {}).get("steps")
+    for crit, label in (("latent", f"latent distance <= Euler-{n}'s"), ("metrics", "FAD and CLAP within tolerance")):
+        r = sweep.get("fewest", {}).get(crit)
+        if r is None:
+            out.append(f"fewest steps matching {n}-step Euler ({label}): none")
+        else:
+            sched = "uniform" if r["shift"] is None else f"shift {r['shift']:g}"
+            out.append(f"fewest steps matching {n}-step Euler ({label}): {r['solver']} {r['steps']} steps, {sched} "
+                       f"({r['nfe']} model evaluations)")
+    return "\n".join(out)
+
+
+def plot_sweep(sweep: dict, path: str | Path) -> Path:
+    """Latent distance, FAD and CLAP score against model evaluations, one line per solver and schedule; written
+    through a temporary file."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    rows = sweep["rows"]
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    keys = sorted({(r["solver"], r["shift"]) for r in rows}, key=lambda k: (k[0], k[1] or 0))
+    t = sweep.get("fewest", {}).get("target") or {"steps": None}
+    target = next((r for r in rows if (r["solver"], r["steps"], r["shift"]) == ("euler", t["steps"], None)), None)
+    ref_label = f"relative latent distance to Heun-{sweep['reference_solver']['steps']}"
+    for ax, metric, label in zip(axes, ("latent_distance", "fad", "clap_score"),
+                                 (ref_label, "FAD (CLAP embeddings)", "CLAP score")):
+        for solver, shift in keys:
+            rs = sorted((r for r in rows if r["solver"] == solver and r["shift"] == shift), key=lambda r: r["nfe"])
+            name = f"{solver}, " + ("uniform" if shift is None else f"shift {shift:g}")
+            ax.plot([r["nfe"] for r in rs], [r[metric] for r in rs], marker="o", label=name)
+        if target is not None:
+            ax.axhline(target[metric], color="gray", ls="--", lw=1, label=f"Euler {t['steps']}")
+        ax.set_xscale("log")
+        if metric == "latent_distance":
+            ax.set_yscale("log")
+        ax.set_xlabel("model evaluations (NFE)")
+        ax.set_title(label)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.suptitle(f"steps vs quality ({sweep['n_prompts']} prompts, same noise)")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".png")
+    os.close(fd)
+    try:
+        fig.savefig(tmp, dpi=110)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    finally:
+        plt.close(fig)
+    return path
