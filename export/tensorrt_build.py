@@ -10,9 +10,7 @@ and kept on disk for the next one, ``build_serialized_network``, and an atomic w
 from __future__ import annotations
 
 import json
-import os
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -26,6 +24,7 @@ from fluxmusic.export.tensorrt_plan import (
     sm_of,
 )
 
+from fluxmusic.checkpoint import atomic_write_bytes
 from fluxmusic.errors import FluxMusicError
 
 NEEDS_GPU = (
@@ -65,18 +64,6 @@ def gpu_target(device: int = 0) -> tuple[str, int, str]:
 def timing_cache_path(out_dir: Path, trt_version: str, sm: int) -> Path:
     # a timing cache is only valid for one TensorRT version and one GPU: the name says which
     return out_dir / f"timing.trt{short_version(trt_version)}.sm{sm}.cache"
-
-
-def atomic_write_bytes(path: Path, data: bytes | memoryview) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def make_logger(trt, verbose: bool = False):

@@ -104,15 +104,20 @@ def atomic_save_safetensors(state: Mapping[str, Tensor], path: str | Path, metad
         raise
 
 
-def atomic_write_text(path: str | Path, text: str) -> None:
-    """Write a text file through a temporary file and rename."""
+def atomic_write_bytes(path: str | Path, data: bytes | memoryview) -> None:
+    """Write a file through a temporary file in the same directory and rename."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    """Write a UTF-8 text file atomically."""
+    atomic_write_bytes(path, text.encode())
