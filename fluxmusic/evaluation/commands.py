@@ -12,7 +12,7 @@ from pathlib import Path
 from fluxmusic.errors import FluxMusicError
 
 #: --quick: prompt and reference counts that keep a run within minutes on 2 shared CPU cores.
-QUICK = {"prompts": 16, "reference": 32, "sweep_prompts": 4}
+QUICK = {"prompts": 32, "reference": 32, "sweep_prompts": 4}
 FULL_SWEEP_PROMPTS = 8
 
 

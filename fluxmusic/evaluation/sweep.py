@@ -40,16 +40,15 @@ def steps_sweep(pipe: FluxMusicPipeline, prompts: Sequence[str], text_emb: np.nd
     the same N for every row, so rows compare)."""
     seeds = [seed + i for i in range(len(prompts))]
     configs = [(s, n, sh) for sh in shifts for s in SOLVERS for n in steps]
-    total = function_evaluations(reference_steps, "heun") + sum(function_evaluations(n, s) for s, n, _ in configs)
-    bar = tqdm(total=total * len(prompts), desc="steps sweep", unit="nfe", disable=not progress)
+    total = reference_steps + sum(n for _, n, _ in configs)
+    bar = tqdm(total=total * len(prompts), desc="steps sweep", unit="step", disable=not progress)
 
     def solve(solver: str, n: int, shift: float | None) -> torch.Tensor:
         out = []
-        per_step = function_evaluations(n, solver) / n
         for i in range(0, len(prompts), batch_size):
             chunk = list(prompts[i : i + batch_size])
             out.append(solve_latents(pipe, chunk, seeds[i : i + len(chunk)], n, solver, shift, guidance,
-                                     on_step=partial(bar.update, len(chunk) * per_step)))
+                                     on_step=partial(bar.update, len(chunk))))
         return torch.cat(out)
 
     ref = solve("heun", reference_steps, None)
