@@ -13,6 +13,9 @@ from fluxmusic.training.config import SCHEDULES, TrainConfig
 #: so a task's heavy imports cost nothing to the others). Add ``vae``, ``vocoder``, ``t5``, ``clap`` here.
 TASK_BUILDERS: dict[str, str] = {
     "transformer": "fluxmusic.training.commands:build_transformer_task",
+    "vae": "fluxmusic.training.component_commands:build_vae_task",
+    "vocoder": "fluxmusic.training.component_commands:build_vocoder_task",
+    "text": "fluxmusic.training.component_commands:build_text_task",
 }
 
 _DEFAULTS = TrainConfig()

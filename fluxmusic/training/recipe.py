@@ -93,7 +93,7 @@ RECIPES: dict[str, Recipe] = {
         hours=1.0, seed=0, nominal_minutes=50.0,
         vae=VAEConfig(channels=(8, 16, 32, 64)), vae_stage=Stage(steps=400, batch_size=8, lr=1e-3),
         vae_crop_frames=128,
-        vocoder=VocoderConfig(initial_channels=64), vocoder_stage=Stage(steps=1500, batch_size=8, lr=1e-3),
+        vocoder=VocoderConfig(initial_channels=64), vocoder_stage=Stage(steps=3300, batch_size=8, lr=1e-3),
         vocoder_crop_frames=48,
         text=TextEncodersConfig(), text_stage=Stage(steps=250, batch_size=32, lr=5e-4, warmup_steps=25),
         transformer=_DEFAULT_TRANSFORMER,
