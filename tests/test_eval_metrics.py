@@ -118,6 +118,30 @@ def test_clap_score_ranks_the_matching_caption_first_above_chance():
     assert M.clap_score(text, audio) > M.clap_score(text[M.derangement(16, 0)], audio)
 
 
+def test_clap_embedder_feeds_the_audio_tower_what_the_recipe_trained_it_on(tmp_path):
+    """The default's CLAP is trained on the log-mel 4x4-pooled (``text_task.clap_audio_input``); the embedder
+    must give the same embeddings from waveforms."""
+    import torch.nn.functional as F
+
+    from fluxmusic.audio import log_mel
+    from fluxmusic.evaluation.embedders import ClapEmbedder
+    from fluxmusic.tiny import TINY_WORDS, build_word_tokenizer
+    from fluxmusic.training.text_task import TextEncodersConfig, clap_audio_input
+
+    tok = build_word_tokenizer(TINY_WORDS, tmp_path / "tok")
+    cfg = TextEncodersConfig(clap_hidden=32, clap_layers=1, clap_heads=2, projection_dim=16, audio_patch_hidden=16,
+                             audio_depths=(1, 1), audio_heads=(1, 2))
+    cfg.build_clap(len(tok)).save_pretrained(str(tmp_path / "clap"))
+    emb = ClapEmbedder(tmp_path / "clap", tmp_path / "tok", max_length=16)
+    waves = [synth_clip(s)[0] for s in (0, 1)]
+    got = emb.embed_audio(waves, SR)
+    with torch.no_grad():
+        x = clap_audio_input(log_mel(torch.from_numpy(np.stack(waves))))
+        ref = emb.model.audio_projection(emb.model.audio_model(input_features=x).pooler_output)
+    np.testing.assert_allclose(got, F.normalize(ref, dim=-1).numpy(), atol=1e-5)
+    assert np.allclose(np.linalg.norm(emb.embed_text(["a fast piano melody", "a slow organ tune"]), axis=1), 1.0)
+
+
 # --------------------------------------------------------------------------------------------- end to end
 def _working_audio_tower(model_dir: Path) -> None:
     """``fluxmusic.tiny.tiny_clap`` builds an audio tower whose last stage (32 wide) does not match its
