@@ -1,10 +1,10 @@
 """Does the model follow the text? Listen-free evidence from prompt pairs that differ in one attribute.
 
-For each pair (slow vs fast, low vs high register, synth pad vs plucked string) it generates the same seeds
-for both prompts and measures an attribute of the audio: onset rate, spectral centroid, and the small CLAP's
-score difference between the two instruments. The same measurement on real corpus clips rendered with the
-same attribute change (``synth_clip``) shows what direction and size to expect. ``--plot`` saves generated
-log-mel spectrograms next to real corpus clips.
+For each pair (slow vs fast without and with drums, low vs high register, synth pad vs plucked string) it
+generates the same seeds for both prompts and measures an attribute of the audio: onset rate, spectral
+centroid, and the small CLAP score difference between the two prompts. The same measurement on real corpus
+clips rendered with the same attribute change (``synth_clip``) shows what direction and size to expect.
+``--plot`` saves generated log-mel spectrograms next to real corpus clips.
 
     python benchmarks/attribute_probe.py --seeds 4 --json docs/attribute_probe.json --plot docs/mels.png
 """
@@ -30,9 +30,15 @@ from fluxmusic.pipeline import FluxMusicPipeline, default_model_dir
 PAIRS = [
     ("tempo", "onset_rate", ("A slow piano melody without drums", {"tempo": "slow", "instrument": "piano"}),
      ("A fast piano melody without drums", {"tempo": "fast", "instrument": "piano"})),
+    ("tempo+drums", "onset_rate",
+     ("A slow piano melody with drums", {"tempo": "slow", "instrument": "piano", "drums": True}),
+     ("A fast piano melody with drums", {"tempo": "fast", "instrument": "piano", "drums": True})),
     ("register", "centroid", ("An organ tune in a low register, no drums", {"register": "low", "instrument": "organ"}),
      ("An organ tune in a high register, no drums", {"register": "high", "instrument": "organ"})),
     ("instrument", "clap_b_minus_a",
+     ("A calm synth pad piece without drums", {"instrument": "synth pad"}),
+     ("A calm plucked string piece without drums", {"instrument": "plucked string"})),
+    ("instrument", "centroid",
      ("A calm synth pad piece without drums", {"instrument": "synth pad"}),
      ("A calm plucked string piece without drums", {"instrument": "plucked string"})),
 ]
@@ -67,15 +73,20 @@ def probe(pipe: FluxMusicPipeline, scorer: ClapEmbedder, seeds: list[int], gen_k
     rows = []
     for attribute, metric, (pa, aa), (pb, ab) in PAIRS:
         row = {"attribute": attribute, "metric": metric, "prompt_a": pa, "prompt_b": pb}
+        per_seed = {}
         for key, prompt in (("a", pa), ("b", pb)):
             out = pipe([prompt] * len(seeds), seed=list(seeds), **gen_kw)
-            row[f"generated_{key}"] = float(np.mean(measure(metric, out.audio, scorer, out.sample_rate, (pa, pb))))
+            per_seed[key] = measure(metric, out.audio, scorer, out.sample_rate, (pa, pb))
+            row[f"generated_{key}"] = float(np.mean(per_seed[key]))
+        # Paired by seed (same noise for both prompts): how often B measures higher than A.
+        row["seeds_b_higher"] = int(sum(b > a for a, b in zip(per_seed["a"], per_seed["b"])))
         for key, attrs in (("a", aa), ("b", ab)):
             row[f"corpus_{key}"] = float(np.mean(measure(metric, corpus_waves(attrs, seeds), scorer, 16000, (pa, pb))))
         row["follows"] = row["generated_b"] > row["generated_a"]
         rows.append(row)
         print(f"{attribute:<10} {metric:<22} generated {row['generated_a']:8.3f} -> {row['generated_b']:8.3f}   "
-              f"corpus {row['corpus_a']:8.3f} -> {row['corpus_b']:8.3f}   {'OK' if row['follows'] else 'WRONG'}",
+              f"corpus {row['corpus_a']:8.3f} -> {row['corpus_b']:8.3f}   "
+              f"B higher for {row['seeds_b_higher']}/{len(seeds)} seeds   {'OK' if row['follows'] else 'WRONG'}",
               flush=True)
     return rows
 

@@ -90,7 +90,7 @@ _DEFAULT_TRANSFORMER = FluxMusicConfig(
 
 RECIPES: dict[str, Recipe] = {
     "default": Recipe(
-        hours=1.0, seed=0, nominal_minutes=50.0,
+        hours=1.0, seed=0, nominal_minutes=46.0,
         vae=VAEConfig(channels=(8, 16, 32, 64)), vae_stage=Stage(steps=400, batch_size=8, lr=1e-3),
         vae_crop_frames=128,
         vocoder=VocoderConfig(initial_channels=64), vocoder_stage=Stage(steps=3300, batch_size=8, lr=1e-3),
