@@ -45,6 +45,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     e.add_argument("--quick", action="store_true",
                    help=f"at most {QUICK['prompts']} prompts, {QUICK['reference']} reference clips, "
                         f"{QUICK['sweep_prompts']} sweep prompts")
+    e.add_argument("--threads", type=int,
+                   help="torch CPU threads (default: torch's); 1 on a shared machine avoids spin-waiting threads")
     e.add_argument("--quiet", action="store_true", help="no progress bars")
     e.set_defaults(func=run)
 
@@ -89,7 +91,8 @@ def run(args: argparse.Namespace) -> int:
 
     out = _out_path(args.out, ".json")
     plot = _out_path(args.plot, ".png") if args.plot else out.with_name(out.stem + "_steps.png")
-    for name in ("batch_size", "limit", "reference_limit", "sweep_prompts", "sweep_target", "sweep_reference_steps"):
+    for name in ("threads", "batch_size", "limit", "reference_limit", "sweep_prompts", "sweep_target",
+                 "sweep_reference_steps"):
         _positive("--" + name.replace("_", "-"), getattr(args, name))
     check_seed(args.seed)
     sweep_steps = _steps_list(args.sweep_steps, args.sweep_target) if args.sweep else None
@@ -102,6 +105,8 @@ def run(args: argparse.Namespace) -> int:
         ref_limit = min(ref_limit or QUICK["reference"], QUICK["reference"])
         sweep_n = min(args.sweep_prompts or QUICK["sweep_prompts"], QUICK["sweep_prompts"])
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     model_dir = Path(args.model) if args.model else default_model_dir()
     progress = not args.quiet
@@ -139,7 +144,7 @@ def run(args: argparse.Namespace) -> int:
     results["config"] = {
         "model": str(model_dir), "prompts": str(args.prompts), "reference": str(args.reference),
         "embedder": embedder.name, "steps": steps, "solver": solver, "guidance": guidance, "shift": shift,
-        "seed": args.seed, "quick": bool(args.quick), "argv": sys.argv[1:],
+        "seed": args.seed, "quick": bool(args.quick), "threads": torch.get_num_threads(), "argv": sys.argv[1:],
     }
     results["timing"]["total_s"] = time.perf_counter() - t0
     atomic_write_text(out, json.dumps(results, indent=2, default=_json_default) + "\n")
