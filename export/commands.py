@@ -10,7 +10,11 @@ import argparse
 import importlib
 
 #: Modules that define ``register(export_subparsers)``, each adding one or more ``export`` sub-commands.
-SUBCOMMAND_MODULES = ("fluxmusic.export.onnx_commands", "fluxmusic.export.triton_commands")
+SUBCOMMAND_MODULES = (
+    "fluxmusic.export.onnx_commands",
+    "fluxmusic.export.tensorrt_commands",
+    "fluxmusic.export.triton_commands",
+)
 
 
 def register(sub: argparse._SubParsersAction) -> None:

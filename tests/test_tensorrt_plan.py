@@ -295,46 +295,13 @@ def tiny_model(tmp_path_factory):
     return build_tiny_model_dir(tmp_path_factory.mktemp("trt") / "model")
 
 
-def _export_group_registered() -> bool:
-    """Whether ``fluxmusic export tensorrt`` is reachable from the top-level CLI (the export group of issue 6
-    loads this sub-command from its module tuple)."""
-    import contextlib
-    import io
-
-    from fluxmusic.cli import build_parser
-
-    try:
-        with contextlib.redirect_stderr(io.StringIO()):  # argparse's usage message is not the test's output
-            build_parser().parse_args(["export", "tensorrt", "--dry-run"])
-    except SystemExit:
-        return False
-    return True
-
-
 def run_cli(argv: list[str]) -> int:
-    """``fluxmusic.cli.main``; until the export group exists, the same sub-command through its own register()."""
     from fluxmusic.cli import main
 
-    if _export_group_registered():
-        return main(argv)
-    import argparse
-    import sys
-
-    from fluxmusic.export import tensorrt_commands
-
-    parser = argparse.ArgumentParser(prog="fluxmusic export")
-    tensorrt_commands.register(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv[1:])
-    try:
-        return int(args.func(args) or 0)
-    except FluxMusicError as e:  # what cli.main does with a user mistake
-        print(f"fluxmusic export: error: {e}", file=sys.stderr)
-        return 2
+    return main(argv)
 
 
 def test_export_tensorrt_is_reachable_from_the_cli():
-    if not _export_group_registered():
-        pytest.skip("the `fluxmusic export` group (export/commands.py, issue 6) does not exist yet")
     from fluxmusic.cli import build_parser
 
     args = build_parser().parse_args(["export", "tensorrt", "--dry-run", "--precision", "bf16"])
