@@ -116,7 +116,7 @@ def tiny_clap(vocab_size: int, hidden: int = 32):
         type_vocab_size=1,
     )
     audio = dict(
-        hidden_size=16,
+        hidden_size=32,  # = patch_embeds_hidden_size * 2 ** (len(depths) - 1): the last stage's width
         depths=[1, 1],
         num_attention_heads=[2, 2],
         window_size=4,

@@ -143,31 +143,11 @@ def test_clap_embedder_feeds_the_audio_tower_what_the_recipe_trained_it_on(tmp_p
 
 
 # --------------------------------------------------------------------------------------------- end to end
-def _working_audio_tower(model_dir: Path) -> None:
-    """``fluxmusic.tiny.tiny_clap`` builds an audio tower whose last stage (32 wide) does not match its
-    ``hidden_size`` (16), so it cannot embed audio; rebuild the tower consistently, keeping the text tower's
-    weights (the null embeddings and conditioning stay valid)."""
-    from transformers import ClapConfig, ClapModel
-
-    old = ClapModel.from_pretrained(str(model_dir / "clap"))
-    cfg = old.config.to_dict()
-    audio = cfg["audio_config"]
-    audio["hidden_size"] = audio["patch_embeds_hidden_size"] * 2 ** (len(audio["depths"]) - 1)
-    torch.manual_seed(0)
-    new = ClapModel(ClapConfig(text_config=cfg["text_config"], audio_config=audio,
-                               projection_dim=cfg["projection_dim"]))
-    text = {k: v for k, v in old.state_dict().items() if k.startswith(("text_model.", "text_projection."))}
-    new.load_state_dict(text, strict=False)
-    new.save_pretrained(str(model_dir / "clap"))
-
-
 @pytest.fixture(scope="module")
 def eval_model_dir(tmp_path_factory) -> Path:
     from fluxmusic.tiny import build_tiny_model_dir
 
-    d = build_tiny_model_dir(tmp_path_factory.mktemp("eval") / "model")
-    _working_audio_tower(d)
-    return d
+    return build_tiny_model_dir(tmp_path_factory.mktemp("eval") / "model")
 
 
 @pytest.fixture(scope="module")
