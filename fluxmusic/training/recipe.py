@@ -24,7 +24,6 @@ import json
 import math
 import shutil
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,6 +35,7 @@ from fluxmusic.checkpoint import atomic_write_text
 from fluxmusic.config import FluxMusicConfig
 from fluxmusic.errors import FluxMusicError
 from fluxmusic.training.config import TrainConfig
+from fluxmusic.training.saving import atomic_save_dir
 from fluxmusic.training.text_task import TextEncodersConfig
 from fluxmusic.training.vae_task import VAEConfig
 from fluxmusic.training.vocoder_task import VocoderConfig
@@ -393,22 +393,7 @@ class PartsEncoder:
 
 def install_default(model: Path, target: Path) -> Path:
     """Replace ``target`` (the package's bundled default) with a copy of ``model``, atomically."""
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
-    try:
-        shutil.rmtree(tmp)
-        shutil.copytree(model, tmp)
-        if target.exists():
-            old = target.with_name(f".{target.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            target.rename(old)
-            tmp.rename(target)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return target
+    return atomic_save_dir(lambda tmp: shutil.copytree(model, tmp, dirs_exist_ok=True), target)
 
 
 # ---------------------------------------------------------------------------------------------------- CLI
