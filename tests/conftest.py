@@ -53,3 +53,12 @@ def tiny_pipe(tiny_model_dir):
     from fluxmusic.pipeline import FluxMusicPipeline
 
     return FluxMusicPipeline.from_pretrained(tiny_model_dir)
+
+
+@pytest.fixture()
+def one_torch_thread():
+    """One torch thread: on a shared CPU extra threads mostly spin-wait (results do not depend on it)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

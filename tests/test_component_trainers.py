@@ -20,13 +20,7 @@ from fluxmusic.training.vocoder_task import VocoderConfig, VocoderTask
 SECONDS = 10.24  # 1024 mel frames: the CLAP audio tower's input geometry
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One thread: on a shared CPU extra threads mostly spin-wait (the loop is deterministic either way)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

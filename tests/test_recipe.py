@@ -7,18 +7,11 @@ import json
 
 import numpy as np
 import pytest
-import torch
 
 from fluxmusic.pipeline import FluxMusicPipeline, default_model_dir
 from fluxmusic.training.recipe import RECIPES, RecipeRun
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def test_toy_recipe_builds_a_model_directory_that_generates(tmp_path):
