@@ -117,7 +117,8 @@ def _bench_backend(be, pipe, index, repeats: int, warmup: int, steps: int | None
     }
     n_steps = steps or pipe.defaults.get("steps", 50)
     gen = timeit(lambda: pipe(PROMPT, seed=0, steps=n_steps), max(1, repeats // 2), 0)
-    r[f"generation RTF ({n_steps} steps, {geo.max_duration:g} s)"] = gen / geo.max_duration
+    solver = pipe.defaults.get("solver", "euler")
+    r[f"generation RTF ({solver} {n_steps} steps, {geo.max_duration:g} s)"] = gen / geo.max_duration
     return r
 
 
