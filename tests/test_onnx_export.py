@@ -265,6 +265,27 @@ def test_pipeline_on_the_onnx_backend_from_the_cli(tiny_dir, onnx_dir, tmp_path,
     assert sr == 16000 and len(wave) == int(1.28 * 16000) and np.isfinite(wave).all()
 
 
+def test_pipeline_uses_the_fused_step_graph_for_euler(tiny_dir, onnx_dir):
+    """With a step graph, each Euler CFG step is one ORT call (no per-step velocity call) and the audio equals
+    the torch pipeline's; other solvers still go through velocity."""
+    from fluxmusic.pipeline import FluxMusicPipeline
+
+    torch_pipe = FluxMusicPipeline.from_pretrained(tiny_dir)
+    onnx_pipe = FluxMusicPipeline.from_pretrained(tiny_dir, backend="onnx", onnx_dir=onnx_dir)
+    assert onnx_pipe.backend.has_step_graph
+    calls = []
+    real_velocity = onnx_pipe.backend.velocity
+    onnx_pipe.backend.velocity = lambda *a: calls.append(1) or real_velocity(*a)
+    kw = dict(duration=1.0, steps=3, guidance=3.0, seed=4)
+    fused = onnx_pipe("calm pad", solver="euler", **kw).audio[0]
+    assert calls == []
+    ref = torch_pipe("calm pad", solver="euler", **kw).audio[0]
+    snr = 10 * np.log10(np.sum(ref.astype(np.float64) ** 2) / np.sum((fused - ref).astype(np.float64) ** 2))
+    assert snr >= 40
+    onnx_pipe("calm pad", solver="heun", **kw)
+    assert len(calls) == 2 * 3 - 1
+
+
 def test_missing_component_falls_back_to_torch_with_a_log_line(tiny_dir, onnx_dir, tmp_path, caplog):
     import logging
 
