@@ -38,7 +38,7 @@ import torch
 from fluxmusic.export.spec import COMPONENT_NAMES, STEP_NAME, ComponentSpec, component_specs
 from torch import Tensor, nn
 
-from fluxmusic.checkpoint import atomic_write_text
+from fluxmusic.checkpoint import atomic_write_text, read_json
 from fluxmusic.errors import FluxMusicError
 from fluxmusic.modeldir import ModelIndex, read_index
 
@@ -95,10 +95,7 @@ def config_sha256(config: dict) -> str:
 def component_config(model_dir: Path, component: str) -> dict:
     """The config.json of the folder a component comes from (what a model/ONNX mismatch check compares)."""
     path = model_dir / SOURCE_DIRS[component] / "config.json"
-    try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise FluxMusicError(f"{path} cannot be read: {e}") from e
+    return read_json(path, f"{component} config")
 
 
 def source_hashes(model_dir: str | Path, component: str, weights: bool = True) -> dict:
@@ -436,10 +433,7 @@ def read_manifest(onnx_dir: str | Path) -> dict:
         raise FluxMusicError(f"ONNX directory {onnx_dir} does not exist")
     if not path.is_file():
         raise FluxMusicError(f"{onnx_dir} is not a fluxmusic ONNX export: it has no {MANIFEST}")
-    try:
-        m = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise FluxMusicError(f"{path} is not valid JSON: {e}") from e
+    m = read_json(path, "ONNX export manifest")
     if m.get("format") != MANIFEST_FORMAT or m.get("version") != MANIFEST_VERSION:
         raise FluxMusicError(
             f"{path} has format {m.get('format')!r} version {m.get('version')!r}; "

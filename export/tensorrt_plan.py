@@ -22,6 +22,7 @@ from pathlib import Path
 
 from fluxmusic.export.spec import COMPONENT_NAMES, STEP_NAME, ComponentSpec, component_specs
 
+from fluxmusic.checkpoint import read_json
 from fluxmusic.config import FluxMusicConfig
 from fluxmusic.errors import FluxMusicError
 from fluxmusic.latent import LatentGeometry
@@ -471,10 +472,7 @@ def describe_onnx_dir(
     manifest_path = onnx_dir / "manifest.json"
     manifest = {}
     if manifest_path.is_file():
-        try:
-            manifest = json.loads(manifest_path.read_text())
-        except json.JSONDecodeError as e:
-            raise FluxMusicError(f"{manifest_path} is not valid JSON: {e}") from e
+        manifest = read_json(manifest_path, "ONNX export manifest")
     index = read_index(model_dir) if model_dir is not None else _index_from_manifest(onnx_dir, manifest)
     if index is None:
         raise FluxMusicError(f"cannot tell the latent geometry of the export {onnx_dir}: pass --model DIR")

@@ -8,11 +8,13 @@ any missing, unexpected or mis-shaped key fails with one message listing them al
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import pickle
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -102,6 +104,17 @@ def atomic_save_safetensors(state: Mapping[str, Tensor], path: str | Path, metad
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def read_json(path: str | Path, what: str) -> Any:
+    """Parse a JSON file; one clear error naming it (``what`` says which file) when it is missing or invalid."""
+    path = Path(path)
+    try:
+        return json.loads(path.read_text())
+    except OSError as e:
+        raise FluxMusicError(f"{what} {path} cannot be read: {e.strerror or e}") from e
+    except json.JSONDecodeError as e:
+        raise FluxMusicError(f"{what} {path} is not valid JSON: {e}") from e
 
 
 def atomic_write_bytes(path: str | Path, data: bytes | memoryview) -> None:

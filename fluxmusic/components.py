@@ -10,7 +10,6 @@ tower's keys to be left unused.
 
 from __future__ import annotations
 
-import json
 import warnings
 from collections.abc import Iterable
 from pathlib import Path
@@ -18,6 +17,7 @@ from typing import Any
 
 import torch
 
+from fluxmusic.checkpoint import read_json
 from fluxmusic.errors import FluxMusicError
 
 #: Keys of a full ClapModel checkpoint that the text tower does not use.
@@ -39,10 +39,7 @@ def read_config(directory: str | Path, what: str) -> dict:
     path = Path(directory) / "config.json"
     if not path.is_file():
         raise FluxMusicError(f"{what} directory {directory} has no config.json")
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise FluxMusicError(f"{what} config {path} is not valid JSON: {e}") from e
+    return read_json(path, f"{what} config")
 
 
 def check_loading_info(info: dict, source: str, allowed_unexpected: Iterable[str] = ()) -> None:

@@ -7,6 +7,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from fluxmusic.checkpoint import read_json
 from fluxmusic.errors import FluxMusicError
 
 
@@ -68,11 +69,7 @@ class FluxMusicConfig:
 
     @classmethod
     def load(cls, path: str | Path) -> FluxMusicConfig:
-        try:
-            data = json.loads(Path(path).read_text())
-        except (OSError, json.JSONDecodeError) as e:
-            raise FluxMusicError(f"cannot read transformer config {path}: {e}") from e
-        return cls.from_dict(data)
+        return cls.from_dict(read_json(path, "transformer config"))
 
 
 _OFFICIAL = dict(in_channels=32, vec_in_dim=768, context_in_dim=4096, mlp_ratio=4.0, num_heads=16)

@@ -23,7 +23,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 from torch import Tensor
 
-from fluxmusic.checkpoint import atomic_save_safetensors, atomic_write_text
+from fluxmusic.checkpoint import atomic_save_safetensors, atomic_write_text, read_json
 from fluxmusic.errors import FluxMusicError
 
 INDEX_NAME = "cache.json"
@@ -119,10 +119,7 @@ class CachedEmbeddingDataset:
         index_path = self.dir / INDEX_NAME
         if not index_path.is_file():
             raise FluxMusicError(f"{self.dir} is not an embedding cache (no {INDEX_NAME}); write one with write_cache")
-        try:
-            index = json.loads(index_path.read_text())
-        except json.JSONDecodeError as e:
-            raise FluxMusicError(f"{index_path} is not valid JSON: {e}") from e
+        index = read_json(index_path, "embedding cache index")
         if index.get("format") != FORMAT:
             raise FluxMusicError(f"{index_path} is not a fluxmusic embedding cache index")
         self.shapes = {k: tuple(v) for k, v in index["shapes"].items()}
