@@ -109,11 +109,25 @@ def load_vae(directory: str | Path, dtype: torch.dtype = torch.float32):
     return _from_pretrained(AutoencoderKL, directory, "VAE", torch_dtype=dtype)
 
 
-def load_vocoder(directory: str | Path, dtype: torch.dtype = torch.float32):
-    """HiFi-GAN vocoder (transformers ``SpeechT5HifiGan``): log-mel [B, T, n_mels] -> waveform [B, T * hop]."""
-    from transformers import SpeechT5HifiGan
+#: vocoder config ``model_type`` -> (module, class): AudioLDM2's HiFi-GAN or our iSTFT-head vocoder
+VOCODER_CLASSES = {
+    "speecht5_hifigan": ("transformers", "SpeechT5HifiGan"),
+    "hifigan": ("transformers", "SpeechT5HifiGan"),
+    "fluxmusic_vocos": ("fluxmusic.vocos", "VocosVocoder"),
+}
 
-    return _from_pretrained(SpeechT5HifiGan, directory, "vocoder", dtype=dtype)
+
+def load_vocoder(directory: str | Path, dtype: torch.dtype = torch.float32):
+    """Vocoder: log-mel [B, T, n_mels] -> waveform [B, T * hop]. The config's ``model_type`` names the class:
+    ``hifigan`` (transformers ``SpeechT5HifiGan``, AudioLDM2's) or ``fluxmusic_vocos`` (``VocosVocoder``)."""
+    import importlib
+
+    model_type = read_config(directory, "vocoder").get("model_type", "speecht5_hifigan")
+    if model_type not in VOCODER_CLASSES:
+        raise FluxMusicError(f"vocoder directory {directory} has model_type {model_type!r}; "
+                             f"allowed: {', '.join(repr(k) for k in VOCODER_CLASSES)}")
+    module, name = VOCODER_CLASSES[model_type]
+    return _from_pretrained(getattr(importlib.import_module(module), name), directory, "vocoder", dtype=dtype)
 
 
 def load_tokenizer(directory: str | Path, what: str):

@@ -3,10 +3,11 @@
 Stages (each skipped when its output exists in ``--out``, so an interrupted recipe continues; each trainer
 also resumes from its own checkpoint):
 
-1. ``corpus/``      procedural music corpus (``fluxmusic data synth``)
+1. ``corpus/``      the music corpus: ``default`` renders real scores (``fluxmusic data render``: music21 +
+                    FluidSynth GM SoundFont), ``toy`` the procedural synth (``fluxmusic data synth``)
 2. ``parts/tokenizer``, ``parts/clap_tokenizer``  word-level tokenizers from the training captions
 3. ``parts/vae``    mel VAE, 8x down in time and frequency          (runs/vae)
-4. ``parts/vocoder`` HiFi-GAN, hop 160                              (runs/vocoder)
+4. ``parts/vocoder`` Vocos-style iSTFT vocoder with discriminators (default) or HiFi-GAN (toy), hop 160
 5. ``parts/clap``, ``parts/text_encoder``  CLAP + T5, contrastive   (runs/text)
 6. ``cache/``       scaled latents + T5 / CLAP embeddings of every clip
 7. ``parts/transformer``  rectified flow on the cache               (runs/transformer)
@@ -52,12 +53,15 @@ class Stage:
     warmup_steps: int = 0
     bf16: bool = False
 
-    def train_config(self, scale: float, seed: int, log_every: int) -> TrainConfig:
+    grad_clip: float = 1.0
+
+    def train_config(self, scale: float, seed: int, log_every: int, device: str = "cpu") -> TrainConfig:
         steps = max(2, int(round(self.steps * scale)))
         return TrainConfig(
             steps=steps, batch_size=self.batch_size, lr=self.lr, ema_decay=self.ema_decay, ema_every=1,
             warmup_steps=min(self.warmup_steps, steps // 4), schedule="cosine", min_lr_ratio=0.1, bf16=self.bf16,
-            log_every=min(log_every, steps), ckpt_every=max(50, steps // 4), seed=seed, device="cpu",
+            log_every=min(log_every, steps), ckpt_every=max(50, steps // 8), seed=seed, device=device,
+            grad_clip=self.grad_clip,
         )
 
 
@@ -65,7 +69,7 @@ class Stage:
 class Recipe:
     """Everything that defines a default model: data size, component sizes, step budgets, sampling defaults."""
 
-    hours: float
+    hours: float  # synth corpus hours (toy); the rendered corpus is sized by render_works
     seed: int
     nominal_minutes: float  # wall time of the whole recipe with these steps on this machine (README)
     vae: VAEConfig
@@ -81,24 +85,31 @@ class Recipe:
     defaults: dict = field(default_factory=dict)
     name: str = "fluxmusic-default"
     log_every: int = 25
+    corpus: str = "synth"  # "render": real scores through FluidSynth; "synth": the procedural corpus
+    render_works: int = 1200  # corpus files rendered (render corpus)
+    render_clips_per_work: int = 2
 
 
 _DEFAULT_TRANSFORMER = FluxMusicConfig(
-    in_channels=32, vec_in_dim=128, context_in_dim=128, hidden_size=192, num_heads=3, depth=1,
-    depth_single_blocks=3, axes_dim=(16, 24, 24),
+    in_channels=64, vec_in_dim=128, context_in_dim=128, hidden_size=256, num_heads=4, depth=2,
+    depth_single_blocks=4, axes_dim=(16, 24, 24),
 )
 
 RECIPES: dict[str, Recipe] = {
+    # Real music: ~1200 music21 scores rendered with FluidSynth; VAE 8x down with 16 latent channels
+    # (256 transformer tokens for 10.24 s); Vocos vocoder trained with MPD + spectrogram discriminators.
     "default": Recipe(
-        hours=1.0, seed=0, nominal_minutes=46.0,
-        vae=VAEConfig(channels=(8, 16, 32, 64)), vae_stage=Stage(steps=400, batch_size=8, lr=1e-3),
-        vae_crop_frames=128,
-        vocoder=VocoderConfig(initial_channels=64), vocoder_stage=Stage(steps=3300, batch_size=8, lr=1e-3),
-        vocoder_crop_frames=48,
-        text=TextEncodersConfig(), text_stage=Stage(steps=250, batch_size=32, lr=5e-4, warmup_steps=25),
+        hours=1.0, seed=0, nominal_minutes=75.0, corpus="render",
+        vae=VAEConfig(channels=(16, 32, 64, 128), latent_channels=16),
+        vae_stage=Stage(steps=1500, batch_size=8, lr=1e-3, warmup_steps=50), vae_crop_frames=128,
+        vocoder=VocoderConfig(kind="vocos", adversarial=True, vocos_hidden=192, vocos_intermediate=576,
+                              vocos_layers=8, disc_ffts=(512,)),
+        # No joint clipping: generator and discriminator gradients share one norm (Adam scales each anyway).
+        vocoder_stage=Stage(steps=4000, batch_size=8, lr=5e-4, ema_decay=0.999, warmup_steps=50, grad_clip=0.0),
+        vocoder_crop_frames=64,
+        text=TextEncodersConfig(), text_stage=Stage(steps=300, batch_size=32, lr=5e-4, warmup_steps=25),
         transformer=_DEFAULT_TRANSFORMER,
-        transformer_stage=Stage(steps=1000, batch_size=16, lr=5e-4, ema_decay=0.995, warmup_steps=100, bf16=True),
-        # Heun 16 / shift 3: the cheapest setting that matches 50-step Euler (fluxmusic eval --sweep).
+        transformer_stage=Stage(steps=1800, batch_size=16, lr=5e-4, ema_decay=0.995, warmup_steps=100, bf16=True),
         defaults={"steps": 16, "guidance": 4.0, "solver": "heun", "shift": 3.0},
     ),
     # A toy of the same pipeline for tests: minutes of audio, a handful of steps, tiny widths.
@@ -128,8 +139,9 @@ class RecipeRun:
     """Runs the stages of a recipe in ``out``; each stage's output is its completion marker."""
 
     def __init__(self, recipe: Recipe, out: str | Path, budget_minutes: float | None = None,
-                 hours: float | None = None, stream=None) -> None:
+                 hours: float | None = None, stream=None, device: str = "cpu", soundfont: str | None = None) -> None:
         self.r = recipe
+        self.device, self.soundfont = device, soundfont
         self.out = Path(out)
         self.hours = recipe.hours if hours is None else hours
         if budget_minutes is not None and not (budget_minutes > 0 and math.isfinite(budget_minutes)):
@@ -155,7 +167,7 @@ class RecipeRun:
     def _train(self, task, stage: Stage, run: str, export: Path) -> None:
         from fluxmusic.training.loop import train
 
-        cfg = stage.train_config(self.scale, self.r.seed, self.r.log_every)
+        cfg = stage.train_config(self.scale, self.r.seed, self.r.log_every, self.device)
         train(task, cfg, self.out / "runs" / run, resume=True, export_dir=export, stream=self.stream)
 
     # ------------------------------------------------------------------------------------------ stages
@@ -193,7 +205,8 @@ class RecipeRun:
             return _PidWaiter(other)
         self.say(f"vocoder: training in a second process (log {self.out / 'runs' / 'vocoder.log'})")
         proc = mp.get_context("spawn").Process(
-            target=_vocoder_worker, args=(self.r, str(self.out), self.scale, self.hours, torch.get_num_threads()),
+            target=_vocoder_worker,
+            args=(self.r, str(self.out), self.scale, self.hours, torch.get_num_threads(), self.device),
         )
         proc.start()
         proc.started_at = time.perf_counter()  # type: ignore[attr-defined]
@@ -220,6 +233,12 @@ class RecipeRun:
         return self._bank[split]
 
     def corpus(self, manifest: Path) -> None:
+        if self.r.corpus == "render":
+            from fluxmusic.data.render import render_corpus
+
+            render_corpus(manifest.parent, max_works=self.r.render_works, clips_per_work=self.r.render_clips_per_work,
+                          seed=self.r.seed, soundfont=self.soundfont, workers=2)
+            return
         from fluxmusic.data.synth import make_corpus
 
         make_corpus(manifest.parent, self.hours, seed=self.r.seed, workers=2, progress=True)
@@ -340,11 +359,11 @@ class _PidWaiter:
             time.sleep(5)
 
 
-def _vocoder_worker(recipe: Recipe, out: str, scale: float, hours: float, threads: int) -> None:
+def _vocoder_worker(recipe: Recipe, out: str, scale: float, hours: float, threads: int, device: str) -> None:
     import os
 
     torch.set_num_threads(threads)
-    run = RecipeRun(recipe, out, hours=hours)
+    run = RecipeRun(recipe, out, hours=hours, device=device)
     run.scale = scale
     (run.out / "runs").mkdir(parents=True, exist_ok=True)
     atomic_write_text(run.out / "runs" / "vocoder.pid", f"{os.getpid()}\n")
@@ -407,6 +426,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="recipe: scale every stage's steps to about this wall time on this machine")
     p.add_argument("--threads", type=int, default=1,
                    help="recipe: torch CPU threads (1: on a shared machine more threads spin-wait and run slower)")
+    p.add_argument("--soundfont", default=None,
+                   help="recipe: General MIDI SoundFont for the rendered corpus (default: the system's FluidR3_GM)")
     p.add_argument("--install-default", action="store_true",
                    help="recipe: copy the result to fluxmusic/default_model (the bundled default)")
 
@@ -418,7 +439,10 @@ def run_recipe_command(args: argparse.Namespace) -> int:
     torch.set_num_threads(args.threads)
     if args.seed:
         recipe = dataclasses.replace(recipe, seed=args.seed)
-    model = RecipeRun(recipe, args.out, args.budget_minutes, args.hours).run()
+    device = "cuda" if args.device == "auto" and torch.cuda.is_available() else (
+        "cpu" if args.device == "auto" else args.device)
+    model = RecipeRun(recipe, args.out, args.budget_minutes, args.hours, device=device,
+                      soundfont=args.soundfont).run()
     if args.install_default:
         from fluxmusic.pipeline import default_model_dir
 

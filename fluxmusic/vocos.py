@@ -1,0 +1,138 @@
+"""An iSTFT-head vocoder (Vocos-style): log-mel [B, T, n_mels] -> waveform [B, T * hop].
+
+Why a second vocoder class: a transposed-convolution HiFi-GAN trained briefly leaves a comb of harmonics at
+the hop rate (16000 / 160 = 100 Hz), because every output sample is made by upsampling layers whose phase
+repeats each hop. This model works at the frame rate (a ConvNeXt stack over mel frames) and predicts, per
+frame, the magnitude and phase of an STFT with a 4x-overlapping Hann window; the waveform is the inverse STFT.
+Nothing in it repeats at the hop, and it is ~100x cheaper per second of audio than AudioLDM2's HiFi-GAN.
+
+The inverse STFT is written as two fixed linear maps (an inverse real DFT times the window, then overlap-add
+as a transposed convolution with an identity kernel, divided by the window envelope), so the whole model
+exports to ONNX (which has no ISTFT operator) and runs in any runtime. It is a transformers
+``PreTrainedModel`` (``model_type`` ``fluxmusic_vocos``): saved and loaded by ``save_pretrained`` /
+``from_pretrained`` with strict key checks like every component; its config carries ``upsample_rates = [hop]``
+so code that derives the hop from a vocoder config works for both classes.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+from transformers import PretrainedConfig, PreTrainedModel
+
+
+class VocosConfig(PretrainedConfig):
+    model_type = "fluxmusic_vocos"
+
+    def __init__(self, model_in_dim: int = 64, sampling_rate: int = 16000, hop_length: int = 160,
+                 n_fft: int = 640, hidden_size: int = 256, intermediate_size: int = 768, num_layers: int = 8,
+                 kernel_size: int = 7, layer_scale_init: float = 0.1, **kwargs) -> None:
+        self.model_in_dim = model_in_dim
+        self.sampling_rate = sampling_rate
+        self.hop_length = hop_length
+        self.n_fft = n_fft
+        self.hidden_size = hidden_size
+        self.intermediate_size = intermediate_size
+        self.num_layers = num_layers
+        self.kernel_size = kernel_size
+        self.layer_scale_init = layer_scale_init
+        # The hop as an "upsampling product": geometry code reads prod(upsample_rates) for either class.
+        kwargs.pop("upsample_rates", None)
+        self.upsample_rates = [hop_length]
+        super().__init__(**kwargs)
+
+
+class ConvNeXtBlock(nn.Module):
+    """Depthwise conv over time, LayerNorm, pointwise MLP, layer-scaled residual (Vocos / ConvNeXt)."""
+
+    def __init__(self, dim: int, hidden: int, kernel: int, scale: float) -> None:
+        super().__init__()
+        self.dwconv = nn.Conv1d(dim, dim, kernel, padding=kernel // 2, groups=dim)
+        self.norm = nn.LayerNorm(dim, eps=1e-6)
+        self.pwconv1 = nn.Linear(dim, hidden)
+        self.pwconv2 = nn.Linear(hidden, dim)
+        self.gamma = nn.Parameter(torch.full((dim,), scale))
+
+    def forward(self, x: Tensor) -> Tensor:  # [B, C, T]
+        y = self.dwconv(x).transpose(1, 2)
+        y = self.pwconv2(nn.functional.gelu(self.pwconv1(self.norm(y))))
+        return x + (self.gamma * y).transpose(1, 2)
+
+
+class InverseSTFT(nn.Module):
+    """Centered inverse STFT (Hann window ``n_fft``, hop ``hop``) of [B, n_fft // 2 + 1, T] complex frames
+    given as real and imaginary parts; returns exactly ``T * hop`` samples. Buffers are not saved (derived)."""
+
+    def __init__(self, n_fft: int, hop: int) -> None:
+        super().__init__()
+        self.n_fft, self.hop = n_fft, hop
+        bins = n_fft // 2 + 1
+        n = torch.arange(n_fft, dtype=torch.float64)
+        k = torch.arange(bins, dtype=torch.float64)
+        ang = 2 * math.pi * k[:, None] * n[None, :] / n_fft
+        c = torch.full((bins, 1), 2.0, dtype=torch.float64)
+        c[0] = 1.0
+        if n_fft % 2 == 0:
+            c[-1] = 1.0
+        window = torch.hann_window(n_fft, periodic=True, dtype=torch.float64)
+        # frame[n] = window[n] / N * sum_k c_k (Re S_k cos - Im S_k sin)
+        basis = torch.cat([c * torch.cos(ang), -c * torch.sin(ang)], dim=0) * window[None, :] / n_fft
+        self.register_buffer("basis", basis.float(), persistent=False)  # [2 * bins, n_fft]
+        self.register_buffer("eye", torch.eye(n_fft)[:, None, :], persistent=False)  # OLA kernel [n_fft, 1, n_fft]
+        self.register_buffer("window_sq", (window ** 2).float(), persistent=False)
+
+    def envelope(self, frames: int, device: torch.device) -> Tensor:
+        w = self.window_sq.to(device)[None, :, None].expand(1, self.n_fft, frames)
+        return nn.functional.conv_transpose1d(w, self.eye.to(device), stride=self.hop)[0, 0]
+
+    def forward(self, real: Tensor, imag: Tensor) -> Tensor:
+        frames = real.shape[-1]
+        spec = torch.cat([real, imag], dim=1).transpose(1, 2)  # [B, T, 2 * bins]
+        seg = (spec @ self.basis).transpose(1, 2)  # [B, n_fft, T] windowed frames
+        ola = nn.functional.conv_transpose1d(seg, self.eye, stride=self.hop)[:, 0]  # [B, (T - 1) hop + n_fft]
+        env = self.envelope(frames, seg.device)
+        start = self.n_fft // 2
+        length = frames * self.hop
+        return ola[:, start: start + length] / env[start: start + length].clamp_min(1e-8)
+
+
+class VocosVocoder(PreTrainedModel):
+    """Log-mel [B, T, n_mels] (or [T, n_mels]) -> waveform [B, T * hop_length] (or [T * hop_length])."""
+
+    config_class = VocosConfig
+    main_input_name = "spectrogram"
+
+    def __init__(self, config: VocosConfig) -> None:
+        super().__init__(config)
+        d = config.hidden_size
+        self.embed = nn.Conv1d(config.model_in_dim, d, config.kernel_size, padding=config.kernel_size // 2)
+        self.norm = nn.LayerNorm(d, eps=1e-6)
+        self.blocks = nn.ModuleList(
+            ConvNeXtBlock(d, config.intermediate_size, config.kernel_size, config.layer_scale_init)
+            for _ in range(config.num_layers)
+        )
+        self.final_norm = nn.LayerNorm(d, eps=1e-6)
+        self.head = nn.Linear(d, config.n_fft + 2)  # log-magnitude and phase of n_fft // 2 + 1 bins
+        self.istft = InverseSTFT(config.n_fft, config.hop_length)
+        self.post_init()
+
+    def _init_weights(self, module: nn.Module) -> None:
+        if isinstance(module, (nn.Conv1d, nn.Linear)):
+            nn.init.trunc_normal_(module.weight, std=0.02)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+
+    def forward(self, spectrogram: Tensor) -> Tensor:
+        squeeze = spectrogram.dim() == 2
+        mel = spectrogram[None] if squeeze else spectrogram
+        x = self.embed(mel.transpose(1, 2))
+        x = self.norm(x.transpose(1, 2)).transpose(1, 2)
+        for block in self.blocks:
+            x = block(x)
+        h = self.head(self.final_norm(x.transpose(1, 2))).transpose(1, 2)  # [B, n_fft + 2, T]
+        log_mag, phase = h.chunk(2, dim=1)
+        mag = torch.exp(log_mag.clamp(max=7.0))  # the clamp keeps early training from overflowing
+        wave = self.istft(mag * torch.cos(phase), mag * torch.sin(phase))
+        return wave[0] if squeeze else wave
