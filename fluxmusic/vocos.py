@@ -63,36 +63,46 @@ class ConvNeXtBlock(nn.Module):
 
 class InverseSTFT(nn.Module):
     """Centered inverse STFT (Hann window ``n_fft``, hop ``hop``) of [B, n_fft // 2 + 1, T] complex frames
-    given as real and imaginary parts; returns exactly ``T * hop`` samples. Buffers are not saved (derived)."""
+    given as real and imaginary parts; returns exactly ``T * hop`` samples.
+
+    Its tables are derived from (n_fft, hop) when first used on a device, not registered as buffers: libraries
+    that build models on the meta device and then load a state dict would leave derived buffers empty.
+    """
 
     def __init__(self, n_fft: int, hop: int) -> None:
         super().__init__()
         self.n_fft, self.hop = n_fft, hop
-        bins = n_fft // 2 + 1
-        n = torch.arange(n_fft, dtype=torch.float64)
-        k = torch.arange(bins, dtype=torch.float64)
-        ang = 2 * math.pi * k[:, None] * n[None, :] / n_fft
-        c = torch.full((bins, 1), 2.0, dtype=torch.float64)
-        c[0] = 1.0
-        if n_fft % 2 == 0:
-            c[-1] = 1.0
-        window = torch.hann_window(n_fft, periodic=True, dtype=torch.float64)
-        # frame[n] = window[n] / N * sum_k c_k (Re S_k cos - Im S_k sin)
-        basis = torch.cat([c * torch.cos(ang), -c * torch.sin(ang)], dim=0) * window[None, :] / n_fft
-        self.register_buffer("basis", basis.float(), persistent=False)  # [2 * bins, n_fft]
-        self.register_buffer("eye", torch.eye(n_fft)[:, None, :], persistent=False)  # OLA kernel [n_fft, 1, n_fft]
-        self.register_buffer("window_sq", (window ** 2).float(), persistent=False)
+        self._tables: dict[str, tuple[Tensor, Tensor, Tensor]] = {}
 
-    def envelope(self, frames: int, device: torch.device) -> Tensor:
-        w = self.window_sq.to(device)[None, :, None].expand(1, self.n_fft, frames)
-        return nn.functional.conv_transpose1d(w, self.eye.to(device), stride=self.hop)[0, 0]
+    def tables(self, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
+        """(basis [2 * bins, n_fft], overlap-add kernel [n_fft, 1, n_fft], squared window [n_fft]) on ``device``."""
+        key = str(device)
+        if key not in self._tables:
+            n_fft = self.n_fft
+            bins = n_fft // 2 + 1
+            n = torch.arange(n_fft, dtype=torch.float64)
+            k = torch.arange(bins, dtype=torch.float64)
+            ang = 2 * math.pi * k[:, None] * n[None, :] / n_fft
+            c = torch.full((bins, 1), 2.0, dtype=torch.float64)
+            c[0] = 1.0
+            if n_fft % 2 == 0:
+                c[-1] = 1.0
+            window = torch.hann_window(n_fft, periodic=True, dtype=torch.float64)
+            # frame[n] = window[n] / N * sum_k c_k (Re S_k cos - Im S_k sin)
+            basis = torch.cat([c * torch.cos(ang), -c * torch.sin(ang)], dim=0) * window[None, :] / n_fft
+            self._tables[key] = (basis.float().to(device), torch.eye(n_fft, device=device)[:, None, :],
+                                 (window ** 2).float().to(device))
+        return self._tables[key]
 
     def forward(self, real: Tensor, imag: Tensor) -> Tensor:
+        basis, eye, window_sq = self.tables(real.device)
         frames = real.shape[-1]
         spec = torch.cat([real, imag], dim=1).transpose(1, 2)  # [B, T, 2 * bins]
-        seg = (spec @ self.basis).transpose(1, 2)  # [B, n_fft, T] windowed frames
-        ola = nn.functional.conv_transpose1d(seg, self.eye, stride=self.hop)[:, 0]  # [B, (T - 1) hop + n_fft]
-        env = self.envelope(frames, seg.device)
+        seg = (spec @ basis.to(spec.dtype)).transpose(1, 2)  # [B, n_fft, T] windowed frames
+        ola = nn.functional.conv_transpose1d(seg, eye.to(seg.dtype), stride=self.hop)[:, 0]
+        # Window envelope: the same overlap-add of the squared window (a constant for a given T).
+        env = nn.functional.conv_transpose1d(window_sq[None, :, None].expand(1, self.n_fft, frames).to(seg.dtype),
+                                             eye.to(seg.dtype), stride=self.hop)[0, 0]
         start = self.n_fft // 2
         length = frames * self.hop
         return ola[:, start: start + length] / env[start: start + length].clamp_min(1e-8)
