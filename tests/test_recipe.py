@@ -37,3 +37,21 @@ def test_bundled_default_loads_and_generates():
     assert a.shape == (20480,) and np.isfinite(a).all()
     assert float(np.abs(a).max()) > 1e-3  # not silence
     np.testing.assert_array_equal(a, b)  # a seed fixes the output
+
+
+def test_half_storage_halves_the_files_and_loads_back_in_fp32(tmp_path):
+    from fluxmusic.tiny import build_tiny_model_dir
+    from fluxmusic.training.recipe import store_half
+
+    model = build_tiny_model_dir(tmp_path / "m")
+    before = {p: p.stat().st_size for p in model.glob("*/*.safetensors")}
+    ref = FluxMusicPipeline.from_pretrained(model)(["a slow soft piano"], duration=1.0, seed=3).audio[0]
+    store_half(model, ("transformer", "vae", "vocoder", "text_encoder", "clap"))
+    after = {p: p.stat().st_size for p in model.glob("*/*.safetensors")}
+    assert all(after[p] < 0.6 * before[p] for p in before)
+    pipe = FluxMusicPipeline.from_pretrained(model)
+    assert next(pipe.backend.transformer.parameters()).dtype.is_floating_point
+    assert all(p.dtype.itemsize == 4 for p in pipe.backend.vocoder.parameters())  # loaders upcast to fp32
+    out = pipe(["a slow soft piano"], duration=1.0, seed=3).audio[0]
+    snr = 10 * np.log10(np.sum(ref ** 2) / max(np.sum((out - ref) ** 2), 1e-20))
+    assert snr > 20  # fp16 rounding of the weights only

@@ -88,6 +88,7 @@ class Recipe:
     corpus: str = "synth"  # "render": real scores through FluidSynth; "synth": the procedural corpus
     render_works: int = 1200  # corpus files rendered (render corpus)
     render_clips_per_work: int = 2
+    half_storage: tuple[str, ...] = ()  # components whose weights are stored fp16 (loaders upcast): bundle size
 
 
 _DEFAULT_TRANSFORMER = FluxMusicConfig(
@@ -111,6 +112,7 @@ RECIPES: dict[str, Recipe] = {
         transformer=_DEFAULT_TRANSFORMER,
         transformer_stage=Stage(steps=1800, batch_size=16, lr=5e-4, ema_decay=0.995, warmup_steps=100, bf16=True),
         defaults={"steps": 16, "guidance": 4.0, "solver": "heun", "shift": 3.0},
+        half_storage=("transformer", "vae", "vocoder", "text_encoder", "clap"),
     ),
     # A toy of the same pipeline for tests: minutes of audio, a handful of steps, tiny widths.
     "toy": Recipe(
@@ -329,6 +331,8 @@ class RecipeRun:
         parts = {k: self.parts / k for k in
                  ("transformer", "text_encoder", "tokenizer", "clap", "clap_tokenizer", "vae", "vocoder")}
         assemble(model, **parts, defaults=dict(self.r.defaults), name=self.r.name, **self.text_lengths())
+        if self.r.half_storage:
+            store_half(model, self.r.half_storage)
 
 
 def _live_pid(path: Path) -> int | None:
@@ -409,6 +413,25 @@ class PartsEncoder:
 
     def encode_text(self, captions: list[str]):
         return self.text.encode(captions)
+
+
+def store_half(model_dir: Path, components: tuple[str, ...]) -> None:
+    """Rewrite the fp32 tensors of ``components``' safetensors files as fp16 (atomically, file by file).
+
+    Every loader upcasts on load (``load_state_dict`` copies into fp32 parameters; diffusers and transformers
+    cast to the requested dtype), so this halves the bundle and changes weights by fp16 rounding only.
+    """
+    from safetensors import safe_open
+
+    from fluxmusic.checkpoint import atomic_save_safetensors
+
+    for name in components:
+        for path in sorted((Path(model_dir) / name).glob("*.safetensors")):
+            with safe_open(str(path), "pt") as f:
+                meta = f.metadata()
+                state = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open has no iterator)
+            state = {k: v.half() if v.dtype == torch.float32 else v for k, v in state.items()}
+            atomic_save_safetensors(state, path, metadata=meta)
 
 
 def install_default(model: Path, target: Path) -> Path:
