@@ -102,7 +102,7 @@ RECIPES: dict[str, Recipe] = {
     "default": Recipe(
         hours=1.0, seed=0, nominal_minutes=75.0, corpus="render",
         vae=VAEConfig(channels=(16, 32, 64, 128), latent_channels=16),
-        vae_stage=Stage(steps=1500, batch_size=8, lr=1e-3, warmup_steps=50), vae_crop_frames=128,
+        vae_stage=Stage(steps=4000, batch_size=8, lr=1e-3, warmup_steps=50), vae_crop_frames=128,
         vocoder=VocoderConfig(kind="vocos", adversarial=True, vocos_hidden=192, vocos_intermediate=576,
                               vocos_layers=8, disc_ffts=(512,)),
         # No joint clipping: generator and discriminator gradients share one norm (Adam scales each anyway).
