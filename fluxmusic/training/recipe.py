@@ -110,7 +110,7 @@ RECIPES: dict[str, Recipe] = {
         vocoder_crop_frames=64,
         text=TextEncodersConfig(), text_stage=Stage(steps=300, batch_size=32, lr=5e-4, warmup_steps=25),
         transformer=_DEFAULT_TRANSFORMER,
-        transformer_stage=Stage(steps=1800, batch_size=16, lr=5e-4, ema_decay=0.995, warmup_steps=100, bf16=True),
+        transformer_stage=Stage(steps=2500, batch_size=16, lr=5e-4, ema_decay=0.995, warmup_steps=100, bf16=True),
         defaults={"steps": 16, "guidance": 4.0, "solver": "heun", "shift": 3.0},
         half_storage=("transformer", "vae", "vocoder", "text_encoder", "clap"),
     ),
