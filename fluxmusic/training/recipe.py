@@ -106,7 +106,7 @@ RECIPES: dict[str, Recipe] = {
         vocoder=VocoderConfig(kind="vocos", adversarial=True, vocos_hidden=192, vocos_intermediate=576,
                               vocos_layers=8, disc_ffts=(512,)),
         # No joint clipping: generator and discriminator gradients share one norm (Adam scales each anyway).
-        vocoder_stage=Stage(steps=4000, batch_size=8, lr=5e-4, ema_decay=0.999, warmup_steps=50, grad_clip=0.0),
+        vocoder_stage=Stage(steps=8000, batch_size=8, lr=5e-4, ema_decay=0.999, warmup_steps=50, grad_clip=0.0),
         vocoder_crop_frames=64,
         text=TextEncodersConfig(), text_stage=Stage(steps=300, batch_size=32, lr=5e-4, warmup_steps=25),
         transformer=_DEFAULT_TRANSFORMER,
