@@ -108,7 +108,7 @@ RECIPES: dict[str, Recipe] = {
         # No joint clipping: generator and discriminator gradients share one norm (Adam scales each anyway).
         vocoder_stage=Stage(steps=8000, batch_size=8, lr=5e-4, ema_decay=0.999, warmup_steps=50, grad_clip=0.0),
         vocoder_crop_frames=64,
-        text=TextEncodersConfig(), text_stage=Stage(steps=300, batch_size=32, lr=5e-4, warmup_steps=25),
+        text=TextEncodersConfig(), text_stage=Stage(steps=1500, batch_size=32, lr=5e-4, warmup_steps=50),
         transformer=_DEFAULT_TRANSFORMER,
         transformer_stage=Stage(steps=2500, batch_size=16, lr=5e-4, ema_decay=0.995, warmup_steps=100, bf16=True),
         defaults={"steps": 16, "guidance": 4.0, "solver": "heun", "shift": 3.0},
