@@ -76,10 +76,12 @@ class FluxMusicPipeline:
         null: Conditioning,
         tokenizers: tuple,
         cache_size: int = 256,
-        transformer_dir: str | Path | None = None,
+        probe_loader: Callable[[], object] | None = None,
     ):
         self.backend = backend
-        self.transformer_dir = Path(transformer_dir) if transformer_dir is not None else None
+        #: builds the step cache's probe when a request first asks for caching (None: from the torch backend's
+        #: transformer if it has one, else caching is unavailable)
+        self.probe_loader = probe_loader
         self._probe = None
         self.index = index
         self.geometry = index.geometry
@@ -113,7 +115,12 @@ class FluxMusicPipeline:
             load_tokenizer(model_dir / "tokenizer", "T5 tokenizer"),
             load_tokenizer(model_dir / "clap_tokenizer", "CLAP tokenizer"),
         )
-        return cls(be, index, read_null_embeddings(model_dir), tokenizers, transformer_dir=model_dir / "transformer")
+        def probe_loader():
+            from fluxmusic.step_cache import FirstBlockProbe
+
+            return FirstBlockProbe.from_dir(model_dir / "transformer", getattr(be, "device", "cpu"))
+
+        return cls(be, index, read_null_embeddings(model_dir), tokenizers, probe_loader=probe_loader)
 
     # ------------------------------------------------------------------------------------ conditioning
     @property
@@ -245,8 +252,8 @@ class FluxMusicPipeline:
             transformer = getattr(self.backend, "transformer", None)
             if transformer is not None:
                 self._probe = FirstBlockProbe.from_transformer(transformer)
-            elif self.transformer_dir is not None:
-                self._probe = FirstBlockProbe.from_dir(self.transformer_dir, getattr(self.backend, "device", "cpu"))
+            elif self.probe_loader is not None:
+                self._probe = self.probe_loader()
             else:
                 raise FluxMusicError(
                     f"step caching (cache_threshold > 0) is not available on the {getattr(self.backend, 'name', '?')} "

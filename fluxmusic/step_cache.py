@@ -37,31 +37,30 @@ class FirstBlockProbe(nn.Module):
     @classmethod
     def from_dir(cls, transformer_dir: str | Path, device: torch.device | str = "cpu") -> FirstBlockProbe:
         """Load only the probe's weights from ``transformer_dir`` (config.json + model.safetensors)."""
-        from safetensors import safe_open
-
         transformer_dir = Path(transformer_dir)
-        weights = transformer_dir / "model.safetensors"
+        return cls.from_files(transformer_dir / "model.safetensors", transformer_dir / "config.json", device)
+
+    @classmethod
+    def from_files(
+        cls, weights: str | Path, config: str | Path, device: torch.device | str = "cpu"
+    ) -> FirstBlockProbe:
+        """Load the probe from a safetensors file holding (at least) its weights under the transformer's
+        names (a full ``model.safetensors`` or one written by :func:`write_probe_weights`)."""
+        weights, config = Path(weights), Path(config)
         if not weights.is_file():
             raise FluxMusicError(
                 f"step caching needs the transformer's first-block weights, but {weights} does not exist"
             )
-        cfg = FluxMusicConfig.load(transformer_dir / "config.json")
+        cfg = FluxMusicConfig.load(config)
         d = cfg.hidden_size
         probe = cls(nn.Linear(cfg.in_channels, d), MLPEmbedder(256, d), MLPEmbedder(cfg.vec_in_dim, d),
                     Modulation(d, double=True))
-        want = {
-            "img_in.": "img_in.", "time_in.": "time_in.", "vector_in.": "vector_in.",
-            "double_blocks.0.img_mod.": "img_mod.",
-        }
+        rename = dict(zip(PROBE_PREFIXES, ("img_in.", "time_in.", "vector_in.", "img_mod.")))
         state = {}
-        try:
-            with safe_open(str(weights), framework="pt") as f:
-                for key in f.keys():  # noqa: SIM118 (safe_open is not a mapping)
-                    for src, dst in want.items():
-                        if key.startswith(src):
-                            state[dst + key[len(src):]] = f.get_tensor(key).float()
-        except Exception as e:  # safetensors raises its own error types for corrupt files
-            raise FluxMusicError(f"{weights} cannot be read for the step-cache probe: {e}") from e
+        for key, tensor in read_probe_weights(weights).items():
+            for src, dst in rename.items():
+                if key.startswith(src):
+                    state[dst + key[len(src):]] = tensor.float()
         missing, unexpected = probe.load_state_dict(state, strict=False)
         if missing or unexpected:
             raise FluxMusicError(f"{weights} lacks the step-cache probe weights: missing {sorted(missing)[:4]}")
@@ -75,3 +74,24 @@ class FirstBlockProbe(nn.Module):
         shift, scale = self.img_mod(vec)[:2]
         h = nn.functional.layer_norm(img.float(), (img.shape[-1],), eps=1e-6)
         return (1 + scale.float()[:, None]) * h + shift.float()[:, None]
+
+
+def read_probe_weights(weights: str | Path) -> dict[str, Tensor]:
+    """The probe's tensors (transformer names) from a safetensors file, reading nothing else."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(weights), framework="pt") as f:
+            return {k: f.get_tensor(k) for k in f.keys() if k.startswith(PROBE_PREFIXES)}  # noqa: SIM118
+    except Exception as e:  # safetensors raises its own error types for corrupt files
+        raise FluxMusicError(f"{weights} cannot be read for the step-cache probe: {e}") from e
+
+
+def write_probe_weights(transformer_dir: str | Path, out: str | Path) -> Path:
+    """Write just the probe's weights (for a deployment without the full transformer file, e.g. the Triton
+    BLS model, whose transformer runs elsewhere)."""
+    from fluxmusic.checkpoint import atomic_save_safetensors
+
+    state = {k: v.contiguous() for k, v in read_probe_weights(Path(transformer_dir) / "model.safetensors").items()}
+    atomic_save_safetensors(state, Path(out))
+    return Path(out)

@@ -39,6 +39,8 @@ InferFn = Callable[[str, Mapping[str, np.ndarray]], Mapping[str, np.ndarray]]
 TOKENIZER_DIR = "tokenizer"
 CLAP_TOKENIZER_DIR = "clap_tokenizer"
 TRANSFORMER_CONFIG = "transformer_config.json"
+#: Optional: the transformer's first-block weights, for step caching (``fluxmusic.step_cache``).
+PROBE_WEIGHTS = "step_cache_probe.safetensors"
 VERSION_FILES = (INDEX, NULL_EMBEDDINGS, TRANSFORMER_CONFIG, TOKENIZER_DIR, CLAP_TOKENIZER_DIR)
 
 
@@ -227,7 +229,14 @@ class FluxMusicBls:
             load_tokenizer(version_dir / TOKENIZER_DIR, "T5 tokenizer"),
             load_tokenizer(version_dir / CLAP_TOKENIZER_DIR, "CLAP tokenizer"),
         )
-        self.pipeline = FluxMusicPipeline(self.backend, index, read_null_embeddings(version_dir), tokenizers)
+        def probe_loader():
+            from fluxmusic.step_cache import FirstBlockProbe
+
+            return FirstBlockProbe.from_files(version_dir / PROBE_WEIGHTS, version_dir / TRANSFORMER_CONFIG)
+
+        self.pipeline = FluxMusicPipeline(
+            self.backend, index, read_null_embeddings(version_dir), tokenizers, probe_loader=probe_loader
+        )
 
     @property
     def sample_rate(self) -> int:
