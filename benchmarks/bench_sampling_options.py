@@ -1,17 +1,16 @@
 """Cost and accuracy of each sampling option on a model directory (default: the bundled default), one process.
 
 For every setting: model evaluations per clip (each a batched cond+uncond call inside the guidance interval,
-a B-row call outside it), the sampling seconds per 10.24 s clip (median of ``--repeats``), and the relative
-L2 distance of the final latent to a high-accuracy solution of the full-guidance flow (Heun, 100 steps, the
-model's shift), averaged over ``--prompts`` prompts. Run it on a quiet machine with one thread:
+a B-row call outside it), the sampling seconds per 10.24 s clip, and the relative
+L2 distance of the final latent to a high-accuracy solution of the full-guidance flow (Heun, 50 steps, the
+model's shift), averaged over ``--prompts`` prompts (one batch). Run it on a quiet machine with one thread:
 
-    OMP_NUM_THREADS=1 python benchmarks/bench_sampling_options.py --repeats 3
+    OMP_NUM_THREADS=1 python benchmarks/bench_sampling_options.py
 """
 
 from __future__ import annotations
 
 import argparse
-import statistics
 import time
 
 import torch
@@ -50,28 +49,24 @@ def latents(pipe: FluxMusicPipeline, prompts: list[str], seed: int, **options) -
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default=str(default_model_dir()))
-    ap.add_argument("--prompts", type=int, default=3)
-    ap.add_argument("--repeats", type=int, default=3, help="timed clips per setting (one prompt each)")
+    ap.add_argument("--prompts", type=int, default=1, help="clips per setting (one batch), timed together")
+    ap.add_argument("--reference-steps", type=int, default=50, help="Heun steps of the reference solution")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
     pipe = FluxMusicPipeline.from_pretrained(args.model)
     prompts = PROMPTS[: args.prompts]
     print(f"model {args.model}, defaults {pipe.request(prompts[0]).settings.describe()}; "
           f"torch threads {torch.get_num_threads()}")
-    ref, _, _ = latents(pipe, prompts, args.seed, solver="heun", steps=100)
-    latents(pipe, prompts[:1], args.seed, steps=2)  # warm-up
+    latents(pipe, prompts, args.seed, steps=2)  # warm-up
+    ref, ref_s, ref_ev = latents(pipe, prompts, args.seed, solver="heun", steps=args.reference_steps)
+    print(f"reference: Heun {args.reference_steps} ({ref_ev:g} evaluations) {ref_s / len(prompts):.2f} s per clip")
 
     print("\n| setting | evaluations per clip | sampling s per clip | latent distance to reference |")
     print("|---|---|---|---|")
     for label, options in SETTINGS:
-        x, _, _ = latents(pipe, prompts, args.seed, **options)
+        x, sec, ev = latents(pipe, prompts, args.seed, **options)
         dist = ((x - ref).flatten(1).norm(dim=1) / ref.flatten(1).norm(dim=1)).mean().item()
-        times, evals = [], []
-        for r in range(args.repeats):
-            _, sec, ev = latents(pipe, prompts[r % len(prompts) : r % len(prompts) + 1], args.seed + 1 + r, **options)
-            times.append(sec)
-            evals.append(ev)
-        print(f"| {label} | {statistics.mean(evals):.1f} | {statistics.median(times):.3f} | {dist:.4f} |", flush=True)
+        print(f"| {label} | {ev:.1f} | {sec / len(prompts):.2f} | {dist:.4f} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -233,7 +233,10 @@ class FluxMusicPipeline:
             # The fused step graph runs a whole Euler CFG step in one call: the same update, one graph.
             def step_fn(xx: Tensor, tt: Tensor, dt: Tensor) -> Tensor:
                 velocity.batch_sizes.append(2 * xx.shape[0])
-                return self.backend.euler_step(xx, tt, dt, cond.txt, cond.y, uncond.txt, uncond.y, guidance, rope)
+                return self.backend.euler_step(  # by name: the inputs of the euler_step export contract
+                    x=xx, t=tt, dt=dt, txt=cond.txt, y=cond.y, null_txt=uncond.txt, null_y=uncond.y,
+                    guidance=guidance, rope=rope,
+                )
 
         x = sample(fn, x, st.steps, solver=st.solver, shift=st.shift, callback=cb, step_fn=step_fn)
         n = len(items)

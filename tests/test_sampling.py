@@ -380,6 +380,9 @@ def test_guidance_interval_halves_the_batch_outside_it(tiny_pipe):
         inside = tiny_pipe(PROMPT, guidance_interval=(0.25, 0.65), **kw)
         assert sizes == [2, 2, 2, 2, 4, 4, 4, 4, 2, 2]  # t = 1.0 ... 0.1; CFG for t in [0.25, 0.65]
         sizes.clear()
+        tiny_pipe(PROMPT, guidance_interval=(0.3, 0.7), **kw)  # boundaries on the grid are inside (fp32 times)
+        assert sizes == [2, 2, 2, 4, 4, 4, 4, 4, 2, 2]
+        sizes.clear()
         full = tiny_pipe(PROMPT, guidance_interval=(0.0, 1.0), **kw)
         default = tiny_pipe(PROMPT, **kw)
         assert sizes == [4] * 20
