@@ -185,7 +185,9 @@ def _copy_onnx(src: Path, dst: Path) -> None:
 
 
 def _write_bls_model(repo: Path, model_dir: Path, components: dict, options: RepoOptions, templates: Path) -> None:
-    from fluxmusic.runtime.triton_bls import CLAP_TOKENIZER_DIR, TOKENIZER_DIR, TRANSFORMER_CONFIG
+    from fluxmusic.runtime.triton_bls import CLAP_TOKENIZER_DIR, PROBE_WEIGHTS, TOKENIZER_DIR, TRANSFORMER_CONFIG
+
+    from fluxmusic.step_cache import write_probe_weights
 
     version = repo / BLS_MODEL / VERSION
     version.mkdir(parents=True)
@@ -196,6 +198,7 @@ def _write_bls_model(repo: Path, model_dir: Path, components: dict, options: Rep
     for name in (INDEX, NULL_EMBEDDINGS):
         shutil.copy2(model_dir / name, version / name)
     shutil.copy2(model_dir / "transformer" / "config.json", version / TRANSFORMER_CONFIG)
+    write_probe_weights(model_dir / "transformer", version / PROBE_WEIGHTS)  # step caching's few weights
     shutil.copytree(model_dir / "tokenizer", version / TOKENIZER_DIR)
     shutil.copytree(model_dir / "clap_tokenizer", version / CLAP_TOKENIZER_DIR)
     atomic_write_text(version / COMPONENTS_FILE, json.dumps({"components": components}, indent=2) + "\n")

@@ -243,7 +243,7 @@ def validate(
     ref_pipe = _pipeline(model_dir, recorder)
     say("reference: torch fp32 generation")
     gen_kw = dict(seed=seed, steps=steps, duration=duration)
-    item_guidance = ref_pipe.defaults.get("guidance", 7.0)
+    item_guidance = ref_pipe.request(prompt, **gen_kw).settings.guidance
     ref_audio = ref_pipe(prompt, **gen_kw).audio[0]
     cases = {"random": random_inputs(model_dir, CALLS), "real": real_inputs(recorder.seen, item_guidance)}
     ref_out: dict[tuple[str, str], Tensor] = {}

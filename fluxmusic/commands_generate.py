@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import argparse
-import os
+import contextlib
 import sys
+import tempfile
 from pathlib import Path
 
 from fluxmusic.errors import FluxMusicError
@@ -12,9 +13,56 @@ from fluxmusic.errors import FluxMusicError
 AUDIO_SUFFIXES = (".wav", ".flac", ".ogg")
 
 
+def add_sampling_arguments(g: argparse.ArgumentParser) -> None:
+    """The sampling options (``fluxmusic.sampling``); shared with ``fluxmusic client generate``/``loadtest``."""
+    from fluxmusic.flow import SOLVERS
+    from fluxmusic.sampling import PRESETS
+
+    g.add_argument("--steps", type=int, help="solver steps (default: the model's)")
+    g.add_argument("--guidance", type=float, help="classifier-free guidance scale in [0, 100] (default: the model's)")
+    g.add_argument("--solver", choices=SOLVERS, help="ODE solver: euler, heun (2 evaluations per step) or ab2 "
+                   "(2nd-order multistep, 1 evaluation per step) (default: the model's)")
+    g.add_argument("--shift", help="time-shift factor in [0.01, 100]; 1 or 'none' = no shift (default: the model's)")
+    g.add_argument(
+        "--negative-prompt",
+        help='negative prompt (default: the model\'s, usually "" = the trained null condition, precomputed)',
+    )
+    g.add_argument("--preset", choices=sorted(PRESETS), help="a named set of sampling settings; explicit options win")
+    g.add_argument(
+        "--official",
+        action="store_true",
+        help='= --preset official: exactly the official sampler (50 uniform Euler steps, guidance 7, negative '
+        'prompt "low quality, gentle", no time shift) on any model; explicit options win over it',
+    )
+    g.add_argument("--guidance-interval", type=float, nargs=2, metavar=("T_MIN", "T_MAX"),
+                   help="apply guidance only while t in [T_MIN, T_MAX] (0 <= T_MIN < T_MAX <= 1); outside it the "
+                   "unconditional half is not computed (default: the model's, normally 0 1)")
+    g.add_argument("--cache-threshold", type=float,
+                   help="step caching in [0, 1]: reuse the last velocity while the first block's modulated input "
+                   "changed (accumulated relative L1) less than this; 0 = off (default: the model's, normally 0)")
+
+
+def sampling_kwargs(args: argparse.Namespace) -> dict:
+    """The sampling options of parsed arguments as ``build_request`` keywords (None = not given)."""
+    preset = args.preset
+    if getattr(args, "official", False):
+        if preset not in (None, "official"):
+            raise FluxMusicError(f"--official conflicts with --preset {preset}; give one of them")
+        preset = "official"
+    shift = args.shift
+    if isinstance(shift, str) and shift.lower() != "none":
+        with contextlib.suppress(ValueError):  # a non-number is left for the validation to name
+            shift = float(shift)
+    return {
+        "steps": args.steps, "guidance": args.guidance, "solver": args.solver, "shift": shift,
+        "negative_prompt": args.negative_prompt, "preset": preset,
+        "guidance_interval": tuple(args.guidance_interval) if args.guidance_interval else None,
+        "cache_threshold": args.cache_threshold,
+    }
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     from fluxmusic.backend import BACKENDS, DTYPES
-    from fluxmusic.flow import SOLVERS
 
     g = sub.add_parser("generate", help="generate music from a text prompt")
     g.add_argument("prompt", nargs="?", help="the text prompt (or use --prompts-file)")
@@ -26,22 +74,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     g.add_argument("--prompts-file", help="a text file with one prompt per line")
     g.add_argument("--model", help="model directory (default: the bundled default model)")
-    g.add_argument("--steps", type=int, help="solver steps (default: the model's)")
-    g.add_argument("--guidance", type=float, help="classifier-free guidance scale (default: the model's)")
-    g.add_argument("--duration", type=float, help="seconds, in (0, 10.24] (default: the maximum)")
-    g.add_argument("--seed", type=int, help="random seed; item i of a batch uses seed + i (default: random)")
-    g.add_argument(
-        "--negative-prompt",
-        default="",
-        help='negative prompt (default "" as trained, served from precomputed embeddings)',
-    )
-    g.add_argument(
-        "--official",
-        action="store_true",
-        help='the official sampler settings: negative prompt "low quality, gentle", guidance 7, 50 Euler steps',
-    )
-    g.add_argument("--solver", choices=SOLVERS, help="ODE solver (default: the model's)")
-    g.add_argument("--shift", type=float, help="time-shift schedule factor (> 0); default: the model's")
+    g.add_argument("--duration", type=float, help="seconds, from one latent frame to the model's maximum "
+                   "(default: the maximum)")
+    g.add_argument("--seed", type=int, help="random seed; item i of a batch uses seed + i (default or -1: random)")
+    add_sampling_arguments(g)
     g.add_argument("--num-waveforms", type=int, default=1, help="waveforms per prompt")
     g.add_argument("--device", default="cpu", help="torch device (cpu, cuda, cuda:1)")
     g.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="transformer and encoder dtype")
@@ -70,16 +106,26 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def output_paths(output: str, count: int) -> list[Path]:
-    """Where each waveform goes; checked before any work so a bad path fails fast."""
+    """Where each waveform goes; checked (a file can really be created there) before any work, so a bad
+    path fails in milliseconds, not after a generation."""
     out = Path(output)
     if out.suffix.lower() not in AUDIO_SUFFIXES:
-        raise FluxMusicError(f"output {output!r} has extension {out.suffix!r}; allowed: {', '.join(AUDIO_SUFFIXES)}")
+        raise FluxMusicError(
+            f"output {str(output)[:100]!r} has extension {out.suffix[:20]!r}; allowed: {', '.join(AUDIO_SUFFIXES)}"
+        )
     parent = out.parent if str(out.parent) else Path(".")
-    if not parent.is_dir() or not os.access(parent, os.W_OK):
-        raise FluxMusicError(f"output directory {parent} does not exist or is not writable")
-    if count == 1:
-        return [out]
-    return [out.with_name(f"{out.stem}_{i:02d}{out.suffix}") for i in range(count)]
+    if not parent.is_dir():
+        raise FluxMusicError(f"output directory {parent} does not exist")
+    try:  # os.access is not enough (root, read-only mounts, ACLs): create and remove a file there
+        with tempfile.NamedTemporaryFile(prefix=f".{out.name}.", suffix=".probe", dir=parent):
+            pass
+    except OSError as e:
+        raise FluxMusicError(f"output directory {parent} is not writable ({e.strerror})") from e
+    paths = [out] if count == 1 else [out.with_name(f"{out.stem}_{i:02d}{out.suffix}") for i in range(count)]
+    for p in paths:
+        if p.is_dir():
+            raise FluxMusicError(f"output {p} is a directory; give a file name")
+    return paths
 
 
 def read_prompts(args: argparse.Namespace) -> list[str]:
@@ -96,16 +142,20 @@ def read_prompts(args: argparse.Namespace) -> list[str]:
 
 
 def _generate(args: argparse.Namespace) -> int:
-    from fluxmusic.audio import write_audio
-    from fluxmusic.pipeline import OFFICIAL_NEGATIVE_PROMPT, FluxMusicPipeline
+    from fluxmusic.modeldir import read_index
+    from fluxmusic.pipeline import default_model_dir
+    from fluxmusic.sampling import build_request
 
+    # Everything a user can get wrong is checked before the (slow) model load: the request against the
+    # model's index (no weights read) and the output path.
     prompts = read_prompts(args)
-    if args.official:
-        args.negative_prompt = OFFICIAL_NEGATIVE_PROMPT
-        args.guidance = 7.0 if args.guidance is None else args.guidance
-        args.steps = 50 if args.steps is None else args.steps
-        args.solver = args.solver or "euler"
-    paths = output_paths(args.output, len(prompts) * max(args.num_waveforms, 1))
+    model_dir = Path(args.model) if args.model else default_model_dir()
+    index = read_index(model_dir)
+    request = build_request(
+        index.defaults, index.geometry, prompts, num_waveforms=args.num_waveforms, seed=args.seed,
+        duration=args.duration, **sampling_kwargs(args),
+    )
+    paths = output_paths(args.output, len(request.items))
     options = {}
     if args.bf16:
         options["autocast_bf16"] = True
@@ -113,31 +163,53 @@ def _generate(args: argparse.Namespace) -> int:
         options["onnx_dir"] = args.onnx_dir
     if args.engine_dir:
         options["engine_dir"] = args.engine_dir
-    pipe = FluxMusicPipeline.from_pretrained(
-        args.model, device=args.device, dtype=args.dtype, backend=args.backend, **options
-    )
-    items = pipe.make_items(prompts, args.negative_prompt, args.duration, args.guidance, args.seed, args.num_waveforms)
-    bar = None
-    if not args.quiet:
-        from tqdm import tqdm
+    result = _run(args, model_dir, request, options)
+    for path, wave, item in zip(paths, result.audio, request.items):
+        from fluxmusic.audio import write_audio
 
-        bar = tqdm(total=0, unit="step", file=sys.stderr, desc="sampling")
-
-    def progress(step: int, total: int) -> None:
-        if bar is not None:
-            bar.total = total
-            bar.update(step - bar.n)
-
-    result = pipe.generate_items(items, args.steps, args.solver, args.shift, progress)
-    if bar is not None:
-        bar.close()
-    for path, wave, item in zip(paths, result.audio, items):
         write_audio(path, wave, result.sample_rate)
         print(
             f"wrote {path} ({len(wave) / result.sample_rate:.2f} s, {result.sample_rate} Hz, seed {item.seed}): "
             f"{item.prompt}"
         )
     return 0
+
+
+def _run(args: argparse.Namespace, model_dir: Path, request, options: dict):
+    """Load the model (with a status line) and generate (with a progress bar that is closed before any
+    error is printed, so the error gets its own line)."""
+    import time
+
+    from fluxmusic.pipeline import FluxMusicPipeline
+
+    say = (lambda msg: None) if args.quiet else (lambda msg: print(msg, file=sys.stderr, flush=True))
+    say(f"settings: {request.settings.describe()}")
+    say(f"loading model {model_dir} ({args.backend}, {args.device}) ...")
+    t0 = time.perf_counter()
+    pipe = FluxMusicPipeline.from_pretrained(
+        model_dir, device=args.device, dtype=args.dtype, backend=args.backend, **options
+    )
+    say(f"loaded in {time.perf_counter() - t0:.1f} s")
+    bar = None
+    if not args.quiet:
+        from tqdm import tqdm
+
+        bar = tqdm(total=request.settings.steps, unit="step", file=sys.stderr, desc="sampling")
+
+    def progress(step: int, total: int) -> None:
+        if bar is not None:
+            bar.update(step - bar.n)
+
+    try:
+        result = pipe.generate(request, progress)
+    finally:
+        if bar is not None:
+            bar.close()
+    t = result.timings
+    cached = f", {result.cache_skipped:g} skipped by the step cache" if request.settings.cache_threshold else ""
+    say(f"{result.evaluations:g} model evaluations per waveform{cached}; text {t['text_encode']:.2f} s, "
+        f"sampling {t['sampling']:.2f} s, decode {t['decode']:.2f} s")
+    return result
 
 
 def _assemble(args: argparse.Namespace) -> int:

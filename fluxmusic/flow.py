@@ -1,4 +1,9 @@
-"""Rectified flow: the training objective, time schedules, and Euler/Heun samplers with batched CFG."""
+"""Rectified flow: the training objective, time schedules, batched CFG, and the one sampler loop.
+
+Every generation path (CLI, Python, gRPC, Triton BLS, evaluation) integrates through :func:`sample`.
+Backends plug in a velocity function (or, for Euler, a fused step function); the CFG combine is
+:func:`cfg_combine`, written once.
+"""
 
 from __future__ import annotations
 
@@ -13,10 +18,17 @@ from fluxmusic.errors import FluxMusicError
 
 #: v = f(x, t) for a batch of states x [B, L, C] at per-sample times t [B].
 VelocityFn = Callable[[Tensor, Tensor], Tensor]
+#: x_next = f(x, t, dt): one whole Euler step (e.g. the fused ONNX CFG step graph); dt > 0 per sample [B].
+StepFn = Callable[[Tensor, Tensor, Tensor], Tensor]
 #: Called after every step with (step index from 1, total steps, current x).
 StepCallback = Callable[[int, int, Tensor], None]
 
-SOLVERS = ("euler", "heun")
+#: euler: 1 evaluation per step (the official sampler); heun: 2nd order, 2 per step (1 on the last);
+#: ab2: 2nd-order Adams-Bashforth in t reusing the previous step's velocity, 1 per step (first step Euler).
+#: Allowed time-shift factors (1 = no shift). Bounded away from 0 so 1 + (s - 1) t never nears 0.
+SHIFT_RANGE = (0.01, 100.0)
+
+SOLVERS = ("euler", "heun", "ab2")
 
 
 # --------------------------------------------------------------------------------------------- training
@@ -48,8 +60,10 @@ def timesteps(steps: int, shift: float | None = None) -> list[float]:
         raise FluxMusicError(f"steps {steps!r} must be an integer >= 1")
     ts = [i / steps for i in range(steps, -1, -1)]
     if shift is not None:
-        if not (math.isfinite(shift) and shift > 0):
-            raise FluxMusicError(f"time shift {shift!r} must be a finite number > 0")
+        # The denominator lies between 1 and s; a tiny s underflows it (issue 17: s = 1e-300).
+        if not (math.isfinite(shift) and SHIFT_RANGE[0] <= shift <= SHIFT_RANGE[1]):
+            lo, hi = SHIFT_RANGE
+            raise FluxMusicError(f"time shift {shift!r} is outside the allowed range [{lo}, {hi}]")
         ts = [shift * t / (1 + (shift - 1) * t) for t in ts]
     return ts
 
@@ -67,27 +81,119 @@ class Conditioning:
             raise ValueError(f"txt batch {self.txt.shape[0]} != y batch {self.y.shape[0]}")
 
 
+def cfg_combine(v_cond: Tensor, v_uncond: Tensor, guidance: Tensor) -> Tensor:
+    """Classifier-free guidance: v_u + g (v_c - v_u), ``guidance`` per sample [B]. The only copy of this formula."""
+    return v_uncond + guidance.view(-1, *([1] * (v_cond.dim() - 1))).to(v_cond.dtype) * (v_cond - v_uncond)
+
+
+class GuidedVelocity:
+    """A velocity function doing classifier-free guidance in ONE batched forward per call.
+
+    ``model(x, t, txt, y, rope)`` is the transformer. Inside the guidance interval ``[t_min, t_max]`` the
+    batch is [cond; uncond] (2B rows) and combined with :func:`cfg_combine`; outside it only the conditional
+    half runs (B rows) and v = v_cond. ``rows`` evaluates a subset of the batch (used by :class:`StepCache`).
+    ``batch_sizes`` records the rows of every model call (tests and cost accounting).
+    """
+
+    def __init__(
+        self,
+        model: Callable[..., Tensor],
+        cond: Conditioning,
+        uncond: Conditioning,
+        guidance: Tensor,
+        rope: Tensor,
+        interval: tuple[float, float] = (0.0, 1.0),
+    ) -> None:
+        self.model, self.cond, self.uncond, self.guidance, self.rope = model, cond, uncond, guidance, rope
+        self.interval = interval
+        self.full = interval[0] <= 0.0 and interval[1] >= 1.0
+        self._both = (torch.cat((cond.txt, uncond.txt)), torch.cat((cond.y, uncond.y)))
+        self.batch_sizes: list[int] = []
+
+    def guided_at(self, t: float) -> bool:
+        # Slack for float32 times: a boundary given as 0.8 still includes the grid time 0.8 (0.80000001 in fp32).
+        return self.full or self.interval[0] - 1e-6 <= t <= self.interval[1] + 1e-6
+
+    def __call__(self, x: Tensor, t: Tensor, rows: Tensor | None = None) -> Tensor:
+        cond, uncond, g = self.cond, self.uncond, self.guidance
+        if rows is not None:
+            cond = Conditioning(cond.txt[rows], cond.y[rows])
+            uncond = Conditioning(uncond.txt[rows], uncond.y[rows])
+            g = g[rows]
+        if not self.guided_at(float(t[0])):
+            self.batch_sizes.append(x.shape[0])
+            return self.model(x, t, cond.txt, cond.y, self.rope)
+        if rows is None:
+            txt, y = self._both
+        else:
+            txt, y = torch.cat((cond.txt, uncond.txt)), torch.cat((cond.y, uncond.y))
+        self.batch_sizes.append(2 * x.shape[0])
+        v = self.model(torch.cat((x, x)), torch.cat((t, t)), txt, y, self.rope)
+        b = x.shape[0]
+        return cfg_combine(v[:b], v[b:], g)
+
+
 def cfg_velocity(
     model: Callable[..., Tensor],
     cond: Conditioning,
     uncond: Conditioning,
     guidance: Tensor,
     rope: Tensor,
-) -> VelocityFn:
-    """A velocity function doing classifier-free guidance in ONE batched forward per call.
+    interval: tuple[float, float] = (0.0, 1.0),
+) -> GuidedVelocity:
+    """The batched CFG velocity (see :class:`GuidedVelocity`)."""
+    return GuidedVelocity(model, cond, uncond, guidance, rope, interval)
 
-    ``guidance`` is per sample [B]; v = v_u + g (v_c - v_u). ``model(x, t, txt, y, rope)`` is the transformer.
+
+# --------------------------------------------------------------------------------------------- step caching
+#: probe(x, t) -> a per-sample tensor [B, ...] that tracks how much the model's input changed (the
+#: modulated input of the first transformer block, see :class:`fluxmusic.step_cache.FirstBlockProbe`).
+ProbeFn = Callable[[Tensor, Tensor], Tensor]
+
+
+class StepCache:
+    """TeaCache-style reuse of the velocity across consecutive evaluations.
+
+    Before each evaluation the cheap ``probe`` is computed; per sample, the relative L1 change of the probe
+    since the previous evaluation is accumulated, and while the sum stays below ``threshold`` the sample's
+    last velocity is reused instead of running the model. A sample that is evaluated resets its sum. The
+    decision is per sample (only the rows that need it are evaluated), so a sample gives the same result alone
+    or in any batch. ``threshold`` 0 evaluates everything.
     """
-    txt = torch.cat((cond.txt, uncond.txt), dim=0)
-    y = torch.cat((cond.y, uncond.y), dim=0)
-    g = guidance.view(-1, 1, 1)
 
-    def velocity(x: Tensor, t: Tensor) -> Tensor:
-        v = model(torch.cat((x, x), dim=0), torch.cat((t, t), dim=0), txt, y, rope)
-        v_c, v_u = v.chunk(2, dim=0)
-        return v_u + g.to(v.dtype) * (v_c - v_u)
+    def __init__(self, velocity: Callable[..., Tensor], probe: ProbeFn, threshold: float) -> None:
+        self.velocity, self.probe, self.threshold = velocity, probe, float(threshold)
+        self.prev: Tensor | None = None
+        self.acc: Tensor | None = None
+        self.v: Tensor | None = None
+        self.evaluated = 0  # sample-evaluations run
+        self.skipped = 0  # sample-evaluations answered from the cache
 
-    return velocity
+    def __call__(self, x: Tensor, t: Tensor) -> Tensor:
+        p = self.probe(x, t).float()
+        b = x.shape[0]
+        if self.prev is None or self.v is None:
+            need = torch.ones(b, dtype=torch.bool, device=x.device)
+            self.acc = torch.zeros(b, device=x.device)
+        else:
+            dims = tuple(range(1, p.dim()))
+            rel = (p - self.prev).abs().mean(dims) / self.prev.abs().mean(dims).clamp_min(1e-12)
+            self.acc = self.acc + rel
+            need = self.acc >= self.threshold
+        self.prev = p
+        n = int(need.sum())
+        if n == b:
+            v = self.velocity(x, t)
+        else:
+            v = self.v.clone()
+            if n:
+                rows = need.nonzero().squeeze(1)
+                v[rows] = self.velocity(x[rows], t[rows], rows=rows).to(v.dtype)
+        self.acc = torch.where(need, torch.zeros_like(self.acc), self.acc)
+        self.v = v
+        self.evaluated += n
+        self.skipped += b - n
+        return v
 
 
 # --------------------------------------------------------------------------------------------- solvers
@@ -98,33 +204,46 @@ def sample(
     solver: str = "euler",
     shift: float | None = None,
     callback: StepCallback | None = None,
+    step_fn: StepFn | None = None,
 ) -> Tensor:
-    """Integrate dx/dt = v from t = 1 (noise) to t = 0 (data).
+    """Integrate dx/dt = v from t = 1 (noise) to t = 0 (data): the one sampler loop.
 
     Euler with the unshifted schedule reproduces the official sampler exactly: x <- x - (1/N) v(x, i/N).
-    Heun (2nd order) corrects each step with the slope at its end, except the last (t = 0).
+    Heun (2nd order) corrects each step with the slope at its end, except the last (t = 0). AB2 (2nd-order
+    Adams-Bashforth for variable steps h) extrapolates with the previous velocity:
+    x <- x - h ((1 + r/2) v_n - (r/2) v_{n-1}), r = h_n / h_{n-1}; one evaluation per step, the first is Euler.
+    ``step_fn`` (Euler only) replaces "evaluate, then step" by one call, e.g. a fused ONNX step graph.
     """
     if solver not in SOLVERS:
         raise FluxMusicError(f"unknown solver {solver!r}; allowed: {', '.join(SOLVERS)}")
+    if step_fn is not None and solver != "euler":
+        raise FluxMusicError(f"a fused step function runs Euler steps only, not {solver!r}")
     ts = timesteps(steps, shift)
     uniform = shift is None
     batch = x.shape[0]
+    v_prev, h_prev = None, 0.0
     for i in range(steps):
         t_cur, t_next = ts[i], ts[i + 1]
-        dt = (1.0 / steps) if uniform else (t_cur - t_next)
+        h = (1.0 / steps) if uniform else (t_cur - t_next)
         t_vec = torch.full((batch,), t_cur, dtype=x.dtype, device=x.device)
-        v = velocity(x, t_vec)
-        if solver == "heun" and t_next > 0:
-            x_pred = x - dt * v
-            v_next = velocity(x_pred, torch.full_like(t_vec, t_next))
-            x = x - dt * 0.5 * (v + v_next)
+        if step_fn is not None:
+            x = step_fn(x, t_vec, torch.full_like(t_vec, h))
         else:
-            x = x - dt * v
+            v = velocity(x, t_vec)
+            if solver == "heun" and t_next > 0:
+                v_next = velocity(x - h * v, torch.full_like(t_vec, t_next))
+                x = x - h * 0.5 * (v + v_next)
+            elif solver == "ab2" and v_prev is not None:
+                r = h / h_prev
+                x = x - h * ((1 + 0.5 * r) * v - (0.5 * r) * v_prev)
+            else:
+                x = x - h * v
+            v_prev, h_prev = v, h
         if callback is not None:
             callback(i + 1, steps, x)
     return x
 
 
 def function_evaluations(steps: int, solver: str) -> int:
-    """Model calls a solve costs (each one batched cond + uncond)."""
-    return steps if solver == "euler" else 2 * steps - 1
+    """Model calls a solve costs (each one batched cond + uncond), before any step caching."""
+    return 2 * steps - 1 if solver == "heun" else steps

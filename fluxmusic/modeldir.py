@@ -28,6 +28,7 @@ from fluxmusic.config import FluxMusicConfig
 from fluxmusic.errors import FluxMusicError
 from fluxmusic.flow import Conditioning
 from fluxmusic.latent import LatentGeometry
+from fluxmusic.sampling import OFFICIAL
 
 FORMAT = "fluxmusic-model"
 VERSION = 1
@@ -35,14 +36,9 @@ INDEX = "model_index.json"
 NULL_EMBEDDINGS = "null_embeddings.safetensors"
 COMPONENTS = ("transformer", "text_encoder", "tokenizer", "clap", "clap_tokenizer", "vae", "vocoder")
 
-#: The official sampler's settings (sample.py); the bundled default stores its own in model_index.json.
-OFFICIAL_DEFAULTS = {
-    "steps": 50,
-    "guidance": 7.0,
-    "solver": "euler",
-    "shift": None,
-    "negative_prompt": "low quality, gentle",
-}
+#: The official sampler's settings (sample.py, ``fluxmusic.sampling.OFFICIAL``), written as the defaults of an
+#: assembled official model; the bundled default stores its own in model_index.json.
+OFFICIAL_DEFAULTS = {k: list(v) if isinstance(v, tuple) else v for k, v in OFFICIAL.items()}
 
 
 @dataclass

@@ -1,12 +1,15 @@
-"""Text to music: encode prompts, integrate the flow with batched CFG, decode to a waveform."""
+"""Text to music: encode prompts, integrate the flow with batched CFG, decode to a waveform.
+
+Requests are resolved and validated by :mod:`fluxmusic.sampling` (:meth:`FluxMusicPipeline.request`);
+:meth:`FluxMusicPipeline.generate` runs a resolved request as it is.
+"""
 
 from __future__ import annotations
 
-import math
-import secrets
+import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -15,26 +18,22 @@ from torch import Tensor
 
 from fluxmusic.backend import make_backend, parse_dtype
 from fluxmusic.errors import FluxMusicError
-from fluxmusic.flow import SOLVERS, Conditioning, cfg_velocity, sample
+from fluxmusic.flow import Conditioning, GuidedVelocity, StepCache, sample
 from fluxmusic.latent import patchify, unpatchify
 from fluxmusic.modeldir import ModelIndex, read_index, read_null_embeddings
-from fluxmusic.text import TextEncoders, check_prompts
+from fluxmusic.sampling import (  # noqa: F401 (re-exported: the public names of a generation)
+    MAX_SEED,
+    OFFICIAL_NEGATIVE_PROMPT,
+    GenerationItem,
+    GenerationRequest,
+    Limits,
+    SamplingSettings,
+    build_request,
+)
+from fluxmusic.text import TextEncoders
 
 #: Per-step progress: (step, total steps). Raising inside it aborts the generation (used for cancellation).
 ProgressFn = Callable[[int, int], None]
-MAX_SEED = 2**63 - 1
-OFFICIAL_NEGATIVE_PROMPT = "low quality, gentle"
-
-
-@dataclass
-class GenerationItem:
-    """One waveform to make: its prompt, negative prompt, guidance, seed and duration."""
-
-    prompt: str
-    negative_prompt: str
-    guidance: float
-    seed: int
-    duration: float
 
 
 @dataclass
@@ -43,29 +42,17 @@ class GenerationResult:
     sample_rate: int
     seeds: list[int]
     prompts: list[str]
+    settings: SamplingSettings | None = None
+    #: seconds per stage: text_encode, sampling, decode
+    timings: dict[str, float] = field(default_factory=dict)
+    #: model evaluations per waveform actually run, and those the step cache answered instead
+    evaluations: float = 0.0
+    cache_skipped: float = 0.0
 
 
 def default_model_dir() -> Path:
     """The bundled default model, shipped inside the package."""
     return Path(__file__).resolve().parent / "default_model"
-
-
-def check_steps(steps: object) -> int:
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-        raise FluxMusicError(f"steps {steps!r} must be an integer >= 1")
-    return steps
-
-
-def check_guidance(g: object) -> float:
-    if isinstance(g, bool) or not isinstance(g, (int, float)) or not math.isfinite(g):
-        raise FluxMusicError(f"guidance {g!r} must be a finite number")
-    return float(g)
-
-
-def check_seed(seed: object) -> int:
-    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
-        raise FluxMusicError(f"seed {seed!r} must be an integer in [0, {MAX_SEED}]")
-    return seed
 
 
 def noise_for(seed: int, shape: tuple[int, ...]) -> Tensor:
@@ -82,8 +69,20 @@ class FluxMusicPipeline:
     >>> out.audio[0].shape, out.sample_rate
     """
 
-    def __init__(self, backend, index: ModelIndex, null: Conditioning, tokenizers: tuple, cache_size: int = 256):
+    def __init__(
+        self,
+        backend,
+        index: ModelIndex,
+        null: Conditioning,
+        tokenizers: tuple,
+        cache_size: int = 256,
+        probe_loader: Callable[[], object] | None = None,
+    ):
         self.backend = backend
+        #: builds the step cache's probe when a request first asks for caching (None: from the torch backend's
+        #: transformer if it has one, else caching is unavailable)
+        self.probe_loader = probe_loader
+        self._probe = None
         self.index = index
         self.geometry = index.geometry
         self.null = null
@@ -116,7 +115,12 @@ class FluxMusicPipeline:
             load_tokenizer(model_dir / "tokenizer", "T5 tokenizer"),
             load_tokenizer(model_dir / "clap_tokenizer", "CLAP tokenizer"),
         )
-        return cls(be, index, read_null_embeddings(model_dir), tokenizers)
+        def probe_loader():
+            from fluxmusic.step_cache import FirstBlockProbe
+
+            return FirstBlockProbe.from_dir(model_dir / "transformer", getattr(be, "device", "cpu"))
+
+        return cls(be, index, read_null_embeddings(model_dir), tokenizers, probe_loader=probe_loader)
 
     # ------------------------------------------------------------------------------------ conditioning
     @property
@@ -151,103 +155,114 @@ class FluxMusicPipeline:
         return Conditioning(torch.cat([c.txt for c in parts]), torch.cat([c.y for c in parts]))
 
     # ------------------------------------------------------------------------------------ generation
-    def make_items(
-        self,
-        prompt: str | Sequence[str],
-        negative_prompt: str = "",
-        duration: float | None = None,
-        guidance: float | Sequence[float] | None = None,
-        seed: int | Sequence[int] | None = None,
-        num_waveforms_per_prompt: int = 1,
-    ) -> list[GenerationItem]:
-        """Validate a request and expand it into items, one per waveform; seeds S, S+1, ... when one is given."""
-        prompts = check_prompts(prompt)
-        if not isinstance(negative_prompt, str):
-            raise FluxMusicError(f"negative prompt {negative_prompt!r} must be a string ('' for none)")
-        if (
-            isinstance(num_waveforms_per_prompt, bool)
-            or not isinstance(num_waveforms_per_prompt, int)
-            or (num_waveforms_per_prompt < 1)
-        ):
-            raise FluxMusicError(f"waveforms per prompt {num_waveforms_per_prompt!r} must be an integer >= 1")
-        expanded = [p for p in prompts for _ in range(num_waveforms_per_prompt)]
-        n = len(expanded)
-        duration = self.geometry.check_duration(self.geometry.max_duration if duration is None else duration)
-        g = self.defaults.get("guidance", 7.0) if guidance is None else guidance
-        gs = [check_guidance(x) for x in (g if isinstance(g, (list, tuple)) else [g] * n)]
-        if seed is None:
-            seed = secrets.randbelow(MAX_SEED - n)
-        if isinstance(seed, (list, tuple)):
-            seeds = [check_seed(s) for s in seed]
-        else:
-            base = check_seed(seed)
-            seeds = [check_seed(base + i) for i in range(n)]
-        if len(gs) != n or len(seeds) != n:
-            raise FluxMusicError(f"got {len(gs)} guidance values and {len(seeds)} seeds for {n} waveforms")
-        return [GenerationItem(p, negative_prompt, gi, s, duration) for p, gi, s in zip(expanded, gs, seeds)]
+    def request(self, prompt: str | Sequence[str], **options) -> GenerationRequest:
+        """Resolve and validate a request against this model's defaults and geometry
+        (:func:`fluxmusic.sampling.build_request`; the same call every front end makes)."""
+        return build_request(self.defaults, self.geometry, prompt, **options)
 
     def __call__(
         self,
         prompt: str | Sequence[str],
-        negative_prompt: str = "",
+        negative_prompt: str | None = None,
         duration: float | None = None,
         steps: int | None = None,
         guidance: float | Sequence[float] | None = None,
         solver: str | None = None,
-        shift: float | None = None,
+        shift: float | str | None = None,
         seed: int | Sequence[int] | None = None,
         num_waveforms_per_prompt: int = 1,
         progress: ProgressFn | None = None,
+        preset: str | None = None,
+        guidance_interval: tuple[float, float] | None = None,
+        cache_threshold: float | None = None,
     ) -> GenerationResult:
-        """Generate. Defaults come from the model directory (the official ones are 50 Euler steps, guidance 7,
-        negative prompt "low quality, gentle"; pass them explicitly for the official behaviour)."""
-        items = self.make_items(prompt, negative_prompt, duration, guidance, seed, num_waveforms_per_prompt)
-        return self.generate_items(items, steps, solver, shift, progress)
+        """Generate. Absent values come from the model directory's defaults, or from ``preset``
+        ("official": exactly the official sampler); ``shift=1.0`` is no time shift; seed None or -1 is random."""
+        req = self.request(
+            prompt, negative_prompt=negative_prompt, duration=duration, steps=steps, guidance=guidance,
+            solver=solver, shift=shift, seed=seed, num_waveforms=num_waveforms_per_prompt, preset=preset,
+            guidance_interval=guidance_interval, cache_threshold=cache_threshold,
+        )
+        return self.generate(req, progress)
 
-    def generate_items(
-        self,
-        items: Sequence[GenerationItem],
-        steps: int | None = None,
-        solver: str | None = None,
-        shift: float | None = None,
-        progress: ProgressFn | None = None,
-    ) -> GenerationResult:
-        """One batched CFG solve for items sharing a latent length (their durations may differ within it)."""
-        steps = check_steps(self.defaults.get("steps", 50) if steps is None else steps)
-        solver = self.defaults.get("solver", "euler") if solver is None else solver
-        if solver not in SOLVERS:
-            raise FluxMusicError(f"unknown solver {solver!r}; allowed: {', '.join(SOLVERS)}")
-        shift = self.defaults.get("shift") if shift is None else shift
+    def generate(self, request: GenerationRequest, progress: ProgressFn | None = None) -> GenerationResult:
+        """One batched CFG solve of a resolved request (its items share a latent length; their prompts,
+        negative prompts, guidance, seeds and durations may differ). Reports seconds per stage."""
+        items, st = request.items, request.settings
         geo = self.geometry
-        frames = {geo.latent_frames(it.duration) for it in items}
-        if len(frames) != 1:
-            raise FluxMusicError(f"items in one batch must share a latent length; got frames {sorted(frames)}")
-        shape = (geo.latent_channels, frames.pop(), geo.latent_width)
-        grid_h, grid_w = geo.grid(shape[1])
-
+        t0 = time.perf_counter()
         cond = self.conditioning([it.prompt for it in items])
         uncond = self.conditioning([it.negative_prompt for it in items])
+        t1 = time.perf_counter()
+        x, stats = self.sample_latents(request, cond, uncond, progress)
+        t2 = time.perf_counter()
+        wave = self.decode(x)
+        audio = [wave[i, : geo.num_samples(it.duration)].cpu().numpy().astype(np.float32) for i, it in enumerate(items)]
+        t3 = time.perf_counter()
+        return GenerationResult(
+            audio, geo.sample_rate, [it.seed for it in items], [it.prompt for it in items], st,
+            {"text_encode": t1 - t0, "sampling": t2 - t1, "decode": t3 - t2}, **stats,
+        )
+
+    def sample_latents(
+        self,
+        request: GenerationRequest,
+        cond: Conditioning,
+        uncond: Conditioning,
+        progress: ProgressFn | None = None,
+    ) -> tuple[Tensor, dict[str, float]]:
+        """Noise -> final scaled latents [B, C, H, W] through :func:`fluxmusic.flow.sample`, and the
+        per-waveform evaluation counts."""
+        items, st = request.items, request.settings
+        geo = self.geometry
+        shape = (geo.latent_channels, request.latent_frames, geo.latent_width)
+        grid_h, grid_w = geo.grid(shape[1])
         device = getattr(self.backend, "device", torch.device("cpu"))
         x = patchify(torch.stack([noise_for(it.seed, shape) for it in items])).to(device)
         guidance = torch.tensor([it.guidance for it in items], dtype=torch.float32, device=device)
         rope = self.backend.rope(cond.txt.shape[1], grid_h, grid_w)
-        velocity = cfg_velocity(
-            self.backend.velocity,
-            Conditioning(cond.txt.to(device), cond.y.to(device)),
-            Conditioning(uncond.txt.to(device), uncond.y.to(device)),
-            guidance,
-            rope,
-        )
+        cond = Conditioning(cond.txt.to(device), cond.y.to(device))
+        uncond = Conditioning(uncond.txt.to(device), uncond.y.to(device))
+        velocity = GuidedVelocity(self.backend.velocity, cond, uncond, guidance, rope, st.guidance_interval)
         cb = (lambda i, n, _x: progress(i, n)) if progress else None
-        fused = callable(getattr(self.backend, "sample_euler", None)) and getattr(self.backend, "has_step_graph", False)
-        if fused and solver == "euler" and shift is None:
-            # A backend with the fused step graph runs each whole Euler CFG step in one call.
-            x = self.backend.sample_euler(x, cond.txt, cond.y, uncond.txt, uncond.y, guidance, rope, steps, cb)
+        step_fn, cache, fn = None, None, velocity
+        if st.cache_threshold > 0:
+            probe = self.cache_probe()
+            cache = fn = StepCache(velocity, lambda xx, tt: probe(xx, tt, cond.y), st.cache_threshold)
+        elif st.solver == "euler" and velocity.full and getattr(self.backend, "has_step_graph", False):
+            # The fused step graph runs a whole Euler CFG step in one call: the same update, one graph.
+            def step_fn(xx: Tensor, tt: Tensor, dt: Tensor) -> Tensor:
+                velocity.batch_sizes.append(2 * xx.shape[0])
+                return self.backend.euler_step(  # by name: the inputs of the euler_step export contract
+                    x=xx, t=tt, dt=dt, txt=cond.txt, y=cond.y, null_txt=uncond.txt, null_y=uncond.y,
+                    guidance=guidance, rope=rope,
+                )
+
+        x = sample(fn, x, st.steps, solver=st.solver, shift=st.shift, callback=cb, step_fn=step_fn)
+        n = len(items)
+        if cache is not None:
+            stats = {"evaluations": cache.evaluated / n, "cache_skipped": cache.skipped / n}
         else:
-            x = sample(velocity, x, steps, solver=solver, shift=shift, callback=cb)
-        wave = self.decode(unpatchify(x, grid_h, grid_w))
-        audio = [wave[i, : geo.num_samples(it.duration)].cpu().numpy().astype(np.float32) for i, it in enumerate(items)]
-        return GenerationResult(audio, geo.sample_rate, [it.seed for it in items], [it.prompt for it in items])
+            stats = {"evaluations": float(len(velocity.batch_sizes)), "cache_skipped": 0.0}
+        return unpatchify(x, grid_h, grid_w), stats
+
+    def cache_probe(self):
+        """The step cache's probe (the first block's modulated input), built once: the live transformer's
+        modules on the torch backend, otherwise its few weights read from the model directory."""
+        if self._probe is None:
+            from fluxmusic.step_cache import FirstBlockProbe
+
+            transformer = getattr(self.backend, "transformer", None)
+            if transformer is not None:
+                self._probe = FirstBlockProbe.from_transformer(transformer)
+            elif self.probe_loader is not None:
+                self._probe = self.probe_loader()
+            else:
+                raise FluxMusicError(
+                    f"step caching (cache_threshold > 0) is not available on the {getattr(self.backend, 'name', '?')} "
+                    "backend here: it needs the transformer's first-block weights; use cache_threshold 0"
+                )
+        return self._probe
 
     def encode_audio(self, wave: Tensor | np.ndarray, sample: bool = False) -> Tensor:
         """Waveform [B, T] at the model's sample rate -> scaled VAE latent [B, C, frames, width] (for training).

@@ -115,10 +115,10 @@ def _bench_backend(be, pipe, index, repeats: int, warmup: int, steps: int | None
         "vae_decoder": timeit(lambda: be.vae_decode(latent), repeats, warmup),
         "vocoder": timeit(lambda: be.vocode(mel), repeats, warmup),
     }
-    n_steps = steps or pipe.defaults.get("steps", 50)
-    gen = timeit(lambda: pipe(PROMPT, seed=0, steps=n_steps), max(1, repeats // 2), 0)
-    solver = pipe.defaults.get("solver", "euler")
-    r[f"generation RTF ({solver} {n_steps} steps, {geo.max_duration:g} s)"] = gen / geo.max_duration
+    request = pipe.request(PROMPT, seed=0, steps=steps or None)  # the model's settings, resolved once
+    gen = timeit(lambda: pipe.generate(request), max(1, repeats // 2), 0)
+    st = request.settings
+    r[f"generation RTF ({st.solver} {st.steps} steps, {geo.max_duration:g} s)"] = gen / geo.max_duration
     return r
 
 

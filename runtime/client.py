@@ -60,7 +60,7 @@ class GeneratedAudio:
 
 def build_request(
     prompt: str,
-    negative_prompt: str = "",
+    negative_prompt: str | None = None,
     duration: float | None = None,
     steps: int | None = None,
     guidance: float | None = None,
@@ -69,14 +69,19 @@ def build_request(
     seed: int | None = None,
     num_waveforms: int = 1,
     encoding: str = "wav",
+    preset: str | None = None,
+    guidance_interval: tuple[float, float] | None = None,
+    cache_threshold: float | None = None,
 ):
-    """A ``GenerateRequest``; None leaves a field unset (the server's default)."""
+    """A ``GenerateRequest``; None leaves a field unset (the server's default). ``shift=1.0`` is no shift."""
     if encoding not in ENCODING_VALUE:
         raise FluxMusicError(f"encoding {encoding!r} is not supported; allowed: {', '.join(ENCODINGS)}")
-    req = pb2.GenerateRequest(prompt=prompt, negative_prompt=negative_prompt, solver=solver or "",
-                              num_waveforms=num_waveforms, encoding=ENCODING_VALUE[encoding])
+    req = pb2.GenerateRequest(prompt=prompt, negative_prompt=negative_prompt or "", solver=solver or "",
+                              num_waveforms=num_waveforms, encoding=ENCODING_VALUE[encoding], preset=preset or "")
+    lo, hi = guidance_interval if guidance_interval is not None else (None, None)
     for name, value in (("duration", duration), ("steps", steps), ("guidance", guidance), ("shift", shift),
-                        ("seed", seed)):
+                        ("seed", seed), ("guidance_interval_min", lo), ("guidance_interval_max", hi),
+                        ("cache_threshold", cache_threshold)):
         if value is not None:
             setattr(req, name, value)
     return req

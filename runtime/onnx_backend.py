@@ -10,10 +10,9 @@
 - IO binding: inputs are bound to the caller's torch tensors' memory and outputs to torch tensors this
   backend allocates, on the tensors' device (CPU, or CUDA with a CUDA build). So ``velocity`` in the
   sampling loop copies nothing: no numpy conversion of the [B, L, 4096] text tensor, the RoPE table or the
-  state every step, and with the fused step graph (:meth:`sample_euler`) the state ping-pongs between two
-  bound buffers. On CPU this saves the per-step copies of the inputs and the output (``session.run`` with
-  numpy arrays copies every output into a new array); on a GPU it also keeps host-device transfers out of
-  the loop.
+  state every step; the fused step graph (:meth:`euler_step`) is one call per Euler step. On CPU this saves
+  the per-step copies of the inputs and the output (``session.run`` with numpy arrays copies every output
+  into a new array); on a GPU it also keeps host-device transfers out of the loop.
 - ``variant``: which transformer graph to run, "fp32" (default), "fp16" or "int8" (dynamic quantisation,
   CPU).
 - A component missing from the ONNX directory runs on PyTorch instead, with a log line saying so.
@@ -279,68 +278,13 @@ class OnnxBackend:
 
     @torch.no_grad()
     def euler_step(self, x, t, dt, txt, y, null_txt, null_y, guidance, rope) -> Tensor:
-        """One Euler CFG step in one call: x - dt (v_u + g (v_c - v_u)). Falls back to two-part torch math
-        around :meth:`velocity` when the export has no step graph."""
-        from fluxmusic.export.spec import STEP_NAME
-
-        if STEP_NAME in self.graphs:
-            return self.graphs[STEP_NAME].run(
-                tuple(x.shape),
-                x=x,
-                t=t,
-                dt=dt,
-                txt=txt,
-                y=y,
-                null_txt=null_txt,
-                null_y=null_y,
-                guidance=guidance,
-                rope=rope,
-            )
-        b = x.shape[0]
-        v = self.velocity(
-            torch.cat((x, x)), torch.cat((t, t)), torch.cat((txt, null_txt)), torch.cat((y, null_y)), rope
-        )
-        v_c, v_u = v[:b], v[b:]
-        return x - dt.view(-1, 1, 1) * (v_u + guidance.view(-1, 1, 1) * (v_c - v_u))
-
-    @torch.no_grad()
-    def sample_euler(self, x, txt, y, null_txt, null_y, guidance, rope, steps: int, callback=None) -> Tensor:
-        """The whole unshifted Euler CFG loop on the step graph with IO binding: the state ping-pongs between
-        two bound buffers; the conditioning, guidance and RoPE stay bound for the whole loop."""
+        """One Euler CFG step in one graph call: x - dt (v_u + g (v_c - v_u)). The pipeline plugs it into
+        ``flow.sample`` as the step function (the one sampler loop) when :attr:`has_step_graph`."""
         from fluxmusic.export.spec import STEP_NAME
 
         if STEP_NAME not in self.graphs:
             raise FluxMusicError(f"{self.onnx_dir} has no {STEP_NAME} graph; export it with --step-graph")
-        g = self.graphs[STEP_NAME]
-        b = x.shape[0]
-        dev = self.device
-        bufs = [x.to(dev, torch.float32).contiguous().clone(), torch.empty_like(x, device=dev, dtype=torch.float32)]
-        t_buf = torch.empty(b, device=dev)
-        dt = torch.full((b,), 1.0 / steps, device=dev)
-        fixed = {
-            "dt": dt,
-            "txt": txt,
-            "y": y,
-            "null_txt": null_txt,
-            "null_y": null_y,
-            "guidance": guidance,
-            "rope": rope,
-        }
-        fixed = {k: v.to(dev, torch.float32).contiguous() for k, v in fixed.items()}
-        binding = g.session.io_binding()
-        for spec in g.spec.inputs:
-            if spec.name in fixed:
-                v = fixed[spec.name]
-                dname, idx = g._ort_device(v)
-                binding.bind_input(spec.name, dname, idx, np.float32, tuple(v.shape), v.data_ptr())
-        dname, idx = g._ort_device(t_buf)
-        binding.bind_input("t", dname, idx, np.float32, (b,), t_buf.data_ptr())
-        for i in range(steps):
-            src, dst = bufs[i % 2], bufs[(i + 1) % 2]
-            t_buf.fill_((steps - i) / steps)
-            binding.bind_input("x", dname, idx, np.float32, tuple(src.shape), src.data_ptr())
-            binding.bind_output("x_next", dname, idx, np.float32, tuple(dst.shape), dst.data_ptr())
-            g.session.run_with_iobinding(binding)
-            if callback is not None:
-                callback(i + 1, steps, dst)
-        return bufs[steps % 2]
+        return self.graphs[STEP_NAME].run(
+            tuple(x.shape), x=x, t=t, dt=dt, txt=txt, y=y, null_txt=null_txt, null_y=null_y, guidance=guidance,
+            rope=rope,
+        )

@@ -1,6 +1,7 @@
 """Dynamic batching: one worker thread groups queued requests into batched CFG solves.
 
-Requests that share (steps, solver, shift, latent length) can run in one ``generate_items`` call; their
+Requests whose resolved settings share a batch key (steps, solver, shift, guidance interval, step cache,
+latent length) can run in one ``pipeline.generate`` call; their
 prompts, negative prompts, guidance, seeds and durations may all differ. The oldest queued request decides
 the next batch: it starts when its compatible requests fill ``max_batch`` waveforms or when it has waited
 ``max_delay`` seconds, whichever comes first (so no request waits longer than ``max_delay`` for company).
@@ -211,21 +212,11 @@ class BatchScheduler:
             self._solve(live)
 
     def _solve(self, jobs: list[Job]) -> None:
-        pipe, spec = self.pipe, jobs[0].spec
-        items = [it for job in jobs for it in job.spec.items]
-        t0 = time.monotonic()
-        try:
-            # Encode now, in the order generate_items asks (cond then uncond), so its own lookups hit the
-            # cache and the text-encoder time can be reported apart from sampling.
-            pipe.conditioning([it.prompt for it in items])
-            pipe.conditioning([it.negative_prompt for it in items])
-        except Exception as e:
-            return self._isolate(jobs, e)
-        t1 = time.monotonic()
-        last = [t1]
+        request = jobs[0].spec.request.merged([job.spec.request for job in jobs[1:]])
+        size = len(request.items)
 
         def progress(step: int, total: int) -> None:
-            now = last[0] = time.monotonic()
+            now = time.monotonic()
             self.metrics.solver_steps.inc()
             alive = False
             for job in jobs:
@@ -240,24 +231,22 @@ class BatchScheduler:
                 raise _Abandoned
 
         self.metrics.batches.inc()
-        self.metrics.batch_size.observe(len(items))
-        self.metrics.waveforms.inc(len(items))
+        self.metrics.batch_size.observe(size)
+        self.metrics.waveforms.inc(size)
         try:
-            result = pipe.generate_items(items, spec.steps, spec.solver, spec.shift, progress)
+            result = self.pipe.generate(request, progress)
         except _Abandoned:
             log.info(json.dumps({"event": "batch_abandoned", "requests": [j.request_id for j in jobs]}))
             return None
         except Exception as e:
             return self._isolate(jobs, e)
-        t2 = time.monotonic()
-        self.metrics.sampling_seconds.observe(last[0] - t1)
-        timings = {"text_encode_ms": 1e3 * (t1 - t0), "sampling_ms": 1e3 * (last[0] - t1),
-                   "decode_ms": 1e3 * (t2 - last[0])}
+        self.metrics.sampling_seconds.observe(result.timings["sampling"])
+        timings = {f"{k}_ms": 1e3 * v for k, v in result.timings.items()}
         offset = 0
         for job in jobs:
             audio = result.audio[offset : offset + job.size]
             offset += job.size
-            job.sample_rate, job.batch_size = result.sample_rate, len(items)
+            job.sample_rate, job.batch_size = result.sample_rate, size
             job.timings.update(timings)
             self._finish(job, "OK", audio=audio)
         return None

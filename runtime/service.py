@@ -21,6 +21,7 @@ from fluxmusic.runtime.scheduler import BatchScheduler, Job, QueueFull, Shutting
 from fluxmusic.runtime.validation import Limits, parse_request
 
 from fluxmusic.errors import FluxMusicError
+from fluxmusic.sampling import MAX_SEED
 
 log = logging.getLogger("fluxmusic.serve")
 ENCODING_VALUE = {"wav": pb2.AUDIO_ENCODING_WAV, "flac": pb2.AUDIO_ENCODING_FLAC,
@@ -168,7 +169,8 @@ class FluxMusicService(pb2_grpc.FluxMusicServicer):
             "code": code.name, "total_ms": round(1e3 * total, 3), "prompt_chars": len(request.prompt),
         }
         if job is not None:
-            line.update(steps=job.spec.steps, solver=job.spec.solver, waveforms=job.size,
+            st = job.spec.settings
+            line.update(steps=st.steps, solver=st.solver, shift=st.shift, preset=st.preset, waveforms=job.size,
                         seeds=[it.seed for it in job.spec.items], batch_size=job.batch_size,
                         **{k: round(v, 3) for k, v in job.timings.items()})
         if message:
@@ -225,11 +227,12 @@ def build_model_info(pipe, limits: Limits, max_batch: int, max_delay_ms: float, 
 
     cfg = getattr(pipe.backend, "transformer_config", None)
     cfg_dict = cfg.to_dict() if hasattr(cfg, "to_dict") else {}
-    d = pipe.defaults
-    defaults = pb2.Defaults(steps=int(d.get("steps", 50)), guidance=float(d.get("guidance", 7.0)),
-                            solver=d.get("solver", "euler"))
-    if d.get("shift") is not None:
-        defaults.shift = float(d["shift"])
+    from fluxmusic.sampling import resolve_settings
+
+    d = resolve_settings(pipe.defaults, limits=limits.sampling)  # what a request with no options gets
+    defaults = pb2.Defaults(steps=d.steps, guidance=d.guidance, solver=d.solver)
+    if d.shift is not None:
+        defaults.shift = d.shift
     return pb2.ModelInfo(
         name=pipe.index.name,
         backend=getattr(pipe.backend, "name", type(pipe.backend).__name__),
@@ -239,7 +242,7 @@ def build_model_info(pipe, limits: Limits, max_batch: int, max_delay_ms: float, 
         limits=pb2.Limits(
             max_duration=limits.max_duration, max_steps=limits.max_steps, min_guidance=limits.min_guidance,
             max_guidance=limits.max_guidance, max_shift=limits.max_shift,
-            max_seed=2**63 - 1, max_waveforms=limits.max_waveforms, max_prompt_chars=limits.max_prompt_chars,
+            max_seed=MAX_SEED, max_waveforms=limits.max_waveforms, max_prompt_chars=limits.max_prompt_chars,
             solvers=list(limits.solvers), max_response_bytes=limits.max_response_bytes,
         ),
         batching=pb2.Batching(max_batch=max_batch, max_delay_ms=max_delay_ms, max_queue=max_queue),

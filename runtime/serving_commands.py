@@ -27,14 +27,23 @@ def _connection_args(p: argparse.ArgumentParser) -> None:
 
 
 def _request_args(p: argparse.ArgumentParser) -> None:
-    from fluxmusic.flow import SOLVERS
+    from fluxmusic.commands_generate import add_sampling_arguments
 
-    p.add_argument("--negative-prompt", default="", help='negative prompt (default "": the trained null condition)')
     p.add_argument("--duration", type=float, help="seconds (default: the model's maximum)")
-    p.add_argument("--steps", type=int, help="solver steps (default: the model's)")
-    p.add_argument("--guidance", type=float, help="CFG scale (default: the model's)")
-    p.add_argument("--solver", choices=SOLVERS, help="ODE solver (default: the model's)")
-    p.add_argument("--shift", type=float, help="time-shift factor > 0 (default: the model's)")
+    add_sampling_arguments(p)
+
+
+def _wire_options(args: argparse.Namespace) -> dict:
+    """Sampling options for ``client.build_request`` (the server resolves and validates them)."""
+    from fluxmusic.commands_generate import sampling_kwargs
+    from fluxmusic.sampling import invalid
+
+    kw = sampling_kwargs(args)
+    if isinstance(kw["shift"], str):
+        if kw["shift"].lower() != "none":
+            raise invalid("shift", kw["shift"], "a number, or 'none' (= 1: no shift)")
+        kw["shift"] = 1.0  # on the wire, "no shift" is shift 1
+    return {"duration": args.duration, **kw}
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -168,9 +177,7 @@ def _client_generate(args: argparse.Namespace) -> int:
             bar.total = total
             bar.update(step - bar.n)
 
-    request = dict(negative_prompt=args.negative_prompt, duration=args.duration, steps=args.steps,
-                   guidance=args.guidance, solver=args.solver, shift=args.shift, seed=args.seed,
-                   num_waveforms=args.num_waveforms, encoding=encoding)
+    request = dict(_wire_options(args), seed=args.seed, num_waveforms=args.num_waveforms, encoding=encoding)
     try:
         with _client(args) as client:
             out = client.generate_stream(args.prompt, on_progress=progress, timeout=args.timeout, **request)
@@ -211,8 +218,7 @@ def _client_info(args: argparse.Namespace) -> int:
 def _loadtest(args: argparse.Namespace) -> int:
     from fluxmusic.runtime.loadtest import run_loadtest
 
-    request = dict(negative_prompt=args.negative_prompt, duration=args.duration, steps=args.steps,
-                   guidance=args.guidance, solver=args.solver, shift=args.shift, encoding=args.encoding)
+    request = dict(_wire_options(args), encoding=args.encoding)
     with _client(args) as client:
         try:
             client.wait_ready(timeout=args.timeout or 30.0)

@@ -3,7 +3,8 @@
 One request = one generation: prompt, negative prompt, duration, steps, guidance and seed come in as request
 tensors; float32 audio and the seed used go out. Everything between is the project's own pipeline
 (:class:`fluxmusic.pipeline.FluxMusicPipeline`: tokenization, null embeddings for "", seeded noise, patchify,
-the batched cond+uncond CFG velocity and the Euler solver). Only the component calls are different: they go
+the batched cond+uncond CFG velocity and the one sampler loop, with settings resolved and validated by
+``fluxmusic.sampling`` exactly as for the CLI and the gRPC server). Only the component calls are different: they go
 through an ``infer(model_name, inputs) -> outputs`` function over numpy arrays, which is
 ``pb_utils.InferenceRequest(...).exec()`` inside Triton (``triton_models/fluxmusic/1/model.py``) and
 onnxruntime sessions in tests (:class:`OnnxRuntimeInfer`).
@@ -29,6 +30,7 @@ from fluxmusic.errors import FluxMusicError
 from fluxmusic.modeldir import INDEX, NULL_EMBEDDINGS, ModelIndex, read_null_embeddings
 from fluxmusic.pipeline import FluxMusicPipeline, ProgressFn
 from fluxmusic.rope import RopeCache
+from fluxmusic.sampling import FULL_INTERVAL
 
 #: ``infer(model_name, {input name: array}) -> {output name: array}``: one call of a component model.
 InferFn = Callable[[str, Mapping[str, np.ndarray]], Mapping[str, np.ndarray]]
@@ -37,6 +39,8 @@ InferFn = Callable[[str, Mapping[str, np.ndarray]], Mapping[str, np.ndarray]]
 TOKENIZER_DIR = "tokenizer"
 CLAP_TOKENIZER_DIR = "clap_tokenizer"
 TRANSFORMER_CONFIG = "transformer_config.json"
+#: Optional: the transformer's first-block weights, for step caching (``fluxmusic.step_cache``).
+PROBE_WEIGHTS = "step_cache_probe.safetensors"
 VERSION_FILES = (INDEX, NULL_EMBEDDINGS, TRANSFORMER_CONFIG, TOKENIZER_DIR, CLAP_TOKENIZER_DIR)
 
 
@@ -50,7 +54,8 @@ class BlsTensor:
     optional: bool = False
 
 
-#: The BLS model's request inputs: every generation setting is per request (absent = the model's default).
+#: The BLS model's request inputs: every generation setting is per request (absent = the preset's value when a
+#: preset is named, else the model's default), resolved and validated by ``fluxmusic.sampling`` as everywhere.
 BLS_INPUTS = (
     BlsTensor("prompt", "TYPE_STRING", (1,)),
     BlsTensor("negative_prompt", "TYPE_STRING", (1,), optional=True),
@@ -58,6 +63,12 @@ BLS_INPUTS = (
     BlsTensor("steps", "TYPE_INT32", (1,), optional=True),
     BlsTensor("guidance", "TYPE_FP32", (1,), optional=True),
     BlsTensor("seed", "TYPE_INT64", (1,), optional=True),
+    BlsTensor("solver", "TYPE_STRING", (1,), optional=True),
+    BlsTensor("shift", "TYPE_FP32", (1,), optional=True),
+    BlsTensor("preset", "TYPE_STRING", (1,), optional=True),
+    BlsTensor("guidance_interval_min", "TYPE_FP32", (1,), optional=True),
+    BlsTensor("guidance_interval_max", "TYPE_FP32", (1,), optional=True),
+    BlsTensor("cache_threshold", "TYPE_FP32", (1,), optional=True),
 )
 #: Outputs: the waveform, the seed used (random when none was given) and its sample rate. In decoupled mode
 #: progress responses carry only ``step`` and ``total_steps``; the final response carries the rest.
@@ -72,12 +83,35 @@ BLS_OUTPUTS = (
 
 @dataclass
 class BlsRequest:
+    """The request's values; None = not given."""
+
     prompt: str
-    negative_prompt: str = ""
+    negative_prompt: str | None = None
     duration: float | None = None
     steps: int | None = None
     guidance: float | None = None
     seed: int | None = None
+    solver: str | None = None
+    shift: float | None = None
+    preset: str | None = None
+    guidance_interval_min: float | None = None
+    guidance_interval_max: float | None = None
+    cache_threshold: float | None = None
+
+    def options(self) -> dict:
+        """Keywords for ``fluxmusic.sampling.build_request`` (the one resolution and validation)."""
+        interval = None
+        if self.guidance_interval_min is not None or self.guidance_interval_max is not None:
+            lo, hi = FULL_INTERVAL
+            interval = (
+                lo if self.guidance_interval_min is None else self.guidance_interval_min,
+                hi if self.guidance_interval_max is None else self.guidance_interval_max,
+            )
+        return {
+            "negative_prompt": self.negative_prompt, "duration": self.duration, "steps": self.steps,
+            "guidance": self.guidance, "seed": self.seed, "solver": self.solver, "shift": self.shift,
+            "preset": self.preset, "guidance_interval": interval, "cache_threshold": self.cache_threshold,
+        }
 
 
 def parse_request(inputs: Mapping[str, np.ndarray | None]) -> BlsRequest:
@@ -195,24 +229,22 @@ class FluxMusicBls:
             load_tokenizer(version_dir / TOKENIZER_DIR, "T5 tokenizer"),
             load_tokenizer(version_dir / CLAP_TOKENIZER_DIR, "CLAP tokenizer"),
         )
-        self.pipeline = FluxMusicPipeline(self.backend, index, read_null_embeddings(version_dir), tokenizers)
+        def probe_loader():
+            from fluxmusic.step_cache import FirstBlockProbe
+
+            return FirstBlockProbe.from_files(version_dir / PROBE_WEIGHTS, version_dir / TRANSFORMER_CONFIG)
+
+        self.pipeline = FluxMusicPipeline(
+            self.backend, index, read_null_embeddings(version_dir), tokenizers, probe_loader=probe_loader
+        )
 
     @property
     def sample_rate(self) -> int:
         return self.pipeline.sample_rate
 
     def generate(self, request: BlsRequest, progress: ProgressFn | None = None) -> tuple[np.ndarray, int]:
-        """-> (float32 audio [samples], seed used). The solver is Euler, as the official sampler."""
-        result = self.pipeline(
-            request.prompt,
-            negative_prompt=request.negative_prompt,
-            duration=request.duration,
-            steps=request.steps,
-            guidance=request.guidance,
-            seed=request.seed,
-            solver="euler",
-            progress=progress,
-        )
+        """-> (float32 audio [samples], seed used), with the settings the gRPC server and the CLI would use."""
+        result = self.pipeline.generate(self.pipeline.request(request.prompt, **request.options()), progress)
         return result.audio[0], result.seeds[0]
 
     def execute(self, inputs: Mapping[str, np.ndarray | None], progress: ProgressFn | None = None) -> dict:

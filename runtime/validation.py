@@ -7,33 +7,41 @@ the service answers it with INVALID_ARGUMENT and keeps serving.
 from __future__ import annotations
 
 import math
-import secrets
 from dataclasses import dataclass, field
 
 from fluxmusic.runtime.audio_codec import ENCODINGS, HEADER_BYTES, MAX_BYTES_PER_SAMPLE
 
+from fluxmusic import sampling
 from fluxmusic.errors import FluxMusicError
-from fluxmusic.flow import SOLVERS
-from fluxmusic.pipeline import MAX_SEED, FluxMusicPipeline, GenerationItem
+from fluxmusic.sampling import GenerationRequest, build_request, invalid
 
 #: proto AudioEncoding value -> codec name (UNSPECIFIED serves WAV).
 ENCODING_BY_VALUE = {0: "wav", 1: "wav", 2: "flac", 3: "pcm_f32le"}
 assert set(ENCODING_BY_VALUE.values()) <= set(ENCODINGS)
+_D = sampling.DEFAULT_LIMITS
 
 
 @dataclass(frozen=True)
 class Limits:
-    """What one request may ask for. ``max_duration`` comes from the model; the rest are server options."""
+    """What one request may ask for: the sampling limits every front end applies (``fluxmusic.sampling``),
+    of which a server may lower ``max_steps`` and ``max_waveforms``, and the model's duration and rate."""
 
     max_duration: float
     sample_rate: int
-    max_steps: int = 1000
-    min_guidance: float = 0.0
-    max_guidance: float = 100.0
-    max_shift: float = 100.0
-    max_waveforms: int = 8
-    max_prompt_chars: int = 2000
-    solvers: tuple[str, ...] = field(default=SOLVERS)
+    max_steps: int = _D.max_steps
+    min_guidance: float = _D.min_guidance
+    max_guidance: float = _D.max_guidance
+    min_shift: float = _D.min_shift
+    max_shift: float = _D.max_shift
+    max_waveforms: int = _D.max_waveforms
+    max_prompt_chars: int = _D.max_prompt_chars
+    max_cache_threshold: float = _D.max_cache_threshold
+    solvers: tuple[str, ...] = field(default=_D.solvers)
+
+    @property
+    def sampling(self) -> sampling.Limits:
+        names = sampling.Limits.__dataclass_fields__
+        return sampling.Limits(**{k: getattr(self, k) for k in names})
 
     @property
     def max_response_bytes(self) -> int:
@@ -49,76 +57,56 @@ class Limits:
 
 @dataclass
 class RequestSpec:
-    """A validated request: its items (one per waveform) and the settings its batch must share."""
+    """A validated request (its items and shared settings) and the audio encoding of its answer."""
 
-    items: list[GenerationItem]
-    steps: int
-    solver: str
-    shift: float | None
+    request: GenerationRequest
     encoding: str
-    latent_frames: int
+
+    @property
+    def items(self) -> tuple:
+        return self.request.items
+
+    @property
+    def settings(self) -> sampling.SamplingSettings:
+        return self.request.settings
 
     @property
     def batch_key(self) -> tuple:
         """Requests with equal keys can share one batched solve."""
-        return (self.steps, self.solver, self.shift, self.latent_frames)
+        return self.request.batch_key
 
 
-def _invalid(name: str, value: object, allowed: str) -> FluxMusicError:
-    return FluxMusicError(f"{name} {value!r} is invalid; allowed: {allowed}")
+def _opt(req, name: str):
+    return getattr(req, name) if req.HasField(name) else None
 
 
-def _check_text(name: str, value: str, limits: Limits, required: bool) -> str:
-    if required and not value.strip():
-        raise _invalid(name, value, f"a non-empty string of at most {limits.max_prompt_chars} characters")
-    if len(value) > limits.max_prompt_chars:
-        raise _invalid(name, value[:40] + "...", f"at most {limits.max_prompt_chars} characters, got {len(value)}")
-    return value
-
-
-def _check_range(name: str, value: float, lo: float, hi: float, lo_open: bool = False) -> float:
-    ok = math.isfinite(value) and (value > lo if lo_open else value >= lo) and value <= hi
-    if not ok:
-        raise _invalid(name, value, f"{'(' if lo_open else '['}{lo}, {hi}]")
-    return value
-
-
-def parse_request(req, limits: Limits, pipe: FluxMusicPipeline) -> RequestSpec:
-    """Check every field of a ``fluxmusic.v1.GenerateRequest`` and expand it into generation items."""
-    defaults = pipe.defaults
-    prompt = _check_text("prompt", req.prompt, limits, required=True)
-    negative = _check_text("negative_prompt", req.negative_prompt, limits, required=False)
-    duration = limits.max_duration
-    if req.HasField("duration"):
-        # The upper bound gets the same 1e-9 slack as LatentGeometry.check_duration (10.24 is not exact).
-        if not (math.isfinite(req.duration) and 0 < req.duration <= limits.max_duration + 1e-9):
-            raise _invalid("duration", req.duration, f"(0, {limits.max_duration}] seconds")
-        duration = min(req.duration, limits.max_duration)
-    steps = int(defaults.get("steps", 50))
-    if req.HasField("steps"):
-        steps = int(_check_range("steps", req.steps, 1, limits.max_steps))
-    guidance = float(defaults.get("guidance", 7.0))
-    if req.HasField("guidance"):
-        guidance = _check_range("guidance", req.guidance, limits.min_guidance, limits.max_guidance)
-    solver = req.solver or defaults.get("solver", "euler")
-    if solver not in limits.solvers:
-        raise _invalid("solver", solver, ", ".join(limits.solvers))
-    shift = defaults.get("shift")
-    if req.HasField("shift"):
-        shift = _check_range("shift", req.shift, 0.0, limits.max_shift, lo_open=True)
-    n = req.num_waveforms or 1
-    if not 1 <= n <= limits.max_waveforms:
-        raise _invalid("num_waveforms", n, f"[1, {limits.max_waveforms}] (0 means 1)")
-    max_seed = MAX_SEED - (n - 1)  # waveform i uses seed + i, which must stay a valid seed
-    if not req.HasField("seed") or req.seed == -1:
-        seed = secrets.randbelow(max_seed + 1)
-    elif not 0 <= req.seed <= max_seed:
-        raise _invalid("seed", req.seed, f"-1 (random) or [0, {max_seed}] for {n} waveform(s)")
-    else:
-        seed = req.seed
+def parse_request(req, limits: Limits, pipe) -> RequestSpec:
+    """A ``fluxmusic.v1.GenerateRequest`` -> its spec, through the one resolution and validation
+    (:func:`fluxmusic.sampling.build_request`). Only the wire's own conventions are handled here: an unset
+    optional field and an empty string are "not given", ``num_waveforms`` 0 is 1."""
     if req.encoding not in ENCODING_BY_VALUE:
-        raise _invalid("encoding", req.encoding, "AUDIO_ENCODING_WAV (1), AUDIO_ENCODING_FLAC (2), "
-                       "AUDIO_ENCODING_PCM_F32LE (3) or unspecified (0, WAV)")
-    items = pipe.make_items(prompt, negative, duration, guidance, seed, n)
-    frames = pipe.geometry.latent_frames(duration)
-    return RequestSpec(items, steps, solver, shift, ENCODING_BY_VALUE[req.encoding], frames)
+        raise invalid("encoding", req.encoding, "AUDIO_ENCODING_WAV (1), AUDIO_ENCODING_FLAC (2), "
+                      "AUDIO_ENCODING_PCM_F32LE (3) or unspecified (0, WAV)")
+    interval = None
+    lo, hi = _opt(req, "guidance_interval_min"), _opt(req, "guidance_interval_max")
+    if lo is not None or hi is not None:
+        interval = (sampling.FULL_INTERVAL[0] if lo is None else lo, sampling.FULL_INTERVAL[1] if hi is None else hi)
+    request = build_request(
+        pipe.defaults, pipe.geometry, req.prompt,
+        num_waveforms=req.num_waveforms or 1,
+        seed=_opt(req, "seed"),
+        duration=_opt(req, "duration"),
+        guidance=_opt(req, "guidance"),
+        negative_prompt=req.negative_prompt or None,
+        preset=req.preset or None,
+        steps=_opt(req, "steps"),
+        solver=req.solver or None,
+        shift=_opt(req, "shift"),
+        guidance_interval=interval,
+        cache_threshold=_opt(req, "cache_threshold"),
+        limits=limits.sampling,
+    )
+    return RequestSpec(request, ENCODING_BY_VALUE[req.encoding])
+
+
+__all__ = ["ENCODING_BY_VALUE", "FluxMusicError", "Limits", "RequestSpec", "parse_request"]

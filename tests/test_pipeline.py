@@ -131,11 +131,20 @@ def test_clap_text_tower_missing_tensor_is_refused(tiny_model_dir, tmp_path):
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["--duration", "0"], "duration 0.0 s is outside"),
-        (["--duration", "10.5"], "duration 10.5 s is outside"),
-        (["--steps", "0"], "steps 0 must be"),
-        (["--guidance", "nan"], "guidance nan must be a finite"),
-        (["--guidance", "inf"], "guidance inf must be a finite"),
+        (["--duration", "0"], "duration 0.0 is invalid; allowed: seconds in [0.04, 10.24]"),
+        (["--duration", "10.5"], "duration 10.5 is invalid"),
+        (["--steps", "0"], "steps 0 is invalid; allowed: an integer in [1, 1000]"),
+        (["--guidance", "nan"], "guidance nan is invalid; allowed: a number in [0, 100]"),
+        (["--guidance", "inf"], "guidance inf is invalid"),
+        (["--guidance", "-3"], "guidance -3.0 is invalid"),
+        (["--shift", "1e-300"], "shift 1e-300 is invalid; allowed: a number in [0.01, 100]"),
+        (["--shift", "abc"], "shift 'abc' is invalid"),
+        (["--seed", "-2"], "seed -2 is invalid; allowed: -1 (random) or an integer"),
+        (["--num-waveforms", "0"], "num_waveforms 0 is invalid"),
+        (["--guidance-interval", "0.5", "0.5"], "guidance_interval (0.5, 0.5) is invalid"),
+        (["--cache-threshold", "-1"], "cache_threshold -1.0 is invalid; allowed: a number in [0, 1]"),
+        (["--negative-prompt", "n" * 3000], "negative_prompt 'nnnn"),
+        (["--official", "--preset", "official", "--solver", "rk4"], None),
         (["--dtype", "float8"], None),  # argparse: invalid choice
         (["--solver", "rk4"], None),
         (["--device", "cuda"], "CUDA is not available"),
@@ -158,11 +167,18 @@ def test_bad_inputs_exit_2_with_a_clear_message(tiny_model_dir, tmp_path, capsys
 def test_empty_prompt_missing_model_and_unwritable_output(tiny_model_dir, tmp_path, capsys):
     common = ["--model", str(tiny_model_dir), "--steps", "1", "--quiet"]
     assert main(["generate", "  ", "-o", str(tmp_path / "a.wav"), *common]) == 2
-    assert "must be a non-empty string" in capsys.readouterr().err
+    assert "prompt '  ' is invalid; allowed: a non-empty string" in capsys.readouterr().err
+    assert main(["generate", "x" * 2001, "-o", str(tmp_path / "a.wav"), *common]) == 2
+    err = capsys.readouterr().err
+    assert "prompt 'xxx" in err and "at most 2000 characters (got 2001)" in err and len(err) < 300
     assert main(["generate", "x", "-o", str(tmp_path / "a.wav"), "--model", str(tmp_path / "nope")]) == 2
     assert "does not exist" in capsys.readouterr().err
     assert main(["generate", "x", "-o", str(tmp_path / "no" / "dir" / "a.wav"), *common]) == 2
-    assert "not writable" in capsys.readouterr().err
+    assert "does not exist" in capsys.readouterr().err
+    (tmp_path / "d.wav").mkdir()
+    assert main(["generate", "x", "-o", str(tmp_path / "d.wav"), *common]) == 2
+    assert "is a directory" in capsys.readouterr().err
+    (tmp_path / "d.wav").rmdir()
     assert main(["generate", "x", "-o", str(tmp_path / "a.mp3"), *common]) == 2
     assert "allowed: .wav, .flac, .ogg" in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []
@@ -179,15 +195,24 @@ def test_incomplete_model_directory(tiny_model_dir, tmp_path, capsys):
         FluxMusicPipeline.from_pretrained(broken)
 
 
-def test_official_option_uses_the_official_negative_prompt(tiny_model_dir, tmp_path, monkeypatch):
-    seen = {}
-    real = FluxMusicPipeline.generate_items
+def test_official_option_uses_the_official_settings(tiny_model_dir, tmp_path, monkeypatch):
+    import dataclasses
 
-    def spy(self, items, steps, solver, shift, progress):
-        seen.update(neg=items[0].negative_prompt, g=items[0].guidance, steps=steps, solver=solver)
-        return real(self, items, 1, solver, shift, progress)  # keep the test fast: 1 step
+    seen = []
+    real = FluxMusicPipeline.generate
 
-    monkeypatch.setattr(FluxMusicPipeline, "generate_items", spy)
-    assert main(["generate", "calm pad", "-o", str(tmp_path / "o.wav"), "--model", str(tiny_model_dir),
-                 "--official", "--duration", "0.5", "--quiet"]) == 0
-    assert seen == {"neg": "low quality, gentle", "g": 7.0, "steps": 50, "solver": "euler"}
+    def spy(self, request, progress=None):
+        seen.append(request.settings)
+        fast = dataclasses.replace(request.settings, steps=1)  # keep the test fast: 1 step
+        return real(self, dataclasses.replace(request, settings=fast), progress)
+
+    monkeypatch.setattr(FluxMusicPipeline, "generate", spy)
+    argv = ["generate", "calm pad", "-o", str(tmp_path / "o.wav"), "--model", str(tiny_model_dir), "--duration",
+            "0.5", "--quiet"]
+    assert main([*argv, "--official"]) == 0
+    st = seen[-1]
+    assert (st.steps, st.guidance, st.solver, st.shift, st.negative_prompt) == (
+        50, 7.0, "euler", None, "low quality, gentle")
+    # An explicit option wins over the preset (and the CLI prints the settings it runs with).
+    assert main([*argv, "--official", "--negative-prompt", "", "--steps", "7"]) == 0
+    assert (seen[-1].steps, seen[-1].negative_prompt, seen[-1].guidance) == (7, "", 7.0)

@@ -87,8 +87,9 @@ def client(server):
 
 
 def reference(pipe, prompt, seed, negative="", duration=DUR, guidance=3.0, steps=2, n=1, solver=None, shift=None):
-    items = pipe.make_items(prompt, negative, duration, guidance, seed, n)
-    return pipe.generate_items(items, steps, solver, shift).audio
+    req = pipe.request(prompt, negative_prompt=negative, duration=duration, guidance=guidance, seed=seed,
+                       num_waveforms=n, steps=steps, solver=solver, shift=shift)
+    return pipe.generate(req).audio
 
 
 def wait_for(predicate, timeout=30.0, what="condition"):
@@ -265,7 +266,15 @@ INVALID = [
     ("guidance", dict(guidance=float("inf"))),
     ("solver", dict(solver="rk4")),
     ("shift", dict(shift=0.0)),
+    ("shift", dict(shift=1e-300)),  # issue 17: once a ZeroDivisionError (INTERNAL) in flow.timesteps
     ("shift", dict(shift=1e9)),
+    ("duration", dict(duration=1e-9)),  # issue 17: shorter than one latent frame
+    ("solver", dict(solver="x" * 12_000)),  # issue 17: echoed whole it overflowed the 8 KB metadata
+    ("preset", dict(preset="fastest")),
+    ("guidance_interval", dict(guidance_interval_min=0.8, guidance_interval_max=0.2)),
+    ("guidance_interval", dict(guidance_interval_min=-0.1)),
+    ("cache_threshold", dict(cache_threshold=1.5)),
+    ("cache_threshold", dict(cache_threshold=float("nan"))),
     ("seed", dict(seed=-2)),
     ("seed", dict(seed=2**63 - 1, num_waveforms=2)),
     ("num_waveforms", dict(num_waveforms=9)),
@@ -283,7 +292,8 @@ def test_invalid_field(client, field, fields):
             rpc(req)
         assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert e.value.details().startswith(field + " ") and "allowed" in e.value.details()
-    if field != "encoding":  # the client maps INVALID_ARGUMENT to the user-mistake error
+        assert len(e.value.details()) < 400  # echoed values are truncated
+    if field not in ("encoding", "guidance_interval"):  # the client maps INVALID_ARGUMENT to the user-mistake error
         with pytest.raises(FluxMusicError, match=field):
             client.generate(**{"prompt": "slow piano", "steps": 1, "duration": DUR, **fields})
 
@@ -298,10 +308,10 @@ def test_exception_in_one_request_fails_only_it(pipe_server):
         def __getattr__(self, name):
             return getattr(self._pipe, name)
 
-        def generate_items(self, items, *args, **kwargs):
-            if any(it.prompt == "broken bell" for it in items):
+        def generate(self, request, *args, **kwargs):
+            if any(it.prompt == "broken bell" for it in request.items):
                 raise RuntimeError("injected fault")
-            return self._pipe.generate_items(items, *args, **kwargs)
+            return self._pipe.generate(request, *args, **kwargs)
 
     with running(Faulty(pipe_server), max_batch=2, max_delay_ms=10_000) as s, FluxMusicClient(s.target) as c:
         good = c.stub.Generate.future(build_request("happy bell", steps=1, duration=DUR, seed=1))
@@ -403,7 +413,7 @@ def test_health_and_reflection(client, server):
 def test_model_info(client, pipe_server):
     info = client.model_info()
     assert info.backend == "torch" and info.sample_rate == 16000 and info.defaults.steps == 4
-    assert info.limits.max_duration == pytest.approx(10.24) and list(info.limits.solvers) == ["euler", "heun"]
+    assert info.limits.max_duration == pytest.approx(10.24) and list(info.limits.solvers) == ["euler", "heun", "ab2"]
     assert info.batching.max_batch == 8 and info.versions["api"] == "fluxmusic.v1"
 
 

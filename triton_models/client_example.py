@@ -27,8 +27,22 @@ def build_inputs(
     steps: int | None = None,
     guidance: float | None = None,
     seed: int | None = None,
+    solver: str | None = None,
+    shift: float | None = None,
+    preset: str | None = None,
+    guidance_interval: tuple[float, float] | None = None,
+    cache_threshold: float | None = None,
 ) -> list[grpcclient.InferInput]:
-    """Request tensors of the ``fluxmusic`` model; an omitted setting takes the model's default."""
+    """Request tensors of the ``fluxmusic`` model; an omitted setting takes the model's default (or the preset's).
+    ``shift=1`` is no time shift; ``preset="official"`` is the official sampler."""
+
+    def text(v: str | None):
+        return None if v is None else np.array([v.encode()], np.object_)
+
+    def fp32(v: float | None):
+        return None if v is None else np.array([v], np.float32)
+
+    lo, hi = guidance_interval if guidance_interval is not None else (None, None)
     values = {
         "prompt": (np.array([prompt.encode()], dtype=np.object_), "BYTES"),
         "negative_prompt": (
@@ -39,6 +53,12 @@ def build_inputs(
         "steps": (None if steps is None else np.array([steps], np.int32), "INT32"),
         "guidance": (None if guidance is None else np.array([guidance], np.float32), "FP32"),
         "seed": (None if seed is None else np.array([seed], np.int64), "INT64"),
+        "solver": (text(solver), "BYTES"),
+        "shift": (fp32(shift), "FP32"),
+        "preset": (text(preset), "BYTES"),
+        "guidance_interval_min": (fp32(lo), "FP32"),
+        "guidance_interval_max": (fp32(hi), "FP32"),
+        "cache_threshold": (fp32(cache_threshold), "FP32"),
     }
     inputs = []
     for name, (array, datatype) in values.items():

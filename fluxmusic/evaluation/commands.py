@@ -87,14 +87,16 @@ def run(args: argparse.Namespace) -> int:
     from fluxmusic.evaluation.embedders import model_dir_embedder
     from fluxmusic.evaluation.evaluate import evaluate
     from fluxmusic.evaluation.report import describe_fewest, metrics_table, plot_sweep, steps_table
-    from fluxmusic.pipeline import FluxMusicPipeline, check_guidance, check_seed, check_steps, default_model_dir
+    from fluxmusic.pipeline import FluxMusicPipeline, default_model_dir
+    from fluxmusic.sampling import invalid, resolve_settings
 
     out = _out_path(args.out, ".json")
     plot = _out_path(args.plot, ".png") if args.plot else out.with_name(out.stem + "_steps.png")
     for name in ("threads", "batch_size", "limit", "reference_limit", "sweep_prompts", "sweep_target",
                  "sweep_reference_steps"):
         _positive("--" + name.replace("_", "-"), getattr(args, name))
-    check_seed(args.seed)
+    if not 0 <= args.seed <= 2**63 - 1:
+        raise invalid("seed", args.seed, "an integer in [0, 2**63 - 1]")
     sweep_steps = _steps_list(args.sweep_steps, args.sweep_target) if args.sweep else None
     if args.sweep_shift < 0:
         raise FluxMusicError(f"--sweep-shift {args.sweep_shift} must be > 0 (or 0 for none)")
@@ -113,10 +115,8 @@ def run(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     pipe = FluxMusicPipeline.from_pretrained(model_dir)
     d = pipe.defaults
-    steps = check_steps(args.steps if args.steps is not None else d.get("steps", 50))
-    solver = args.solver or d.get("solver", "euler")
-    guidance = check_guidance(args.guidance if args.guidance is not None else d.get("guidance", 7.0))
-    shift = args.shift if args.shift is not None else d.get("shift")
+    st = resolve_settings(d, steps=args.steps, solver=args.solver, guidance=args.guidance, shift=args.shift)
+    steps, solver, guidance, shift = st.steps, st.solver, st.guidance, st.shift
     prompts = load_prompts(args.prompts)[:limit]
     if len(prompts) < 2:
         raise FluxMusicError(f"--limit {limit} leaves {len(prompts)} prompt; at least 2 are needed")

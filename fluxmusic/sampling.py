@@ -1,0 +1,325 @@
+"""Sampling settings (DESIGN.md 6b): one object, resolved once, validated once, expanded once.
+
+Every front end (``fluxmusic generate``, :class:`fluxmusic.pipeline.FluxMusicPipeline`, the gRPC service and
+the Triton BLS model) turns its wire format into keyword arguments and calls :func:`build_request`, which
+
+1. resolves :class:`SamplingSettings` from, lowest precedence first: the built-in fallbacks, the model's
+   defaults (``model_index.json`` ``defaults``), a named preset, and the caller's explicit values;
+2. validates every value with one set of rules (:class:`Limits`), raising one :class:`FluxMusicError` that
+   names the field, echoes the value (at most ``ECHO_CHARS`` characters) and says what is allowed;
+3. expands prompts x waveforms into :class:`GenerationItem` s with their seeds, guidance and duration.
+
+The pipeline's ``generate`` then takes the :class:`GenerationRequest` as it is: nothing is defaulted or
+checked again downstream.
+
+Precedence is the same for every field, the preset included: a value the caller gives explicitly wins over
+the preset (``--official --steps 20`` is 20 Euler steps, and the CLI prints the settings it ran with). An
+absent value is ``None`` in Python; "no time shift" is ``shift=1.0`` (or ``"none"``), which resolves to
+``shift=None`` (the uniform schedule), so "the model's default" and "no shift" are distinct everywhere.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+import secrets
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+
+from fluxmusic.errors import FluxMusicError
+from fluxmusic.flow import SHIFT_RANGE, SOLVERS, function_evaluations
+
+MAX_SEED = 2**63 - 1
+#: The seed that asks for a random one (as does leaving the seed out), on every front end.
+RANDOM_SEED = -1
+#: Echoed values in errors are cut to this many characters (a 12 KB value would overflow gRPC metadata).
+ECHO_CHARS = 100
+OFFICIAL_NEGATIVE_PROMPT = "low quality, gentle"
+FULL_INTERVAL = (0.0, 1.0)
+
+#: The official FluxMusic sampler (sample.py): 50 uniform Euler steps, guidance 7, negative prompt
+#: "low quality, gentle", no time shift, guidance at every step, no caching. As a preset it replaces every
+#: field, so it is the same sampler on any model whatever that model's defaults are.
+OFFICIAL = {
+    "steps": 50,
+    "guidance": 7.0,
+    "solver": "euler",
+    "shift": None,
+    "negative_prompt": OFFICIAL_NEGATIVE_PROMPT,
+    "guidance_interval": FULL_INTERVAL,
+    "cache_threshold": 0.0,
+}
+PRESETS: dict[str, dict] = {"official": OFFICIAL}
+
+#: Used where neither the model nor a preset nor the caller says (what a model directory without
+#: ``defaults`` gets): the official sampler, except the negative prompt "" (the null condition as trained).
+FALLBACK = {**OFFICIAL, "negative_prompt": ""}
+FIELDS = tuple(FALLBACK)
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What a request may ask for. The same defaults apply on every front end; a server may lower
+    ``max_steps`` and ``max_waveforms`` by option (``fluxmusic serve --max-steps/--max-waveforms``)."""
+
+    max_steps: int = 1000
+    min_guidance: float = 0.0
+    max_guidance: float = 100.0
+    min_shift: float = SHIFT_RANGE[0]
+    max_shift: float = SHIFT_RANGE[1]
+    max_waveforms: int = 8
+    max_prompt_chars: int = 2000
+    max_cache_threshold: float = 1.0
+    solvers: tuple[str, ...] = field(default=SOLVERS)
+
+
+DEFAULT_LIMITS = Limits()
+
+
+@dataclass(frozen=True)
+class SamplingSettings:
+    """How to sample, resolved and validated. ``shift`` None is the uniform (unshifted) schedule.
+
+    ``guidance`` and ``negative_prompt`` are the request's; the per-waveform values live in the items (a batch
+    of several requests shares everything else: :meth:`batch_key`).
+    """
+
+    steps: int
+    guidance: float
+    solver: str
+    shift: float | None
+    negative_prompt: str
+    guidance_interval: tuple[float, float] = FULL_INTERVAL
+    cache_threshold: float = 0.0
+    preset: str | None = None
+
+    @property
+    def evaluations(self) -> int:
+        """Model evaluations per clip before step caching (each one batched cond + uncond inside the interval)."""
+        return function_evaluations(self.steps, self.solver)
+
+    @property
+    def batch_key(self) -> tuple:
+        """Requests whose settings have equal keys can share one batched solve."""
+        return (self.steps, self.solver, self.shift, self.guidance_interval, self.cache_threshold)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["guidance_interval"] = list(self.guidance_interval)
+        return d
+
+    def describe(self) -> str:
+        """One line for logs and the CLI."""
+        parts = [f"{self.steps} {self.solver} steps", f"guidance {self.guidance:g}",
+                 "no shift" if self.shift is None else f"shift {self.shift:g}",
+                 f"negative prompt {self.negative_prompt!r}"]
+        if self.guidance_interval != FULL_INTERVAL:
+            parts.append(f"guidance interval t in [{self.guidance_interval[0]:g}, {self.guidance_interval[1]:g}]")
+        if self.cache_threshold:
+            parts.append(f"step cache {self.cache_threshold:g}")
+        return ", ".join(parts) + (f" (preset {self.preset})" if self.preset else "")
+
+
+@dataclass(frozen=True)
+class GenerationItem:
+    """One waveform to make: its prompt, negative prompt, guidance, seed and duration."""
+
+    prompt: str
+    negative_prompt: str
+    guidance: float
+    seed: int
+    duration: float
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """A resolved, validated request: its waveforms and the settings they share."""
+
+    items: tuple[GenerationItem, ...]
+    settings: SamplingSettings
+    latent_frames: int
+
+    @property
+    def batch_key(self) -> tuple:
+        return (*self.settings.batch_key, self.latent_frames)
+
+    def merged(self, others: Sequence[GenerationRequest]) -> GenerationRequest:
+        """This request and ``others`` (same batch key) as one batch, items in order."""
+        items = list(self.items)
+        for o in others:
+            if o.batch_key != self.batch_key:
+                raise FluxMusicError(f"cannot batch settings {o.batch_key} with {self.batch_key}")
+            items += o.items
+        return GenerationRequest(tuple(items), self.settings, self.latent_frames)
+
+
+# ------------------------------------------------------------------------------------------------ checks
+def echo(value: object) -> str:
+    """``repr(value)``, cut to :data:`ECHO_CHARS` characters."""
+    r = repr(value)
+    return r if len(r) <= ECHO_CHARS else r[: ECHO_CHARS - 3] + "..."
+
+
+def invalid(name: str, value: object, allowed: str) -> FluxMusicError:
+    return FluxMusicError(f"{name} {echo(value)} is invalid; allowed: {allowed}")
+
+
+def _is_int(v: object) -> bool:
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+
+def _is_number(v: object) -> bool:
+    return isinstance(v, numbers.Real) and not isinstance(v, bool)
+
+
+def check_number(name: str, v: object, lo: float, hi: float) -> float:
+    if not (_is_number(v) and math.isfinite(v) and lo <= v <= hi):
+        raise invalid(name, v, f"a number in [{lo:g}, {hi:g}]")
+    return float(v)
+
+
+def check_text(name: str, v: object, limits: Limits, required: bool) -> str:
+    if not isinstance(v, str):
+        raise invalid(name, v, "a string")
+    if required and not v.strip():
+        raise invalid(name, v, f"a non-empty string of at most {limits.max_prompt_chars} characters")
+    if len(v) > limits.max_prompt_chars:
+        raise invalid(name, v, f"at most {limits.max_prompt_chars} characters (got {len(v)})")
+    return v
+
+
+def _check_field(name: str, v: object, limits: Limits, label: str = "") -> object:
+    """One settings field, checked (and normalised: shift 1 / "none" -> None)."""
+    what = f"{label}{name}"
+    if name == "steps":
+        if not (_is_int(v) and 1 <= v <= limits.max_steps):
+            raise invalid(what, v, f"an integer in [1, {limits.max_steps}]")
+        return int(v)
+    if name == "guidance":
+        return check_number(what, v, limits.min_guidance, limits.max_guidance)
+    if name == "solver":
+        if v not in limits.solvers:
+            raise invalid(what, v, ", ".join(limits.solvers))
+        return v
+    if name == "shift":
+        if v is None or (isinstance(v, str) and v.lower() == "none"):
+            return None
+        s = check_number(what, v, limits.min_shift, limits.max_shift)
+        return None if s == 1.0 else s  # t' = t exactly: the uniform schedule, computed the official way
+    if name == "negative_prompt":
+        return check_text(what, v, limits, required=False)
+    if name == "guidance_interval":
+        ok = isinstance(v, (list, tuple)) and len(v) == 2 and all(_is_number(e) and math.isfinite(e) for e in v)
+        if not ok or not 0.0 <= v[0] < v[1] <= 1.0:
+            raise invalid(what, v, "two times (t_min, t_max) with 0 <= t_min < t_max <= 1")
+        return (float(v[0]), float(v[1]))
+    if name == "cache_threshold":
+        return check_number(what, v, 0.0, limits.max_cache_threshold)
+    raise FluxMusicError(f"unknown sampling setting {name!r}; known: {', '.join(FIELDS)}")
+
+
+# ------------------------------------------------------------------------------------------------ resolution
+def resolve_settings(
+    defaults: Mapping | None = None,
+    preset: str | None = None,
+    limits: Limits = DEFAULT_LIMITS,
+    **overrides: object,
+) -> SamplingSettings:
+    """Fallbacks < the model's ``defaults`` < ``preset`` < the caller's ``overrides`` (None = not given).
+
+    For the caller, "no time shift" is ``shift=1.0`` or ``"none"``; in the model's defaults ``"shift": null``
+    is no shift too. Unknown keys in the model's defaults are ignored (newer model directories may carry
+    more); unknown overrides are an error.
+    """
+    if preset is not None and preset not in PRESETS:
+        raise invalid("preset", preset, ", ".join(PRESETS) + " (or none)")
+    unknown = sorted(set(overrides) - set(FIELDS))
+    if unknown:
+        raise FluxMusicError(f"unknown sampling setting(s) {', '.join(unknown)}; known: {', '.join(FIELDS)}")
+    values = dict(FALLBACK)
+    for k, v in (defaults or {}).items():
+        if k in FIELDS:
+            values[k] = _check_field(k, v, limits, "the model's default ")
+    if preset is not None:
+        values.update(PRESETS[preset])
+    for k, v in overrides.items():
+        if v is not None:
+            values[k] = v
+    checked = {k: _check_field(k, v, limits) for k, v in values.items()}
+    return SamplingSettings(**checked, preset=preset)
+
+
+def check_duration(duration: object, geometry) -> float:
+    """Seconds in [one latent frame, the model's maximum]; None is the maximum."""
+    if duration is None:
+        return float(geometry.max_duration)
+    lo, hi = geometry.seconds_per_latent_frame, geometry.max_duration
+    # 1e-9 slack on both ends: 10.24 and 0.08 are not exact in binary.
+    if not (_is_number(duration) and math.isfinite(duration) and lo - 1e-9 <= duration <= hi + 1e-9):
+        raise invalid("duration", duration, f"seconds in [{lo:g}, {hi:g}] (one latent frame to the model's maximum)")
+    return min(max(float(duration), lo), float(hi))
+
+
+def resolve_seeds(seed: object, n: int) -> list[int]:
+    """Seeds of ``n`` waveforms. None or -1: random; S: S, S+1, ...; a list: one per waveform (-1 = random)."""
+    if isinstance(seed, (list, tuple)):
+        if len(seed) != n:
+            raise invalid("seed", seed, f"one seed per waveform ({n})")
+        return [resolve_seeds(s, 1)[0] for s in seed]
+    max_base = MAX_SEED - (n - 1)  # waveform i uses seed + i, which must stay a valid seed
+    if seed is None or (_is_int(seed) and seed == RANDOM_SEED):
+        base = secrets.randbelow(max_base + 1)
+    elif _is_int(seed) and 0 <= seed <= max_base:
+        base = int(seed)
+    else:
+        raise invalid("seed", seed, f"-1 (random) or an integer in [0, {max_base}] for {n} waveform(s)")
+    return [base + i for i in range(n)]
+
+
+def build_request(
+    defaults: Mapping | None,
+    geometry,
+    prompt: str | Sequence[str],
+    *,
+    num_waveforms: int = 1,
+    seed: int | Sequence[int] | None = None,
+    duration: float | None = None,
+    guidance: float | Sequence[float] | None = None,
+    negative_prompt: str | None = None,
+    preset: str | None = None,
+    steps: int | None = None,
+    solver: str | None = None,
+    shift: float | str | None = None,
+    guidance_interval: tuple[float, float] | None = None,
+    cache_threshold: float | None = None,
+    limits: Limits = DEFAULT_LIMITS,
+) -> GenerationRequest:
+    """Resolve, validate and expand one request (see the module doc). ``geometry`` is the model's
+    :class:`fluxmusic.latent.LatentGeometry`; ``guidance`` may be one value per waveform."""
+    prompts = [prompt] if isinstance(prompt, str) else list(prompt) if isinstance(prompt, (list, tuple)) else None
+    if not prompts:
+        raise invalid("prompt", prompt, "a non-empty string or a non-empty list of them")
+    for i, p in enumerate(prompts):
+        check_text("prompt" if len(prompts) == 1 else f"prompt {i}", p, limits, required=True)
+    if not (_is_int(num_waveforms) and 1 <= num_waveforms <= limits.max_waveforms):
+        raise invalid("num_waveforms", num_waveforms, f"an integer in [1, {limits.max_waveforms}]")
+    per_item_guidance = isinstance(guidance, (list, tuple))
+    settings = resolve_settings(
+        defaults, preset, limits, steps=steps, guidance=None if per_item_guidance else guidance, solver=solver,
+        shift=shift, negative_prompt=negative_prompt, guidance_interval=guidance_interval,
+        cache_threshold=cache_threshold,
+    )
+    expanded = [p for p in prompts for _ in range(num_waveforms)]
+    n = len(expanded)
+    if per_item_guidance:
+        if len(guidance) != n:
+            raise invalid("guidance", guidance, f"one number or one per waveform ({n})")
+        gs = [check_number("guidance", g, limits.min_guidance, limits.max_guidance) for g in guidance]
+    else:
+        gs = [settings.guidance] * n
+    seconds = check_duration(duration, geometry)
+    seeds = resolve_seeds(seed, n)
+    items = tuple(
+        GenerationItem(p, settings.negative_prompt, g, s, seconds) for p, g, s in zip(expanded, gs, seeds)
+    )
+    return GenerationRequest(items, settings, geometry.latent_frames(seconds))
