@@ -236,9 +236,10 @@ class OnnxBackend:
 
     @torch.no_grad()
     def velocity(self, x: Tensor, t: Tensor, txt: Tensor, y: Tensor, rope: Tensor) -> Tensor:
+        """``rope`` is accepted for the protocol; the graph (and its torch twin) derive it from the lengths."""
         if "transformer" not in self.graphs:
-            return self._torch_module("transformer")(x, t, txt, y, rope)
-        return self.graphs["transformer"].run(tuple(x.shape), x=x, t=t, txt=txt, y=y, rope=rope)
+            return self._torch_module("transformer")(x.to(self.device), t, txt, y)
+        return self.graphs["transformer"].run(tuple(x.shape), x=x, t=t, txt=txt, y=y)
 
     def rope(self, txt_len: int, grid_h: int, grid_w: int) -> Tensor:
         from fluxmusic.rope import RopeCache
@@ -280,7 +281,8 @@ class OnnxBackend:
     @torch.no_grad()
     def euler_step(self, x, t, dt, txt, y, null_txt, null_y, guidance, rope) -> Tensor:
         """One Euler CFG step in one call: x - dt (v_u + g (v_c - v_u)). Falls back to two-part torch math
-        around :meth:`velocity` when the export has no step graph."""
+        around :meth:`velocity` when the export has no step graph. ``rope`` is only used by that fallback's
+        protocol call; the step graph derives the table from the lengths."""
         from fluxmusic.export.spec import STEP_NAME
 
         if STEP_NAME in self.graphs:
@@ -294,7 +296,6 @@ class OnnxBackend:
                 null_txt=null_txt,
                 null_y=null_y,
                 guidance=guidance,
-                rope=rope,
             )
         b = x.shape[0]
         v = self.velocity(
@@ -306,7 +307,7 @@ class OnnxBackend:
     @torch.no_grad()
     def sample_euler(self, x, txt, y, null_txt, null_y, guidance, rope, steps: int, callback=None) -> Tensor:
         """The whole unshifted Euler CFG loop on the step graph with IO binding: the state ping-pongs between
-        two bound buffers; the conditioning, guidance and RoPE stay bound for the whole loop."""
+        two bound buffers; the conditioning and guidance stay bound for the whole loop (the graph derives RoPE)."""
         from fluxmusic.export.spec import STEP_NAME
 
         if STEP_NAME not in self.graphs:
@@ -324,7 +325,6 @@ class OnnxBackend:
             "null_txt": null_txt,
             "null_y": null_y,
             "guidance": guidance,
-            "rope": rope,
         }
         fixed = {k: v.to(dev, torch.float32).contiguous() for k, v in fixed.items()}
         binding = g.session.io_binding()
