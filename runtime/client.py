@@ -69,12 +69,15 @@ def build_request(
     seed: int | None = None,
     num_waveforms: int = 1,
     encoding: str = "wav",
+    stream: bool = False,
 ):
-    """A ``GenerateRequest``; None leaves a field unset (the server's default)."""
+    """A ``GenerateRequest`` (``GenerateStreamRequest`` with ``stream``: the same fields); None leaves a field
+    unset (the server's default)."""
     if encoding not in ENCODING_VALUE:
         raise FluxMusicError(f"encoding {encoding!r} is not supported; allowed: {', '.join(ENCODINGS)}")
-    req = pb2.GenerateRequest(prompt=prompt, negative_prompt=negative_prompt, solver=solver or "",
-                              num_waveforms=num_waveforms, encoding=ENCODING_VALUE[encoding])
+    message = pb2.GenerateStreamRequest if stream else pb2.GenerateRequest
+    req = message(prompt=prompt, negative_prompt=negative_prompt, solver=solver or "",
+                  num_waveforms=num_waveforms, encoding=ENCODING_VALUE[encoding])
     for name, value in (("duration", duration), ("steps", steps), ("guidance", guidance), ("shift", shift),
                         ("seed", seed)):
         if value is not None:
@@ -104,7 +107,7 @@ class FluxMusicClient:
         else:
             self.channel = grpc.insecure_channel(target, options)
         self.metadata = (("authorization", f"Bearer {token}"),) if token else ()
-        self.stub = pb2_grpc.FluxMusicStub(self.channel)
+        self.stub = pb2_grpc.FluxMusicServiceStub(self.channel)
         self.target = target
 
     # ------------------------------------------------------------------------------------ generation
@@ -118,7 +121,8 @@ class FluxMusicClient:
 
     def stream(self, prompt: str, *, timeout: float | None = None, **options) -> Iterator:
         """The raw GenerateStream call: iterate its events; ``.cancel()`` stops the server's work."""
-        return self.stub.GenerateStream(build_request(prompt, **options), timeout=timeout, metadata=self.metadata)
+        request = build_request(prompt, stream=True, **options)
+        return self.stub.GenerateStream(request, timeout=timeout, metadata=self.metadata)
 
     def generate_stream(
         self,

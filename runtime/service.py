@@ -1,4 +1,4 @@
-"""The ``fluxmusic.v1.FluxMusic`` servicer: validation, admission, streaming, responses, and request logs."""
+"""The ``fluxmusic.v1.FluxMusicService`` servicer: validation, admission, streaming, responses, and request logs."""
 
 from __future__ import annotations
 
@@ -47,7 +47,7 @@ class _Call:
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
-class FluxMusicService(pb2_grpc.FluxMusicServicer):
+class FluxMusicService(pb2_grpc.FluxMusicServiceServicer):
     def __init__(self, pipe, scheduler: BatchScheduler, limits: Limits, metrics: Metrics, model_info) -> None:
         self.pipe, self.scheduler, self.limits, self.metrics = pipe, scheduler, limits, metrics
         self.model_info = model_info
@@ -79,7 +79,7 @@ class FluxMusicService(pb2_grpc.FluxMusicServicer):
             )
             while (event := events.get()) is not None:
                 step, total, now = event
-                yield pb2.GenerateEvent(
+                yield pb2.GenerateStreamResponse(
                     progress=pb2.Progress(step=step, total=total, elapsed_ms=1e3 * (now - call.received))
                 )
             response = self._respond(job, call)
@@ -88,7 +88,7 @@ class FluxMusicService(pb2_grpc.FluxMusicServicer):
             context.set_trailing_metadata((("x-request-id", call.request_id),))
             context.abort(r.code, str(r))
         self._end(call, grpc.StatusCode.OK, "", job, request)
-        yield pb2.GenerateEvent(result=response)
+        yield pb2.GenerateStreamResponse(result=response)
 
     def GetModelInfo(self, request, context):
         return self.model_info
@@ -230,7 +230,7 @@ def build_model_info(pipe, limits: Limits, max_batch: int, max_delay_ms: float, 
                             solver=d.get("solver", "euler"))
     if d.get("shift") is not None:
         defaults.shift = float(d["shift"])
-    return pb2.ModelInfo(
+    return pb2.GetModelInfoResponse(
         name=pipe.index.name,
         backend=getattr(pipe.backend, "name", type(pipe.backend).__name__),
         device=str(getattr(pipe.backend, "device", "cpu")),
