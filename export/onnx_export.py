@@ -629,7 +629,7 @@ def exporter_name() -> str:
 
 
 def ops_markdown(onnx_dir: str | Path) -> str:
-    """A README table: which ONNX ops each exported graph uses (with counts)."""
+    """A markdown table (docs/export.md): which ONNX ops each exported graph uses (with counts)."""
     rows = ["| graph | ops (count) |", "|---|---|"]
     for path in sorted(Path(onnx_dir).glob("*.onnx")):
         ops = ", ".join(f"{k} ({v})" for k, v in op_counts(path).items())

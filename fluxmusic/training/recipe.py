@@ -67,7 +67,7 @@ class Recipe:
 
     hours: float
     seed: int
-    nominal_minutes: float  # wall time of the whole recipe with these steps on this machine (README)
+    nominal_minutes: float  # wall time of the whole recipe with these steps on this machine (docs/default-model.md)
     vae: VAEConfig
     vae_stage: Stage
     vae_crop_frames: int
