@@ -9,11 +9,11 @@
   and ``inter_op_threads`` (0 = onnxruntime's default), ``enable_profiling``.
 - IO binding: inputs are bound to the caller's torch tensors' memory and outputs to torch tensors this
   backend allocates, on the tensors' device (CPU, or CUDA with a CUDA build). So ``velocity`` in the
-  sampling loop copies nothing: no numpy conversion of the [B, L, 4096] text tensor, the RoPE table or the
-  state every step, and with the fused step graph (:meth:`sample_euler`) the state ping-pongs between two
-  bound buffers. On CPU this saves the per-step copies of the inputs and the output (``session.run`` with
-  numpy arrays copies every output into a new array); on a GPU it also keeps host-device transfers out of
-  the loop.
+  sampling loop copies nothing: no numpy conversion of the [B, L, 4096] text tensor or the state every step
+  (the graphs derive the RoPE table themselves from the lengths), and with the fused step graph
+  (:meth:`sample_euler`) the state ping-pongs between two bound buffers. On CPU this saves the per-step
+  copies of the inputs and the output (``session.run`` with numpy arrays copies every output into a new
+  array); on a GPU it also keeps host-device transfers out of the loop.
 - ``variant``: which transformer graph to run, "fp32" (default), "fp16" or "int8" (dynamic quantisation,
   CPU).
 - A component missing from the ONNX directory runs on PyTorch instead, with a log line saying so.
