@@ -5,7 +5,7 @@
 For each fused op: median time of the eager reference (fluxmusic.ops) and of the kernel, side by side in one
 run, and the kernel's achieved DRAM bandwidth (minimum bytes the op must move / time) as a fraction of the
 device peak. Then attention (SDPA) next to the fused QK-RMSNorm+RoPE kernel at the same shapes (the data for
-the "library attention + fused RMSNorm/RoPE" choice in the README), and the whole transformer forward at
+the "library attention + fused RMSNorm/RoPE" choice in docs/kernels.md), and the whole transformer forward at
 real shapes (1024 music tokens + 256 text tokens) with kernels off and on.
 
 Needs a CUDA GPU and Triton; without them it prints why and exits 0.

@@ -10,7 +10,7 @@ model directory of the ``small`` transformer (random weights) with the AudioLDM2
 weights. The ONNX export and the engines are cached under ``--work``.
 
 Needs a CUDA GPU and TensorRT; without them it prints why and exits 0. Untested here (no GPU on our
-machines): the numbers in the README come from whoever runs it first.
+machines): the numbers in docs/export.md come from whoever runs it first.
 """
 
 from __future__ import annotations

@@ -8,8 +8,10 @@ builder, the runtimes and the Triton repository read too):
 the guidance combine and the update ``x - dt * v``). Variants live beside them: ``transformer.fp16.onnx``
 (``--fp16``) and ``transformer.int8.onnx`` (``--int8``, dynamic quantisation for CPU).
 
-Graphs are exported with the torch.onnx dynamo exporter. The RoPE table is a graph input (so no float64 is
-ever in a graph), every shape in the transformer follows from input shapes (no data-dependent shapes), and
+Graphs are exported with the torch.onnx dynamo exporter. The RoPE table is derived inside the transformer and
+step graphs from the text and music lengths in float32 ops (:class:`fluxmusic.rope.LengthRope`, so no float64
+is ever in a graph and any consistent dynamic dims run in stock tools), every shape in the transformer follows
+from input shapes (no data-dependent shapes), and
 attention is ``F.scaled_dot_product_attention`` (opset >= 23: one ``Attention`` node; below: the
 MatMul-Softmax-MatMul pattern that ORT and TensorRT fuse). Each file passes ``onnx.checker`` (full check)
 and strict shape inference, carries ``metadata_props`` (component, component config, opset, exporter,
@@ -127,14 +129,23 @@ class ClapGraph(nn.Module):
 
 
 class TransformerGraph(nn.Module):
-    """The velocity model; fp32 I/O whatever the weights' dtype (the fp16 variant casts inside)."""
+    """The velocity model; fp32 I/O whatever the weights' dtype (the fp16 variant casts inside).
 
-    def __init__(self, model: nn.Module, dtype: torch.dtype = torch.float32) -> None:
+    The RoPE table is derived inside the graph from the lengths of ``txt`` and ``x``
+    (:class:`fluxmusic.rope.LengthRope`, float32 ops at float64-table accuracy), so the graph's only inputs are
+    the model's and any consistent dynamic dims run -- in stock tools too (``polygraphy run``, ``trtexec``).
+    """
+
+    def __init__(self, model: nn.Module, grid_w: int, dtype: torch.dtype = torch.float32) -> None:
         super().__init__()
-        self.model, self.dtype = model, dtype
+        from fluxmusic.rope import LengthRope
 
-    def forward(self, x: Tensor, t: Tensor, txt: Tensor, y: Tensor, rope: Tensor) -> Tensor:
+        self.model, self.dtype = model, dtype
+        self.rope = LengthRope(model.config.axes_dim, model.config.theta, grid_w)
+
+    def forward(self, x: Tensor, t: Tensor, txt: Tensor, y: Tensor) -> Tensor:
         d = self.dtype
+        rope = self.rope(txt, x)
         return self.model(x.to(d), t.to(d), txt.to(d), y.to(d), rope).float()
 
 
@@ -142,13 +153,13 @@ class EulerStepGraph(nn.Module):
     """One Euler step with batched classifier-free guidance, exactly as ``flow.cfg_velocity`` + ``flow.sample``:
     v = model([x; x], [t; t], [txt; null_txt], [y; null_y]); v = v_u + g (v_c - v_u); x_next = x - dt v."""
 
-    def __init__(self, model: nn.Module, dtype: torch.dtype = torch.float32) -> None:
+    def __init__(self, model: nn.Module, grid_w: int, dtype: torch.dtype = torch.float32) -> None:
         super().__init__()
-        self.velocity = TransformerGraph(model, dtype)
+        self.velocity = TransformerGraph(model, grid_w, dtype)
 
-    def forward(self, x, t, dt, txt, y, null_txt, null_y, guidance, rope):
+    def forward(self, x, t, dt, txt, y, null_txt, null_y, guidance):
         v = self.velocity(
-            torch.cat((x, x), 0), torch.cat((t, t), 0), torch.cat((txt, null_txt), 0), torch.cat((y, null_y), 0), rope
+            torch.cat((x, x), 0), torch.cat((t, t), 0), torch.cat((txt, null_txt), 0), torch.cat((y, null_y), 0)
         )
         b = x.shape[0]
         v_c, v_u = v[:b], v[b:]  # slices, not chunk: chunk on a dynamic batch exports as SplitToSequence
@@ -205,8 +216,6 @@ def _load_context(model_dir: Path) -> ExportContext:
 
 def example_inputs(ctx: ExportContext, component: str, batch: int = 2, seed: int = 0) -> dict[str, Tensor]:
     """Inputs for tracing (and for validation's random case): shapes a generation uses, fixed seed."""
-    from fluxmusic.rope import RopeCache
-
     g = ctx.index.geometry
     gen = torch.Generator().manual_seed(seed)
     lt = ctx.index.t5_max_length
@@ -222,18 +231,13 @@ def example_inputs(ctx: ExportContext, component: str, batch: int = 2, seed: int
     frames = g.max_latent_frames
     gh, gw = g.grid(frames)
     if component in ("transformer", STEP_NAME):
-        cfg_spec = ctx.specs["transformer"]
-        ch = cfg_spec.inputs[0].shape[2]
-        from fluxmusic.config import FluxMusicConfig
-
-        cfg = FluxMusicConfig.from_dict(component_config(ctx.model_dir, "transformer"))
-        rope = RopeCache(cfg.axes_dim, cfg.theta).get(lt, gh, gw)
+        ch = ctx.specs["transformer"].inputs[0].shape[2]
         x = torch.randn(batch, gh * gw, ch, generator=gen)
         t = torch.rand(batch, generator=gen)
         txt = torch.randn(batch, lt, ctx.t5_width, generator=gen)
         y = torch.randn(batch, ctx.clap_width, generator=gen)
         if component == "transformer":
-            return {"x": x, "t": t, "txt": txt, "y": y, "rope": rope}
+            return {"x": x, "t": t, "txt": txt, "y": y}
         return {
             "x": x,
             "t": t,
@@ -243,7 +247,6 @@ def example_inputs(ctx: ExportContext, component: str, batch: int = 2, seed: int
             "null_txt": ctx.null_txt.expand(batch, -1, -1).contiguous(),
             "null_y": ctx.null_y.expand(batch, -1).contiguous(),
             "guidance": torch.linspace(1.0, 7.0, batch),
-            "rope": rope,
         }
     if component == "vae_decoder":
         return {"latent": torch.randn(batch, g.latent_channels, frames, g.latent_width, generator=gen)}
@@ -270,8 +273,9 @@ def load_graph_module(model_dir: Path, component: str, dtype: torch.dtype = torc
         return ClapGraph(load_clap_text(model_dir / "clap")).eval()
     if component in ("transformer", STEP_NAME):
         model = load_transformer(model_dir / "transformer", "cpu", dtype)
+        geometry = read_index(model_dir).geometry
         cls = TransformerGraph if component == "transformer" else EulerStepGraph
-        return cls(model, dtype).eval()
+        return cls(model, geometry.latent_width // geometry.patch, dtype).eval()
     if component == "vae_decoder":
         return VaeDecoderGraph(load_vae(model_dir / "vae")).eval()
     if component == "vocoder":
@@ -625,7 +629,7 @@ def exporter_name() -> str:
 
 
 def ops_markdown(onnx_dir: str | Path) -> str:
-    """A README table: which ONNX ops each exported graph uses (with counts)."""
+    """A markdown table (docs/export.md): which ONNX ops each exported graph uses (with counts)."""
     rows = ["| graph | ops (count) |", "|---|---|"]
     for path in sorted(Path(onnx_dir).glob("*.onnx")):
         ops = ", ".join(f"{k} ({v})" for k, v in op_counts(path).items())

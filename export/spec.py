@@ -2,8 +2,10 @@
 
 ONNX export, TensorRT profiles, the onnxruntime/TensorRT backends and the Triton model repository all read
 their tensor names and shapes from here, so they cannot drift apart. A dimension is an int (fixed) or a
-symbol name (dynamic): ``batch``, ``txt_len``, ``music_len``, ``seq_len`` (txt_len + music_len),
-``latent_frames``, ``mel_frames``, ``samples``.
+symbol name (dynamic): ``batch``, ``txt_len``, ``clap_len``, ``music_len``, ``latent_frames``, ``mel_frames``,
+``samples``. Every dynamic dim of a graph is free: no rule ties one to another (the transformer derives its
+RoPE table from ``txt_len`` and ``music_len`` inside the graph), so stock tools can run the graphs with any
+values they pick.
 """
 
 from __future__ import annotations
@@ -55,7 +57,6 @@ def component_specs(
 ) -> dict[str, ComponentSpec]:
     """Concrete specs for one model directory."""
     f32, i64 = "float32", "int64"
-    half_head = cfg.head_dim // 2
     patch_ch = cfg.in_channels
     g = geometry
     specs = {
@@ -79,8 +80,6 @@ def component_specs(
                 TensorSpec("t", f32, ("batch",)),
                 TensorSpec("txt", f32, ("batch", "txt_len", t5_width)),
                 TensorSpec("y", f32, ("batch", clap_width)),
-                # RoPE table of [text; music] (see fluxmusic.ops); an input so the graph holds no float64.
-                TensorSpec("rope", f32, (1, "seq_len", half_head, 2)),
             ),
             (TensorSpec("v", f32, ("batch", "music_len", patch_ch)),),
         ),
@@ -108,7 +107,6 @@ def component_specs(
                 TensorSpec("null_txt", f32, ("batch", "txt_len", t5_width)),
                 TensorSpec("null_y", f32, ("batch", clap_width)),
                 TensorSpec("guidance", f32, ("batch",)),
-                TensorSpec("rope", f32, (1, "seq_len", half_head, 2)),
             ),
             (TensorSpec("x_next", f32, ("batch", "music_len", patch_ch)),),
         )

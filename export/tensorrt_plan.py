@@ -319,7 +319,6 @@ def symbol_ranges(
             music = (tokens(lo), tokens(opt), tokens(hi))
             frames = (g.latent_frames(lo), g.latent_frames(opt), g.latent_frames(hi))
             dims["music_len"] = music
-            dims["seq_len"] = tuple(t5_len + m for m in music)
             dims["latent_frames"] = frames
             dims["mel_frames"] = tuple(f * g.vae_downsample for f in frames)
         out.append((label, dims))
@@ -353,7 +352,7 @@ def component_profiles(
 
 
 def batch_inputs(spec: ComponentSpec) -> tuple[str, ...]:
-    """Inputs whose first dimension is the batch (the rope table is shared, batch 1)."""
+    """Inputs whose first dimension is the batch."""
     return tuple(t.name for t in spec.inputs if t.shape and t.shape[0] == "batch")
 
 

@@ -123,7 +123,7 @@ def _check_against_graph(name: str, cfg, graph: GraphIO) -> list[str]:
 
 
 def _bls_contract(version_dir: Path, problems: list[str]) -> tuple[dict[str, ComponentSpec] | None, dict[str, int]]:
-    from fluxmusic.runtime.triton_bls import read_version_dir
+    from fluxmusic.export.bls_contract import read_version_dir
 
     try:
         index, _, specs = read_version_dir(version_dir)
@@ -177,7 +177,7 @@ def _accepts(config_dim: int, spec_dim: int | str, lengths: dict[str, int]) -> b
 
 
 def _check_bls_config(cfg, version_dir: Path) -> list[str]:
-    from fluxmusic.runtime.triton_bls import BLS_INPUTS, BLS_OUTPUTS
+    from fluxmusic.export.bls_contract import BLS_INPUTS, BLS_OUTPUTS
 
     where = f"{BLS_MODEL}/config.pbtxt"
     problems = []
@@ -190,7 +190,7 @@ def _check_bls_config(cfg, version_dir: Path) -> list[str]:
     for kind, entries, tensors in (("input", cfg.input, BLS_INPUTS), ("output", cfg.output, BLS_OUTPUTS)):
         have = {e.name: e for e in entries}
         for n in sorted(set(have) - {t.name for t in tensors}):
-            problems.append(f"{where}: {kind} {n!r} is not handled by fluxmusic.runtime.triton_bls")
+            problems.append(f"{where}: {kind} {n!r} is not in the BLS contract (fluxmusic.export.bls_contract)")
         for t in tensors:
             e = have.get(t.name)
             if e is None:

@@ -61,8 +61,9 @@ class GraphIO:
     def batch_dim(self) -> str | None:
         """The symbolic dim every input and output starts with, if any: then Triton may batch the model.
 
-        The transformer's RoPE table has a fixed leading 1 (shared by the batch), so it is not batchable by
-        Triton: each request already carries cond and uncond as one batch of 2B.
+        Every exported graph is (the transformer derives its RoPE table inside the graph, so it has no shared
+        batch-1 input): Triton's dynamic batcher may merge concurrent same-length requests, each of which
+        already carries cond and uncond as a batch of 2B.
         """
         firsts = {t.dims[0] if t.dims else None for t in (*self.inputs, *self.outputs)}
         first = firsts.pop() if len(firsts) == 1 else None

@@ -185,7 +185,7 @@ def _copy_onnx(src: Path, dst: Path) -> None:
 
 
 def _write_bls_model(repo: Path, model_dir: Path, components: dict, options: RepoOptions, templates: Path) -> None:
-    from fluxmusic.runtime.triton_bls import CLAP_TOKENIZER_DIR, PROBE_WEIGHTS, TOKENIZER_DIR, TRANSFORMER_CONFIG
+    from fluxmusic.export.bls_contract import CLAP_TOKENIZER_DIR, PROBE_WEIGHTS, TOKENIZER_DIR, TRANSFORMER_CONFIG
 
     from fluxmusic.step_cache import write_probe_weights
 

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from fluxmusic.backend import Backend, fused_step
 from fluxmusic.errors import FluxMusicError
 
 PROMPT = "a fast cheerful melody on a plucked string"
@@ -174,12 +175,21 @@ def reference_euler_step(reference, x, t, dt, txt, y, null_txt, null_y, guidance
     return x - dt.view(-1, 1, 1) * vel(x, t)
 
 
-def _call(backend, comp: str, inputs: dict[str, Tensor], reference: bool = False) -> Tensor:
+def _call(backend: Backend, comp: str, inputs: dict[str, Tensor], reference: bool = False) -> Tensor:
     method, names = CALLS[comp]
     args = [inputs[n] for n in names]
     if comp == "euler_step" and reference:
         return reference_euler_step(backend, *args)
-    return getattr(backend, method)(*args)
+    return getattr(backend, method)(*args)  # a method every Backend (or StepBackend, checked by the caller) has
+
+
+def with_rope(backend: Backend, inputs: dict[str, Tensor], grid_w: int) -> dict[str, Tensor]:
+    """Add the RoPE table the protocol's ``velocity``/``euler_step`` take, from the input lengths (the exported
+    graphs derive it themselves; torch uses it)."""
+    if "rope" in inputs or "x" not in inputs:
+        return inputs
+    music_len, txt_len = inputs["x"].shape[1], inputs["txt"].shape[1]
+    return {**inputs, "rope": backend.rope(txt_len, music_len // grid_w, grid_w)}
 
 
 def real_inputs(seen: dict[str, tuple], guidance: float) -> dict[str, dict[str, Tensor]]:
@@ -207,16 +217,18 @@ def real_inputs(seen: dict[str, tuple], guidance: float) -> dict[str, dict[str, 
     return out
 
 
-def random_inputs(model_dir: Path, components) -> dict[str, dict[str, Tensor]]:
+def random_inputs(model_dir: Path, components, reference: Backend) -> dict[str, dict[str, Tensor]]:
     from fluxmusic.export.onnx_export import _load_context, example_inputs
 
     ctx = _load_context(model_dir)
-    return {c: example_inputs(ctx, c, batch=2, seed=1234) for c in components}
+    g = ctx.index.geometry
+    grid_w = g.latent_width // g.patch
+    return {c: with_rope(reference, example_inputs(ctx, c, batch=2, seed=1234), grid_w) for c in components}
 
 
 def validate(
     model_dir: str | Path,
-    candidates: dict[str, object],
+    candidates: dict[str, Backend],
     variants: dict[str, str] | None = None,
     thresholds: dict[str, Thresholds] | None = None,
     reference=None,
@@ -229,7 +241,7 @@ def validate(
     """Compare each candidate backend (label -> backend) with torch fp32.
 
     ``variants`` maps a label to its precision ("fp32", "fp16", "int8", ...) which picks its thresholds
-    (default: the backend's ``variant`` attribute, else "fp32").
+    (default "fp32": a label not in ``variants`` is held to the fp32 limits).
     """
     from fluxmusic.backend import TorchBackend
     from fluxmusic.modeldir import read_index
@@ -245,7 +257,7 @@ def validate(
     gen_kw = dict(seed=seed, steps=steps, duration=duration)
     item_guidance = ref_pipe.request(prompt, **gen_kw).settings.guidance
     ref_audio = ref_pipe(prompt, **gen_kw).audio[0]
-    cases = {"random": random_inputs(model_dir, CALLS), "real": real_inputs(recorder.seen, item_guidance)}
+    cases = {"random": random_inputs(model_dir, CALLS, ref), "real": real_inputs(recorder.seen, item_guidance)}
     ref_out: dict[tuple[str, str], Tensor] = {}
     for case, comps in cases.items():
         for comp, inp in comps.items():
@@ -253,12 +265,12 @@ def validate(
 
     rows: list[Row] = []
     for label, backend in candidates.items():
-        kind = (variants or {}).get(label) or getattr(backend, "variant", "fp32")
+        kind = (variants or {}).get(label, "fp32")
         th = thresholds.get(kind, thresholds["fp32"])
         say(f"{label}: components")
         for case, comps in cases.items():
             for comp, inp in comps.items():
-                if comp == "euler_step" and not getattr(backend, "has_step_graph", False):
+                if comp == "euler_step" and fused_step(backend) is None:
                     continue
                 row = Row(label, comp, case)
                 lim_abs = th.max_abs.get(comp)

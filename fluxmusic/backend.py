@@ -1,8 +1,10 @@
-"""The torch backend: the five component calls a generation makes, on PyTorch modules.
+"""The backend protocols and the torch backend: the five component calls a generation makes.
 
-Other backends (``fluxmusic.runtime``: onnxruntime, TensorRT) provide the same methods; the pipeline only
-talks to this interface. Backends are looked up by name from :data:`BACKENDS` with a lazy import, so the
-core package never imports the runtime at module load.
+:class:`Backend` declares what every backend provides; :class:`StepBackend` and :class:`EncoderBackend` declare
+the optional capabilities (a fused Euler step, a VAE encoder), so callers test for a declared protocol with
+``isinstance`` instead of probing for attributes. Other backends (``fluxmusic.runtime``: onnxruntime,
+TensorRT) implement the same protocols; the pipeline only talks to these interfaces. Backends are looked up
+by name from :data:`BACKENDS` with a lazy import, so the core package never imports the runtime at module load.
 """
 
 from __future__ import annotations
@@ -10,11 +12,12 @@ from __future__ import annotations
 import contextlib
 import importlib
 from pathlib import Path
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 import torch
 from torch import Tensor
 
+from fluxmusic.config import FluxMusicConfig
 from fluxmusic.errors import FluxMusicError
 from fluxmusic.modeldir import ModelIndex, component_dtype
 
@@ -26,9 +29,18 @@ BACKENDS = {
 }
 
 
+@runtime_checkable
 class Backend(Protocol):
+    """What every backend provides: the five component calls of a generation and the RoPE table.
+
+    The pipeline, the validation and the servers use only these. Backends on exported graphs
+    (``fluxmusic.runtime``: onnxruntime, TensorRT; the Triton BLS model's ``InferBackend``) accept ``rope`` in
+    :meth:`velocity` for the same call signature but derive the table inside the graph from the lengths.
+    """
+
     name: str
-    transformer_config: object
+    device: torch.device
+    transformer_config: FluxMusicConfig
 
     def t5_encode(self, input_ids: Tensor) -> Tensor: ...
     def clap_encode(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor: ...
@@ -38,7 +50,48 @@ class Backend(Protocol):
     def vocode(self, mel: Tensor) -> Tensor: ...
 
 
-def make_backend(name: str, model_dir: str | Path, index: ModelIndex, device: str, dtype: torch.dtype, **options):
+@runtime_checkable
+class StepBackend(Backend, Protocol):
+    """A backend that may run a whole Euler CFG step in one call (the fused ``euler_step`` graph or engine).
+
+    ``has_step_graph`` says whether this instance has the fused graph loaded; :meth:`euler_step` computes
+    ``x - dt (v_u + g (v_c - v_u))`` with ``v`` the velocity of ``[x; x]`` under ``[txt; null_txt]``.
+    """
+
+    has_step_graph: bool
+
+    def euler_step(
+        self,
+        x: Tensor,
+        t: Tensor,
+        dt: Tensor,
+        txt: Tensor,
+        y: Tensor,
+        null_txt: Tensor,
+        null_y: Tensor,
+        guidance: Tensor,
+        rope: Tensor,
+    ) -> Tensor: ...
+
+
+@runtime_checkable
+class EncoderBackend(Backend, Protocol):
+    """A backend that can also encode audio into the VAE latent (training, audio-conditioned generation)."""
+
+    def vae_encode(self, mel: Tensor, sample: bool = False, generator: torch.Generator | None = None) -> Tensor: ...
+
+
+def fused_step(backend: Backend) -> StepBackend | None:
+    """The backend as a :class:`StepBackend` when it has the fused step graph loaded, else ``None``."""
+    if isinstance(backend, StepBackend) and backend.has_step_graph:
+        return backend
+    return None
+
+
+def make_backend(
+    name: str, model_dir: str | Path, index: ModelIndex, device: str, dtype: torch.dtype, **options
+) -> Backend:
+    """Construct backend ``name`` (see :data:`BACKENDS`); ``options`` go to its constructor."""
     if name not in BACKENDS:
         raise FluxMusicError(f"unknown backend {name!r}; allowed: {', '.join(BACKENDS)}")
     module_name, factory = BACKENDS[name].split(":")
@@ -46,7 +99,10 @@ def make_backend(name: str, model_dir: str | Path, index: ModelIndex, device: st
         module = importlib.import_module(module_name)
     except ImportError as e:
         raise FluxMusicError(f"backend {name!r} is not available here: {e}") from e
-    return getattr(module, factory)(model_dir, index, device=device, dtype=dtype, **options)
+    backend = getattr(module, factory)(model_dir, index, device=device, dtype=dtype, **options)
+    if not isinstance(backend, Backend):  # a programming error in a backend, not a user error
+        raise TypeError(f"{BACKENDS[name]} does not implement fluxmusic.backend.Backend")
+    return backend
 
 
 def check_device(device: str | torch.device) -> torch.device:

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import torch
-from torch import Tensor
+import torch.nn.functional as F
+from torch import Tensor, nn
 
 
 def rope_table(ids: Tensor, axes_dim: tuple[int, ...], theta: int, float64: bool = True) -> Tensor:
@@ -51,3 +52,55 @@ class RopeCache:
 
     def __len__(self) -> int:
         return len(self._tables)
+
+
+#: Significant bits kept in the "high" part of each frequency: an integer position below 2 ** (24 - 11)
+#: times it is exact in float32, so only the small "low" product rounds (see :class:`LengthRope`).
+_HI_BITS = 11
+#: Positions up to this are handled at float64-table accuracy by :class:`LengthRope`.
+MAX_EXACT_POSITION = 2 ** (24 - _HI_BITS)
+
+
+def _split_frequencies(axes_dim: tuple[int, ...], theta: int) -> tuple[Tensor, Tensor]:
+    """Per-frequency omega (concatenated over the axes), split in float64 as hi + lo, both float32."""
+    omega = torch.cat([1.0 / (theta ** (torch.arange(0, d, 2, dtype=torch.float64) / d)) for d in axes_dim])
+    exp = torch.floor(torch.log2(omega))
+    step = torch.pow(2.0, exp - (_HI_BITS - 1))  # one unit in the last of _HI_BITS significant bits
+    hi = torch.round(omega / step) * step
+    return hi.float(), (omega - hi).float()
+
+
+class LengthRope(nn.Module):
+    """The RoPE table of a ``[text; music]`` sequence from its two lengths, in float32 ops only.
+
+    For exported graphs: the table is derived inside the graph from the shapes of ``txt`` and ``x`` (text ids
+    all zero; music token ``i`` at ``(0, i // grid_w, i % grid_w)``), so any consistent dynamic dims work and
+    no float64 is ever in a graph. Accuracy matches the float64 table (:func:`rope_table`) to ~1e-7: each
+    frequency is split as ``hi + lo`` with ``hi`` short enough that ``pos * hi`` is exact in float32, then
+    ``cos(a + b) = cos a cos b - sin a sin b`` (and the same for sin) -- a plain float32 ``pos * omega``
+    would be off by up to ~1e-5 at position 128.
+    """
+
+    def __init__(self, axes_dim: tuple[int, ...], theta: int, grid_w: int) -> None:
+        super().__init__()
+        self.grid_w = int(grid_w)
+        hi, lo = _split_frequencies(tuple(axes_dim), theta)
+        # axis of each frequency: which id column multiplies it
+        axis = torch.cat([torch.full((d // 2,), i, dtype=torch.int64) for i, d in enumerate(axes_dim)])
+        self.register_buffer("omega_hi", hi, persistent=False)
+        self.register_buffer("omega_lo", lo, persistent=False)
+        self.register_buffer("axis_onehot", F.one_hot(axis, len(axes_dim)).T.float(), persistent=False)
+
+    def forward(self, txt_len_like: Tensor, music_len_like: Tensor) -> Tensor:
+        """-> ``[1, txt_len + music_len, sum(axes_dim) / 2, 2]`` float32; lengths are dim 1 of the two tensors."""
+        dev = self.omega_hi.device
+        i = torch.arange(music_len_like.shape[1], device=dev)
+        music = torch.stack((torch.zeros_like(i), i // self.grid_w, i % self.grid_w), dim=-1)
+        text = torch.zeros(txt_len_like.shape[1], 3, dtype=torch.int64, device=dev)
+        ids = torch.cat((text, music), dim=0).float()  # [L, 3], small integers: exact in float32
+        pos = ids @ self.axis_onehot  # [L, F]: each frequency's own axis position (exact: one nonzero term)
+        a, b = pos * self.omega_hi, pos * self.omega_lo
+        cos_a, sin_a, cos_b, sin_b = torch.cos(a), torch.sin(a), torch.cos(b), torch.sin(b)
+        cos = cos_a * cos_b - sin_a * sin_b
+        sin = sin_a * cos_b + cos_a * sin_b
+        return torch.stack((cos, sin), dim=-1).unsqueeze(0)

@@ -7,7 +7,7 @@ kernel on fake tensors under ``TRITON_INTERPRET=1``, so it could not be tested w
 passes are the closed-form torch formulas in :mod:`.backward`.
 
 Attention stays the library's ``scaled_dot_product_attention`` (FlashAttention-2 / memory-efficient backends on
-CUDA): see the "Triton kernels" section of the README for why it is not replaced by a RoPE-in-load kernel.
+CUDA): see docs/kernels.md for why it is not replaced by a RoPE-in-load kernel.
 """
 
 from __future__ import annotations

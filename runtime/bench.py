@@ -148,8 +148,8 @@ def bench_config(
         "t": torch.rand(batch),
         "txt": torch.randn(batch, txt_len, t5_width),
         "y": torch.randn(batch, clap_width),
-        "rope": model.rope_for(txt_len, gh, gw),
     }
+    rope = model.rope_for(txt_len, gh, gw)  # torch's cached table; the ONNX graph derives its own from the lengths
     results: dict[str, dict[str, float]] = {}
     label = f"transformer ({config_name}, batch {batch}, {gh * gw}+{txt_len} tokens)"
     with tempfile.TemporaryDirectory(prefix="fluxmusic-bench-") as tmp:
@@ -158,7 +158,7 @@ def bench_config(
         if any(b.startswith("onnx") for b in backends):
             _say(f"{config_name}: exporting the transformer to ONNX")
             paths["onnx"] = Path(tmp) / "transformer.onnx"
-            export_graph(TransformerGraph(model), spec, inputs, paths["onnx"], 18, {})
+            export_graph(TransformerGraph(model, gw), spec, inputs, paths["onnx"], 18, {})
             if "onnx-int8" in backends:
                 _say(f"{config_name}: int8 dynamic quantisation")
                 paths["onnx-int8"] = quantize_file(paths["onnx"], Path(tmp) / "transformer.int8.onnx")
@@ -170,9 +170,9 @@ def bench_config(
                 def run(ctx=ctx):
                     with torch.no_grad():
                         if ctx is None:
-                            return model(**inputs)
+                            return model(**inputs, rope=rope)
                         with ctx():
-                            return model(**inputs)
+                            return model(**inputs, rope=rope)
             else:
                 g = OrtGraph(
                     paths[name],

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import grpc
 import numpy as np
-from fluxmusic.runtime.audio_codec import ENCODINGS, decode_audio
+from fluxmusic.runtime.audio_codec import decode_audio
 from fluxmusic.runtime.proto.fluxmusic.v1 import fluxmusic_pb2 as pb2
 from fluxmusic.runtime.proto.fluxmusic.v1 import fluxmusic_pb2_grpc as pb2_grpc
 from google.protobuf.json_format import MessageToDict
@@ -72,12 +72,15 @@ def build_request(
     preset: str | None = None,
     guidance_interval: tuple[float, float] | None = None,
     cache_threshold: float | None = None,
+    stream: bool = False,
 ):
-    """A ``GenerateRequest``; None leaves a field unset (the server's default). ``shift=1.0`` is no shift."""
+    """A ``GenerateRequest`` (``GenerateStreamRequest`` with ``stream``: the same fields); None leaves a field
+    unset (the server's default). ``shift=1.0`` is no shift."""
     if encoding not in ENCODING_VALUE:
-        raise FluxMusicError(f"encoding {encoding!r} is not supported; allowed: {', '.join(ENCODINGS)}")
-    req = pb2.GenerateRequest(prompt=prompt, negative_prompt=negative_prompt or "", solver=solver or "",
-                              num_waveforms=num_waveforms, encoding=ENCODING_VALUE[encoding], preset=preset or "")
+        raise FluxMusicError(f"encoding {encoding!r} is not supported; allowed: {', '.join(ENCODING_VALUE)}")
+    message = pb2.GenerateStreamRequest if stream else pb2.GenerateRequest
+    req = message(prompt=prompt, negative_prompt=negative_prompt or "", solver=solver or "",
+                  num_waveforms=num_waveforms, encoding=ENCODING_VALUE[encoding], preset=preset or "")
     lo, hi = guidance_interval if guidance_interval is not None else (None, None)
     for name, value in (("duration", duration), ("steps", steps), ("guidance", guidance), ("shift", shift),
                         ("seed", seed), ("guidance_interval_min", lo), ("guidance_interval_max", hi),
@@ -109,7 +112,7 @@ class FluxMusicClient:
         else:
             self.channel = grpc.insecure_channel(target, options)
         self.metadata = (("authorization", f"Bearer {token}"),) if token else ()
-        self.stub = pb2_grpc.FluxMusicStub(self.channel)
+        self.stub = pb2_grpc.FluxMusicServiceStub(self.channel)
         self.target = target
 
     # ------------------------------------------------------------------------------------ generation
@@ -123,7 +126,8 @@ class FluxMusicClient:
 
     def stream(self, prompt: str, *, timeout: float | None = None, **options) -> Iterator:
         """The raw GenerateStream call: iterate its events; ``.cancel()`` stops the server's work."""
-        return self.stub.GenerateStream(build_request(prompt, **options), timeout=timeout, metadata=self.metadata)
+        request = build_request(prompt, stream=True, **options)
+        return self.stub.GenerateStream(request, timeout=timeout, metadata=self.metadata)
 
     def generate_stream(
         self,

@@ -41,8 +41,8 @@ class Metrics:
         )
 
     def stats(self, pb2) -> object:
-        """A ``fluxmusic.v1.Stats`` message built from the registry's current samples."""
-        out = pb2.Stats(uptime_seconds=time.monotonic() - self.started)
+        """A ``fluxmusic.v1.GetStatsResponse`` message built from the registry's current samples."""
+        out = pb2.GetStatsResponse(uptime_seconds=time.monotonic() - self.started)
         for family in self.registry.collect():
             samples = family.samples
             if family.name == "fluxmusic_requests":

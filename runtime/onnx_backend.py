@@ -9,10 +9,11 @@
   and ``inter_op_threads`` (0 = onnxruntime's default), ``enable_profiling``.
 - IO binding: inputs are bound to the caller's torch tensors' memory and outputs to torch tensors this
   backend allocates, on the tensors' device (CPU, or CUDA with a CUDA build). So ``velocity`` in the
-  sampling loop copies nothing: no numpy conversion of the [B, L, 4096] text tensor, the RoPE table or the
-  state every step; the fused step graph (:meth:`euler_step`) is one call per Euler step. On CPU this saves
-  the per-step copies of the inputs and the output (``session.run`` with numpy arrays copies every output
-  into a new array); on a GPU it also keeps host-device transfers out of the loop.
+  sampling loop copies nothing: no numpy conversion of the [B, L, 4096] text tensor or the state every step
+  (the graphs derive the RoPE table themselves from the lengths); the fused step graph (:meth:`euler_step`) is
+  one call per Euler step of the one sampler loop. On CPU this saves the per-step
+  copies of the inputs and the output (``session.run`` with numpy arrays copies every output into a new
+  array); on a GPU it also keeps host-device transfers out of the loop.
 - ``variant``: which transformer graph to run, "fp32" (default), "fp16" or "int8" (dynamic quantisation,
   CPU).
 - A component missing from the ONNX directory runs on PyTorch instead, with a log line saying so.
@@ -235,9 +236,10 @@ class OnnxBackend:
 
     @torch.no_grad()
     def velocity(self, x: Tensor, t: Tensor, txt: Tensor, y: Tensor, rope: Tensor) -> Tensor:
+        """``rope`` is accepted for the protocol; the graph (and its torch twin) derive it from the lengths."""
         if "transformer" not in self.graphs:
-            return self._torch_module("transformer")(x, t, txt, y, rope)
-        return self.graphs["transformer"].run(tuple(x.shape), x=x, t=t, txt=txt, y=y, rope=rope)
+            return self._torch_module("transformer")(x.to(self.device), t, txt, y)
+        return self.graphs["transformer"].run(tuple(x.shape), x=x, t=t, txt=txt, y=y)
 
     def rope(self, txt_len: int, grid_h: int, grid_w: int) -> Tensor:
         from fluxmusic.rope import RopeCache
@@ -279,12 +281,12 @@ class OnnxBackend:
     @torch.no_grad()
     def euler_step(self, x, t, dt, txt, y, null_txt, null_y, guidance, rope) -> Tensor:
         """One Euler CFG step in one graph call: x - dt (v_u + g (v_c - v_u)). The pipeline plugs it into
-        ``flow.sample`` as the step function (the one sampler loop) when :attr:`has_step_graph`."""
+        ``flow.sample`` as the step function (the one sampler loop) when :attr:`has_step_graph`. ``rope`` is
+        accepted for the protocol; the step graph derives the table from the lengths."""
         from fluxmusic.export.spec import STEP_NAME
 
         if STEP_NAME not in self.graphs:
             raise FluxMusicError(f"{self.onnx_dir} has no {STEP_NAME} graph; export it with --step-graph")
         return self.graphs[STEP_NAME].run(
             tuple(x.shape), x=x, t=t, dt=dt, txt=txt, y=y, null_txt=null_txt, null_y=null_y, guidance=guidance,
-            rope=rope,
         )

@@ -23,7 +23,7 @@ from grpc_reflection.v1alpha import reflection
 from fluxmusic.errors import FluxMusicError
 
 log = logging.getLogger("fluxmusic.serve")
-SERVICE_NAME = pb2.DESCRIPTOR.services_by_name["FluxMusic"].full_name
+SERVICE_NAME = pb2.DESCRIPTOR.services_by_name["FluxMusicService"].full_name
 
 
 @dataclass
@@ -110,7 +110,7 @@ class FluxMusicServer:
             maximum_concurrent_rpcs=workers,
         )
         model_info = build_model_info(self.pipe, self.limits, c.max_batch, c.max_delay_ms, c.max_queue)
-        pb2_grpc.add_FluxMusicServicer_to_server(
+        pb2_grpc.add_FluxMusicServiceServicer_to_server(
             FluxMusicService(self.pipe, self.scheduler, self.limits, self.metrics, model_info), self._grpc
         )
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._grpc)

@@ -1,4 +1,4 @@
-"""The ``fluxmusic.v1.FluxMusic`` servicer: validation, admission, streaming, responses, and request logs."""
+"""The ``fluxmusic.v1.FluxMusicService`` servicer: validation, admission, streaming, responses, and request logs."""
 
 from __future__ import annotations
 
@@ -48,7 +48,7 @@ class _Call:
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
-class FluxMusicService(pb2_grpc.FluxMusicServicer):
+class FluxMusicService(pb2_grpc.FluxMusicServiceServicer):
     def __init__(self, pipe, scheduler: BatchScheduler, limits: Limits, metrics: Metrics, model_info) -> None:
         self.pipe, self.scheduler, self.limits, self.metrics = pipe, scheduler, limits, metrics
         self.model_info = model_info
@@ -80,7 +80,7 @@ class FluxMusicService(pb2_grpc.FluxMusicServicer):
             )
             while (event := events.get()) is not None:
                 step, total, now = event
-                yield pb2.GenerateEvent(
+                yield pb2.GenerateStreamResponse(
                     progress=pb2.Progress(step=step, total=total, elapsed_ms=1e3 * (now - call.received))
                 )
             response = self._respond(job, call)
@@ -89,7 +89,7 @@ class FluxMusicService(pb2_grpc.FluxMusicServicer):
             context.set_trailing_metadata((("x-request-id", call.request_id),))
             context.abort(r.code, str(r))
         self._end(call, grpc.StatusCode.OK, "", job, request)
-        yield pb2.GenerateEvent(result=response)
+        yield pb2.GenerateStreamResponse(result=response)
 
     def GetModelInfo(self, request, context):
         return self.model_info
@@ -233,7 +233,7 @@ def build_model_info(pipe, limits: Limits, max_batch: int, max_delay_ms: float, 
     defaults = pb2.Defaults(steps=d.steps, guidance=d.guidance, solver=d.solver)
     if d.shift is not None:
         defaults.shift = d.shift
-    return pb2.ModelInfo(
+    return pb2.GetModelInfoResponse(
         name=pipe.index.name,
         backend=getattr(pipe.backend, "name", type(pipe.backend).__name__),
         device=str(getattr(pipe.backend, "device", "cpu")),

@@ -31,7 +31,7 @@ log = logging.getLogger("fluxmusic.runtime.tensorrt")
 NEEDS_CUDA = (
     "the tensorrt backend needs a CUDA GPU, and CUDA is not available here; use --backend torch or --backend onnx"
 )
-#: Inputs whose first dim is the batch, per component (the rope table is shared across the batch).
+#: Inputs whose first dim is the batch, per component (every input of the exported graphs).
 BATCH_INPUTS = {
     "t5": ("input_ids",),
     "clap": ("input_ids", "attention_mask"),
@@ -129,8 +129,9 @@ class TensorRTBackend:
 
     @torch.no_grad()
     def velocity(self, x: Tensor, t: Tensor, txt: Tensor, y: Tensor, rope: Tensor) -> Tensor:
+        """``rope`` feeds only the torch fallback; the engine derives the table from the lengths."""
         if "transformer" in self.engines:
-            return self.engines["transformer"]({"x": x, "t": t, "txt": txt, "y": y, "rope": rope})["v"]
+            return self.engines["transformer"]({"x": x, "t": t, "txt": txt, "y": y})["v"]
         return self._fallback.velocity(x, t, txt, y, rope)
 
     def rope(self, txt_len: int, grid_h: int, grid_w: int) -> Tensor:
@@ -155,11 +156,13 @@ class TensorRTBackend:
         return STEP_NAME in self.engines
 
     @torch.no_grad()
-    def euler_step(self, **feeds: Tensor) -> Tensor:
-        """One fused CFG Euler step (inputs of the ``euler_step`` spec); needs ``step_graph=True`` and its engine."""
+    def euler_step(self, x, t, dt, txt, y, null_txt, null_y, guidance, rope) -> Tensor:
+        """One fused CFG Euler step on the ``euler_step`` engine (needs ``step_graph=True`` and the engine);
+        the engine derives RoPE from the lengths, so ``rope`` is not fed."""
         if STEP_NAME not in self.engines:
             raise FluxMusicError("no euler_step engine loaded (build it and pass step_graph=True)")
-        return self.engines[STEP_NAME](feeds)["x_next"]
+        feeds = {"x": x, "t": t, "dt": dt, "txt": txt, "y": y, "null_txt": null_txt, "null_y": null_y}
+        return self.engines[STEP_NAME]({**feeds, "guidance": guidance})["x_next"]
 
 
 def _read_manifest(engine_dir: Path) -> dict:

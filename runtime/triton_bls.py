@@ -15,70 +15,35 @@ The version directory of the BLS model holds what the pipeline needs besides the
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-from fluxmusic.export.spec import COMPONENT_NAMES, ComponentSpec, component_specs
+from fluxmusic.export.bls_contract import (  # noqa: F401  (re-exported: model.py imports them from here)
+    BLS_INPUTS,
+    BLS_OUTPUTS,
+    CLAP_TOKENIZER_DIR,
+    PROBE_WEIGHTS,
+    TOKENIZER_DIR,
+    TRANSFORMER_CONFIG,
+    VERSION_FILES,
+    BlsTensor,
+    read_version_dir,
+)
+from fluxmusic.export.spec import COMPONENT_NAMES, ComponentSpec
 from torch import Tensor
 
 from fluxmusic.config import FluxMusicConfig
 from fluxmusic.errors import FluxMusicError
-from fluxmusic.modeldir import INDEX, NULL_EMBEDDINGS, ModelIndex, read_null_embeddings
+from fluxmusic.modeldir import read_null_embeddings
 from fluxmusic.pipeline import FluxMusicPipeline, ProgressFn
 from fluxmusic.rope import RopeCache
 from fluxmusic.sampling import FULL_INTERVAL
 
 #: ``infer(model_name, {input name: array}) -> {output name: array}``: one call of a component model.
 InferFn = Callable[[str, Mapping[str, np.ndarray]], Mapping[str, np.ndarray]]
-
-#: Files of the BLS model's version directory besides ``model.py``.
-TOKENIZER_DIR = "tokenizer"
-CLAP_TOKENIZER_DIR = "clap_tokenizer"
-TRANSFORMER_CONFIG = "transformer_config.json"
-#: Optional: the transformer's first-block weights, for step caching (``fluxmusic.step_cache``).
-PROBE_WEIGHTS = "step_cache_probe.safetensors"
-VERSION_FILES = (INDEX, NULL_EMBEDDINGS, TRANSFORMER_CONFIG, TOKENIZER_DIR, CLAP_TOKENIZER_DIR)
-
-
-@dataclass(frozen=True)
-class BlsTensor:
-    """One input or output of the BLS model itself, in Triton's terms."""
-
-    name: str
-    data_type: str  # Triton TYPE_*
-    dims: tuple[int, ...]
-    optional: bool = False
-
-
-#: The BLS model's request inputs: every generation setting is per request (absent = the preset's value when a
-#: preset is named, else the model's default), resolved and validated by ``fluxmusic.sampling`` as everywhere.
-BLS_INPUTS = (
-    BlsTensor("prompt", "TYPE_STRING", (1,)),
-    BlsTensor("negative_prompt", "TYPE_STRING", (1,), optional=True),
-    BlsTensor("duration", "TYPE_FP32", (1,), optional=True),
-    BlsTensor("steps", "TYPE_INT32", (1,), optional=True),
-    BlsTensor("guidance", "TYPE_FP32", (1,), optional=True),
-    BlsTensor("seed", "TYPE_INT64", (1,), optional=True),
-    BlsTensor("solver", "TYPE_STRING", (1,), optional=True),
-    BlsTensor("shift", "TYPE_FP32", (1,), optional=True),
-    BlsTensor("preset", "TYPE_STRING", (1,), optional=True),
-    BlsTensor("guidance_interval_min", "TYPE_FP32", (1,), optional=True),
-    BlsTensor("guidance_interval_max", "TYPE_FP32", (1,), optional=True),
-    BlsTensor("cache_threshold", "TYPE_FP32", (1,), optional=True),
-)
-#: Outputs: the waveform, the seed used (random when none was given) and its sample rate. In decoupled mode
-#: progress responses carry only ``step`` and ``total_steps``; the final response carries the rest.
-BLS_OUTPUTS = (
-    BlsTensor("audio", "TYPE_FP32", (-1,)),
-    BlsTensor("seed_used", "TYPE_INT64", (1,)),
-    BlsTensor("sample_rate", "TYPE_INT32", (1,)),
-    BlsTensor("step", "TYPE_INT32", (1,)),
-    BlsTensor("total_steps", "TYPE_INT32", (1,)),
-)
 
 
 @dataclass
@@ -201,19 +166,6 @@ class InferBackend:
 
     def vocode(self, mel: Tensor) -> Tensor:
         return self.call("vocoder", mel=mel)
-
-
-def read_version_dir(version_dir: str | Path) -> tuple[ModelIndex, FluxMusicConfig, dict[str, ComponentSpec]]:
-    """The model index, transformer config and component contract stored in a BLS version directory."""
-    version_dir = Path(version_dir)
-    missing = [f for f in VERSION_FILES if not (version_dir / f).exists()]
-    if missing:
-        raise FluxMusicError(f"BLS version directory {version_dir} is incomplete; missing: {', '.join(missing)}")
-    index = ModelIndex.from_dict(json.loads((version_dir / INDEX).read_text()), str(version_dir / INDEX))
-    cfg = FluxMusicConfig.load(version_dir / TRANSFORMER_CONFIG)
-    null = read_null_embeddings(version_dir)
-    specs = component_specs(cfg, index.geometry, int(null.txt.shape[-1]), int(null.y.shape[-1]))
-    return index, cfg, specs
 
 
 class FluxMusicBls:

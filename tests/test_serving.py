@@ -112,6 +112,48 @@ def test_generated_code_in_sync(tmp_path):
         assert filecmp.cmp(path, committed, shallow=False), f"{committed} is stale: run python -m {codegen.__name__}"
 
 
+def _fields(message) -> list[tuple]:
+    return [
+        (f.name, f.number, f.type, f.is_repeated, f.has_presence, f.enum_type and f.enum_type.full_name)
+        for f in message.DESCRIPTOR.fields
+    ]
+
+
+def test_stream_request_has_exactly_the_generate_request_fields():
+    """GenerateStream has its own request type (buf lint: one request type per RPC) with the same fields, so
+    one validation reads both; a field added to one must be added to the other."""
+    assert _fields(pb2.GenerateStreamRequest) == _fields(pb2.GenerateRequest)
+    assert type(build_request("x", stream=True)) is pb2.GenerateStreamRequest
+    assert type(build_request("x")) is pb2.GenerateRequest
+
+
+def test_rpc_types_follow_buf_standard_names():
+    """What `buf lint` STANDARD asks of the service (the lint itself runs in .ci/run and below when buf is here)."""
+    service = pb2.DESCRIPTOR.services_by_name["FluxMusicService"]
+    for m in service.methods:
+        assert m.input_type.name == f"{m.name}Request", m.name
+        assert m.output_type.name == f"{m.name}Response", m.name
+
+
+def _buf() -> str | None:
+    import shutil
+    from pathlib import Path
+
+    local = Path(__file__).resolve().parents[1] / ".buf" / "node_modules" / ".bin" / "buf"
+    return str(local) if local.is_file() else shutil.which("buf")
+
+
+@pytest.mark.skipif(_buf() is None, reason="buf is not installed (.ci/run installs it from npm into .buf/)")
+def test_buf_lint_and_no_breaking_change_against_the_committed_api():
+    import subprocess
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    for args in (["lint"], ["breaking", "--against", "runtime/proto/fluxmusic.v1.binpb"]):
+        r = subprocess.run([_buf(), *args], cwd=root, capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0, f"buf {args[0]}: {r.stdout}{r.stderr}"
+
+
 def test_max_response_fits_the_limit(server):
     lim = server.limits
     samples = int(round(lim.max_duration * lim.sample_rate))
@@ -397,17 +439,19 @@ def test_tls_with_token(pipe_server, tmp_path):
 # ------------------------------------------------------------------------------------------ stock tooling
 def test_health_and_reflection(client, server):
     health = health_pb2_grpc.HealthStub(client.channel)
-    for service in ("", "fluxmusic.v1.FluxMusic"):
+    for service in ("", "fluxmusic.v1.FluxMusicService"):
         status = health.Check(health_pb2.HealthCheckRequest(service=service)).status
         assert status == health_pb2.HealthCheckResponse.SERVING
     from google.protobuf.descriptor_pool import DescriptorPool
     from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 
     db = ProtoReflectionDescriptorDatabase(client.channel)
-    assert {"fluxmusic.v1.FluxMusic", "grpc.health.v1.Health"} <= set(db.get_services())
-    service = DescriptorPool(db).FindServiceByName("fluxmusic.v1.FluxMusic")
+    assert {"fluxmusic.v1.FluxMusicService", "grpc.health.v1.Health"} <= set(db.get_services())
+    service = DescriptorPool(db).FindServiceByName("fluxmusic.v1.FluxMusicService")
     assert {m.name for m in service.methods} == {"Generate", "GenerateStream", "GetModelInfo", "GetStats"}
     assert service.methods_by_name["GenerateStream"].server_streaming
+    assert service.methods_by_name["GenerateStream"].input_type.full_name == "fluxmusic.v1.GenerateStreamRequest"
+    assert service.methods_by_name["GetStats"].output_type.full_name == "fluxmusic.v1.GetStatsResponse"
 
 
 def test_model_info(client, pipe_server):

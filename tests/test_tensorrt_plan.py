@@ -119,7 +119,7 @@ def test_transformer_profile_doubles_batch_and_sizes_music_from_durations():
     assert prof["t"].max == (8,)
     assert prof["txt"].min == (1, 256, 4096) and prof["txt"].max == (8, 256, 4096)  # text length fixed
     assert prof["y"].max == (8, 768)
-    assert prof["rope"].min == (1, 256 + 512, 16, 2) and prof["rope"].max == (1, 256 + 1024, 16, 2)
+    assert [n for n, _ in prof.shapes] == ["x", "t", "txt", "y"]  # RoPE is derived inside the graph
 
 
 def test_decoder_profiles_follow_durations_and_request_batch():
@@ -165,8 +165,7 @@ def test_runtime_selects_the_planned_profile_and_pads_static_batches():
         return [{n: (r.min, r.max) for n, r in p.shapes} for p in build.profiles]
 
     def call(batch, tokens):
-        return {"x": (batch, tokens, 32), "t": (batch,), "txt": (batch, 256, 4096), "y": (batch, 768),
-                "rope": (1, 256 + tokens, 16, 2)}  # fmt: skip
+        return {"x": (batch, tokens, 32), "t": (batch,), "txt": (batch, 256, 4096), "y": (batch, 768)}
 
     batch_inputs = ("x", "t", "txt", "y")
     buckets = build_of(plan("fp16", RequestLimits(max_batch=2, durations=(2.56, 5.12, 10.24))), "transformer")
@@ -177,7 +176,6 @@ def test_runtime_selects_the_planned_profile_and_pads_static_batches():
     static = build_of(plan("fp16", RequestLimits(max_batch=2, durations=(10.24,), static=True)), "transformer")
     profile, shapes = select_profile(ranges(static), call(2, 1024), batch_inputs)
     assert profile == 0 and shapes == call(4, 1024)  # zero-padded up to the static CFG batch
-    assert shapes["rope"] == (1, 1280, 16, 2)  # the shared table is not padded
 
 
 def test_bad_limits_name_the_value():
@@ -395,7 +393,8 @@ def test_engines_match_onnxruntime(tiny_model, tiny_engines):
     assert all(v.startswith("tensorrt:") for v in be.placement.values()), be.placement
     ctx = _load_context(tiny_model)
     feeds = {c: example_inputs(ctx, c) for c in ("transformer", "vae_decoder", "vocoder")}
-    v = be.velocity(*(feeds["transformer"][k].cuda() for k in ("x", "t", "txt", "y", "rope"))).cpu().numpy()
+    rope = be.rope(feeds["transformer"]["txt"].shape[1], feeds["transformer"]["x"].shape[1] // 8, 8)
+    v = be.velocity(*(feeds["transformer"][k].cuda() for k in ("x", "t", "txt", "y")), rope).cpu().numpy()
     assert np.abs(v - _ort(onnx_dir / "transformer.onnx", feeds["transformer"])).max() <= 1e-4
     mel = be.vae_decode(feeds["vae_decoder"]["latent"].cuda()).cpu().numpy()
     assert _cos(mel, _ort(onnx_dir / "vae_decoder.onnx", feeds["vae_decoder"])) >= 0.9999

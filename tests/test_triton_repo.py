@@ -58,15 +58,19 @@ def test_repository_configs_parse_with_triton_schema(setup):
         assert (repo / name / "1" / "model.onnx").is_file()
         assert cfg.instance_group[0].count == 1
         assert cfg.instance_group[0].kind == model_config_pb2.ModelInstanceGroup.KIND_AUTO
-    # Batchable components get Triton batching; the transformer's shared RoPE input (leading 1) is not batchable.
-    for name in ("t5", "clap", "vae_decoder", "vocoder"):
+    # Every component is batchable by Triton: the transformer derives RoPE in the graph (no shared batch-1 input).
+    for name in COMPONENT_NAMES:
         assert configs[name].max_batch_size == 8 and configs[name].HasField("dynamic_batching"), name
-    assert configs["transformer"].max_batch_size == 0 and not configs["transformer"].HasField("dynamic_batching")
 
     null_width = 48  # the tiny T5's d_model
     assert _dims(configs["t5"].input) == {"input_ids": ("TYPE_INT64", [-1])}
     assert _dims(configs["t5"].output) == {"last_hidden_state": ("TYPE_FP32", [-1, null_width])}
-    assert _dims(configs["transformer"].input)["rope"] == ("TYPE_FP32", [1, -1, 8, 2])
+    assert _dims(configs["transformer"].input) == {
+        "x": ("TYPE_FP32", [-1, 32]),
+        "t": ("TYPE_FP32", []),
+        "txt": ("TYPE_FP32", [-1, null_width]),
+        "y": ("TYPE_FP32", [32]),
+    }
     assert _dims(configs["vae_decoder"].input) == {"latent": ("TYPE_FP32", [8, -1, 16])}
 
     bls = configs["fluxmusic"]

@@ -119,7 +119,7 @@ def generate(pipe: FluxMusicPipeline, prompts: Sequence[str], seed: int, steps: 
 def evaluate(pipe: FluxMusicPipeline, prompts: Sequence[Prompt], ref: Reference, embedder: Embedder, *,
              steps: int, solver: str, guidance: float, shift: float | None, seed: int = 0, batch_size: int = 4,
              untrained: bool = True, progress: bool = True) -> dict:
-    """All metrics for the model and the baselines; see the README's Quality section for their definitions."""
+    """All metrics for the model and the baselines; see docs/quality.md for their definitions."""
     sr = pipe.sample_rate
     texts = [p.text for p in prompts]
     stated = [p.attributes for p in prompts]

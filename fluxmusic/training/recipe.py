@@ -71,7 +71,7 @@ class Recipe:
 
     hours: float  # synth corpus hours (toy); the rendered corpus is sized by render_works
     seed: int
-    nominal_minutes: float  # wall time of the whole recipe with these steps on this machine (README)
+    nominal_minutes: float  # wall time of the whole recipe with these steps on this machine (docs/default-model.md)
     vae: VAEConfig
     vae_stage: Stage
     vae_crop_frames: int

@@ -25,7 +25,7 @@ if _version_not_supported:
     )
 
 
-class FluxMusicStub:
+class FluxMusicServiceStub:
     """Missing associated documentation comment in .proto file."""
 
     def __init__(self, channel):
@@ -35,28 +35,28 @@ class FluxMusicStub:
             channel: A grpc.Channel.
         """
         self.Generate = channel.unary_unary(
-                '/fluxmusic.v1.FluxMusic/Generate',
+                '/fluxmusic.v1.FluxMusicService/Generate',
                 request_serializer=fluxmusic_dot_v1_dot_fluxmusic__pb2.GenerateRequest.SerializeToString,
                 response_deserializer=fluxmusic_dot_v1_dot_fluxmusic__pb2.GenerateResponse.FromString,
                 _registered_method=True)
         self.GenerateStream = channel.unary_stream(
-                '/fluxmusic.v1.FluxMusic/GenerateStream',
-                request_serializer=fluxmusic_dot_v1_dot_fluxmusic__pb2.GenerateRequest.SerializeToString,
-                response_deserializer=fluxmusic_dot_v1_dot_fluxmusic__pb2.GenerateEvent.FromString,
+                '/fluxmusic.v1.FluxMusicService/GenerateStream',
+                request_serializer=fluxmusic_dot_v1_dot_fluxmusic__pb2.GenerateStreamRequest.SerializeToString,
+                response_deserializer=fluxmusic_dot_v1_dot_fluxmusic__pb2.GenerateStreamResponse.FromString,
                 _registered_method=True)
         self.GetModelInfo = channel.unary_unary(
-                '/fluxmusic.v1.FluxMusic/GetModelInfo',
+                '/fluxmusic.v1.FluxMusicService/GetModelInfo',
                 request_serializer=fluxmusic_dot_v1_dot_fluxmusic__pb2.GetModelInfoRequest.SerializeToString,
-                response_deserializer=fluxmusic_dot_v1_dot_fluxmusic__pb2.ModelInfo.FromString,
+                response_deserializer=fluxmusic_dot_v1_dot_fluxmusic__pb2.GetModelInfoResponse.FromString,
                 _registered_method=True)
         self.GetStats = channel.unary_unary(
-                '/fluxmusic.v1.FluxMusic/GetStats',
+                '/fluxmusic.v1.FluxMusicService/GetStats',
                 request_serializer=fluxmusic_dot_v1_dot_fluxmusic__pb2.GetStatsRequest.SerializeToString,
-                response_deserializer=fluxmusic_dot_v1_dot_fluxmusic__pb2.Stats.FromString,
+                response_deserializer=fluxmusic_dot_v1_dot_fluxmusic__pb2.GetStatsResponse.FromString,
                 _registered_method=True)
 
 
-class FluxMusicServicer:
+class FluxMusicServiceServicer:
     """Missing associated documentation comment in .proto file."""
 
     def Generate(self, request, context):
@@ -88,7 +88,7 @@ class FluxMusicServicer:
         raise NotImplementedError('Method not implemented!')
 
 
-def add_FluxMusicServicer_to_server(servicer, server):
+def add_FluxMusicServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'Generate': grpc.unary_unary_rpc_method_handler(
                     servicer.Generate,
@@ -97,28 +97,28 @@ def add_FluxMusicServicer_to_server(servicer, server):
             ),
             'GenerateStream': grpc.unary_stream_rpc_method_handler(
                     servicer.GenerateStream,
-                    request_deserializer=fluxmusic_dot_v1_dot_fluxmusic__pb2.GenerateRequest.FromString,
-                    response_serializer=fluxmusic_dot_v1_dot_fluxmusic__pb2.GenerateEvent.SerializeToString,
+                    request_deserializer=fluxmusic_dot_v1_dot_fluxmusic__pb2.GenerateStreamRequest.FromString,
+                    response_serializer=fluxmusic_dot_v1_dot_fluxmusic__pb2.GenerateStreamResponse.SerializeToString,
             ),
             'GetModelInfo': grpc.unary_unary_rpc_method_handler(
                     servicer.GetModelInfo,
                     request_deserializer=fluxmusic_dot_v1_dot_fluxmusic__pb2.GetModelInfoRequest.FromString,
-                    response_serializer=fluxmusic_dot_v1_dot_fluxmusic__pb2.ModelInfo.SerializeToString,
+                    response_serializer=fluxmusic_dot_v1_dot_fluxmusic__pb2.GetModelInfoResponse.SerializeToString,
             ),
             'GetStats': grpc.unary_unary_rpc_method_handler(
                     servicer.GetStats,
                     request_deserializer=fluxmusic_dot_v1_dot_fluxmusic__pb2.GetStatsRequest.FromString,
-                    response_serializer=fluxmusic_dot_v1_dot_fluxmusic__pb2.Stats.SerializeToString,
+                    response_serializer=fluxmusic_dot_v1_dot_fluxmusic__pb2.GetStatsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
-            'fluxmusic.v1.FluxMusic', rpc_method_handlers)
+            'fluxmusic.v1.FluxMusicService', rpc_method_handlers)
     server.add_generic_rpc_handlers((generic_handler,))
-    server.add_registered_method_handlers('fluxmusic.v1.FluxMusic', rpc_method_handlers)
+    server.add_registered_method_handlers('fluxmusic.v1.FluxMusicService', rpc_method_handlers)
 
 
  # This class is part of an EXPERIMENTAL API.
-class FluxMusic:
+class FluxMusicService:
     """Missing associated documentation comment in .proto file."""
 
     @staticmethod
@@ -135,7 +135,7 @@ class FluxMusic:
         return grpc.experimental.unary_unary(
             request,
             target,
-            '/fluxmusic.v1.FluxMusic/Generate',
+            '/fluxmusic.v1.FluxMusicService/Generate',
             fluxmusic_dot_v1_dot_fluxmusic__pb2.GenerateRequest.SerializeToString,
             fluxmusic_dot_v1_dot_fluxmusic__pb2.GenerateResponse.FromString,
             options,
@@ -162,9 +162,9 @@ class FluxMusic:
         return grpc.experimental.unary_stream(
             request,
             target,
-            '/fluxmusic.v1.FluxMusic/GenerateStream',
-            fluxmusic_dot_v1_dot_fluxmusic__pb2.GenerateRequest.SerializeToString,
-            fluxmusic_dot_v1_dot_fluxmusic__pb2.GenerateEvent.FromString,
+            '/fluxmusic.v1.FluxMusicService/GenerateStream',
+            fluxmusic_dot_v1_dot_fluxmusic__pb2.GenerateStreamRequest.SerializeToString,
+            fluxmusic_dot_v1_dot_fluxmusic__pb2.GenerateStreamResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -189,9 +189,9 @@ class FluxMusic:
         return grpc.experimental.unary_unary(
             request,
             target,
-            '/fluxmusic.v1.FluxMusic/GetModelInfo',
+            '/fluxmusic.v1.FluxMusicService/GetModelInfo',
             fluxmusic_dot_v1_dot_fluxmusic__pb2.GetModelInfoRequest.SerializeToString,
-            fluxmusic_dot_v1_dot_fluxmusic__pb2.ModelInfo.FromString,
+            fluxmusic_dot_v1_dot_fluxmusic__pb2.GetModelInfoResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -216,9 +216,9 @@ class FluxMusic:
         return grpc.experimental.unary_unary(
             request,
             target,
-            '/fluxmusic.v1.FluxMusic/GetStats',
+            '/fluxmusic.v1.FluxMusicService/GetStats',
             fluxmusic_dot_v1_dot_fluxmusic__pb2.GetStatsRequest.SerializeToString,
-            fluxmusic_dot_v1_dot_fluxmusic__pb2.Stats.FromString,
+            fluxmusic_dot_v1_dot_fluxmusic__pb2.GetStatsResponse.FromString,
             options,
             channel_credentials,
             insecure,
