@@ -156,12 +156,20 @@ def _version_dir(model_dir: Path, out: Path) -> Path:
     return out
 
 
+def _rope_for(backend, a):
+    """The RoPE table the exported transformer graph derives from the lengths, for its torch twin."""
+    downsample = 2 ** (len(backend.vae.config.block_out_channels) - 1)
+    grid_w = backend.vocoder.config.model_in_dim // downsample // 2
+    return backend.rope(a["txt"].shape[1], a["x"].shape[1] // grid_w, grid_w)
+
+
 def _torch_infer(backend, specs):
     """The BLS model's component calls answered by a torch backend (Triton's role), float32 through numpy."""
     calls = {
         "t5": lambda a: backend.t5_encode(a["input_ids"]),
         "clap": lambda a: backend.clap_encode(a["input_ids"], a["attention_mask"]),
-        "transformer": lambda a: backend.velocity(a["x"], a["t"], a["txt"], a["y"], a["rope"]),
+        # The transformer graph derives RoPE from the lengths; its torch twin is given the same table.
+        "transformer": lambda a: backend.velocity(a["x"], a["t"], a["txt"], a["y"], _rope_for(backend, a)),
         "vae_decoder": lambda a: backend.vae_decode(a["latent"]),
         "vocoder": lambda a: backend.vocode(a["mel"]),
     }
