@@ -321,6 +321,15 @@ def test_every_kernel_has_correctness_and_speed_cases(gc):
             assert gc.min_bytes(kname, inputs) > 0
 
 
+def test_a_kernel_without_a_case_fails(gc, tmp_path, monkeypatch):
+    pytest.importorskip("triton")
+    monkeypatch.setattr(gc, "kernel_names", lambda: ["layernorm_modulate", "a_new_kernel"])
+    monkeypatch.setattr(gc, "kernel_cases", lambda *a, **k: [])
+    ctx = _ctx(gc, tmp_path)
+    gc.step_kernels_correct(ctx)
+    assert _statuses(ctx) == {"layernorm_modulate": gc.FAIL, "a_new_kernel": gc.FAIL}
+
+
 def test_kernel_correctness_step_passes_and_catches_a_wrong_kernel(gc, tmp_path, monkeypatch):
     pytest.importorskip("triton")
     sizes = gc.Sizes(**{**vars(gc.Sizes.tiny()), "adaln_shapes": ((2, 5, 37),), "qk_shapes": ((1, 5, 2, 16),)})
