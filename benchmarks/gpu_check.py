@@ -293,6 +293,7 @@ class Ctx:
     testdata: Path | None
     compile_backend: str
     sampling: dict[str, dict]
+    onnx: bool = True
     record: StepRecord | None = None
     cache: dict = field(default_factory=dict)
     step_budget_s: float = 0.0
@@ -1196,6 +1197,9 @@ def run_generations(ctx: Ctx, model_dir: Path, label: str, keep_best: str | None
 def run_onnx_generation(ctx: Ctx, model_dir: Path, label: str) -> None:
     """onnxruntime with the CUDA provider (CPU provider in a dry run), after exporting the model directory."""
     item = f"{label}, onnxruntime"
+    if not ctx.onnx:
+        ctx.add(item, SKIP, "", "--no-onnx")
+        return
     if ctx.cuda:
         ok, why = onnxruntime_gpu_status()
         if not ok:
@@ -1410,6 +1414,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="torch.compile backend (default inductor on cuda, aot_eager on cpu)")
     p.add_argument("--sampling", default="{}",
                    help='extra sampling variants, JSON {"name": {pipeline keyword: value}}')
+    p.add_argument("--no-onnx", action="store_true",
+                   help="skip the onnxruntime generations (their ONNX export runs on the CPU first)")
     p.add_argument("--list", action="store_true", help="print the plan and exit")
     args = p.parse_args(argv)
 
@@ -1497,7 +1503,7 @@ def main(argv: list[str] | None = None) -> int:
         ctx = Ctx(device=device, sizes=sizes, budget=Budget(args.budget), report=rep, work=work,
                   testdata=find_testdata(args.testdata),
                   compile_backend=args.compile_backend or ("inductor" if device.type == "cuda" else "aot_eager"),
-                  sampling=args.sampling)
+                  sampling=args.sampling, onnx=not args.no_onnx)
         print(f"gpu_check: {device} {'tiny' if args.tiny else 'real'} shapes, budget {args.budget:.0f} s, "
               f"writing {out_dir / MD_NAME}", flush=True)
         for (step, why), rec in zip(plan, rep.steps):
