@@ -906,13 +906,13 @@ def _forward_row(ctx: Ctx, variant: str, seconds: float, err: float, eager_err: 
     peak = ctx.report.peaks.get("bf16_matmul_tflops")
     tflops = flops / seconds / 1e12
     frac = f" = {tflops / peak:.1%} of the bf16 matmul peak" if peak else ""
-    if eager_err is None:
-        ok = math.isfinite(err) and err <= REL_FLOOR["bf16"] * 4
-        limit = f"rel to fp32 <= {REL_FLOOR['bf16'] * 4:g}"
+    if eager_err is None:  # the baseline: bf16 rounding of a random-weight model, not a pass/fail figure
+        status = INFO if math.isfinite(err) else FAIL
+        limit = "baseline for the variants below (finite)"
     else:
-        ok = err <= max(2 * eager_err, REL_FLOOR["bf16"])
+        status = PASS if err <= max(2 * eager_err, REL_FLOOR["bf16"]) else FAIL
         limit = f"rel to fp32 <= max(2x eager, {REL_FLOOR['bf16']:g})"
-    ctx.add(variant, PASS if ok else FAIL,
+    ctx.add(variant, status,
             f"{fmt_s(seconds)} per forward, {flops / seconds / 1e9:.0f} GFLOP/s{frac}; rel to fp32 {err:.1e}{extra}",
             limit, seconds=seconds, gflops=flops / seconds / 1e9, fraction_of_peak=(tflops / peak if peak else None),
             rel_to_fp32=err, **data)

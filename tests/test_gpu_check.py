@@ -367,7 +367,7 @@ def test_model_steps_at_tiny_sizes(gc, tmp_path):
     st = _statuses(ctx)
     assert st["official Euler CFG sampler (8 steps), kernels on"] == gc.PASS
     assert st["CUDA graph, kernels on"] == gc.SKIP  # needs CUDA, says so
-    assert st["eager"] == gc.PASS and st["kernels on"] == gc.PASS
+    assert st["eager"] == gc.INFO and st["kernels on"] == gc.PASS
     speed = next(r for r in rows if r.item == "qk_rmsnorm_rope")
     assert speed.data["bandwidth"]["gbps"] > 0 and speed.data["fraction_of_peak"] is not None
     rope = next(r for r in rows if r.item.startswith("tiny: "))
