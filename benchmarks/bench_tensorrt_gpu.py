@@ -19,7 +19,6 @@ import argparse
 import dataclasses
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -27,60 +26,6 @@ import torch
 
 PROMPT = "a fast cheerful melody on a plucked string"
 DURATION = 10.24
-
-
-def build_small_model_dir(out: Path) -> Path:
-    """``small`` transformer + full-size-shaped VAE/vocoder + narrow text encoders of the right widths."""
-    from diffusers import AutoencoderKL
-    from transformers import SpeechT5HifiGan, SpeechT5HifiGanConfig
-
-    from fluxmusic.config import get_config
-    from fluxmusic.model import FluxMusicTransformer
-    from fluxmusic.modeldir import assemble
-    from fluxmusic.tiny import TINY_WORDS, build_word_tokenizer, tiny_clap, tiny_t5
-    from fluxmusic.transformer_io import save_transformer
-
-    with tempfile.TemporaryDirectory() as tmp:
-        root = Path(tmp)
-        tok = build_word_tokenizer(TINY_WORDS, root / "tokenizer")
-        build_word_tokenizer(TINY_WORDS, root / "clap_tokenizer")
-        tiny_t5(len(tok), d_model=4096).save_pretrained(str(root / "text_encoder"))
-        tiny_clap(len(tok), hidden=768).save_pretrained(str(root / "clap"))
-        AutoencoderKL(
-            in_channels=1,
-            out_channels=1,
-            latent_channels=8,
-            down_block_types=("DownEncoderBlock2D",) * 3,
-            up_block_types=("UpDecoderBlock2D",) * 3,
-            block_out_channels=(128, 256, 512),
-            layers_per_block=2,
-            scaling_factor=0.4,
-        ).save_pretrained(str(root / "vae"))
-        SpeechT5HifiGan(
-            SpeechT5HifiGanConfig(
-                model_in_dim=64,
-                sampling_rate=16000,
-                upsample_initial_channel=1024,
-                upsample_rates=[5, 4, 2, 2, 2],
-                upsample_kernel_sizes=[16, 16, 8, 4, 4],
-                normalize_before=False,
-            )
-        ).save_pretrained(str(root / "vocoder"))
-        save_transformer(FluxMusicTransformer(get_config("small")), root / "transformer")
-        return assemble(
-            out,
-            root / "transformer",
-            root / "text_encoder",
-            root / "tokenizer",
-            root / "clap",
-            root / "clap_tokenizer",
-            root / "vae",
-            root / "vocoder",
-            defaults={"steps": 50, "guidance": 7.0, "solver": "euler", "shift": None},
-            name="bench-small",
-            t5_max_length=256,
-            clap_max_length=77,
-        )
 
 
 def prepare(model_dir: Path, work: Path) -> tuple[Path, Path]:
@@ -150,7 +95,9 @@ def main() -> int:
     model_dir = args.model or (args.work / "model")
     if not args.model and not model_dir.is_dir():
         print("building the small benchmark model directory (random weights) ...", file=sys.stderr)
-        build_small_model_dir(model_dir)
+        from fluxmusic.tiny import build_random_model_dir
+
+        build_random_model_dir(model_dir, "small")
     onnx_dir, engine_dir = prepare(model_dir, args.work)
     variants = {
         "torch fp32": dict(backend="torch", dtype="fp32"),

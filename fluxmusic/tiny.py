@@ -207,3 +207,65 @@ def build_tiny_model_dir(out_dir: str | Path, seed: int = 0) -> Path:
         return assemble(
             out_dir, **parts, defaults=TINY_DEFAULTS, name="tiny-random", t5_max_length=16, clap_max_length=16
         )
+
+
+def build_random_model_dir(out_dir: str | Path, config: str = "small", seed: int = 0) -> Path:
+    """A model directory for speed work: the named transformer config with random weights, an AudioLDM2-sized
+    VAE (128/256/512 channels, 4x down) and HiFi-GAN (1024 initial channels), both random, and narrow random
+    text encoders of the config's widths (T5 ``context_in_dim``, CLAP ``vec_in_dim``) at the official text
+    lengths (256 / 77) and sampler defaults (50 Euler steps, guidance 7).
+
+    Speed does not depend on the weights, so this gives the real shapes of a generation (1024 music + 256 text
+    tokens for 10.24 s) without downloading anything. Used by the GPU benchmarks (benchmarks/gpu_check.py,
+    benchmarks/bench_tensorrt_gpu.py).
+    """
+    from diffusers import AutoencoderKL
+    from transformers import SpeechT5HifiGan, SpeechT5HifiGanConfig
+
+    from fluxmusic.components import quiet_libraries
+    from fluxmusic.config import get_config
+
+    quiet_libraries()
+    cfg = get_config(config)
+    torch.manual_seed(seed)
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        tok = build_word_tokenizer(TINY_WORDS, root / "tokenizer")
+        build_word_tokenizer(TINY_WORDS, root / "clap_tokenizer")
+        tiny_t5(len(tok), d_model=cfg.context_in_dim).save_pretrained(str(root / "text_encoder"))
+        tiny_clap(len(tok), hidden=cfg.vec_in_dim).save_pretrained(str(root / "clap"))
+        AutoencoderKL(
+            in_channels=1,
+            out_channels=1,
+            latent_channels=8,
+            down_block_types=("DownEncoderBlock2D",) * 3,
+            up_block_types=("UpDecoderBlock2D",) * 3,
+            block_out_channels=(128, 256, 512),
+            layers_per_block=2,
+            scaling_factor=0.4,
+        ).save_pretrained(str(root / "vae"))
+        SpeechT5HifiGan(
+            SpeechT5HifiGanConfig(
+                model_in_dim=64,
+                sampling_rate=16000,
+                upsample_initial_channel=1024,
+                upsample_rates=[5, 4, 2, 2, 2],
+                upsample_kernel_sizes=[16, 16, 8, 4, 4],
+                normalize_before=False,
+            )
+        ).save_pretrained(str(root / "vocoder"))
+        save_transformer(FluxMusicTransformer(cfg), root / "transformer")
+        return assemble(
+            out_dir,
+            root / "transformer",
+            root / "text_encoder",
+            root / "tokenizer",
+            root / "clap",
+            root / "clap_tokenizer",
+            root / "vae",
+            root / "vocoder",
+            defaults={"steps": 50, "guidance": 7.0, "solver": "euler", "shift": None},
+            name=f"random-{config}",
+            t5_max_length=256,
+            clap_max_length=77,
+        )
