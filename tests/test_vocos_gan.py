@@ -136,3 +136,20 @@ def test_adversarial_vocoder_learns_exports_and_resumes_exactly(bank, tmp_path):
     voc = load_vocoder(resumed.export)
     assert type(voc).__name__ == "VocosVocoder" and voc(bank.mels[:1, :10]).shape == (1, 1600)
     assert ref.val_loss is not None and np.isfinite(ref.val_loss)
+
+
+def test_second_phase_starts_from_the_first_phase_ema_with_comb_resolving_losses(bank, tmp_path):
+    from fluxmusic.training.vocoder_task import COMB_RESOLUTIONS
+
+    devnull = open("/dev/null", "w")  # noqa: SIM115
+    cfg = VocoderConfig(adversarial=True, **TINY_VOCOS)
+    train(VocoderTask(WaveMelCropDataset(bank, 16), config=cfg), _cfg(2), tmp_path / "one", stream=devnull)
+    ckpt = tmp_path / "one" / CHECKPOINT_NAME
+    polish = VocoderTask(WaveMelCropDataset(bank, 40), config=cfg, stft_weight=15.0,
+                         stft_resolutions=COMB_RESOLUTIONS, init_checkpoint=ckpt)
+    start = polish.build_model()
+    ema = torch.load(ckpt, weights_only=True)["ema"]
+    assert all(torch.equal(v, ema[k]) for k, v in start.state_dict().items())
+    batch = polish.collate([polish.train_dataset()[i] for i in range(2)])
+    loss, logs = polish.loss(start, batch, torch.Generator().manual_seed(0))
+    assert torch.isfinite(loss) and polish.fingerprint()["stft"]["weight"] == 15.0

@@ -7,7 +7,9 @@ also resumes from its own checkpoint):
                     FluidSynth GM SoundFont), ``toy`` the procedural synth (``fluxmusic data synth``)
 2. ``parts/tokenizer``, ``parts/clap_tokenizer``  word-level tokenizers from the training captions
 3. ``parts/vae``    mel VAE, 8x down in time and frequency          (runs/vae)
-4. ``parts/vocoder`` Vocos-style iSTFT vocoder with discriminators (default) or HiFi-GAN (toy), hop 160
+4. ``parts/vocoder`` Vocos-style iSTFT vocoder with discriminators (default) or HiFi-GAN (toy), hop 160;
+                    the default trains it in two phases (``runs/vocoder`` -> ``parts/vocoder_base``, then
+                    ``runs/vocoder_polish``: long-window STFT losses that resolve a hop-rate comb)
 5. ``parts/clap``, ``parts/text_encoder``  CLAP + T5, contrastive   (runs/text)
 6. ``cache/``       scaled latents + T5 / CLAP embeddings of every clip
 7. ``parts/transformer``  rectified flow on the cache               (runs/transformer)
@@ -89,6 +91,11 @@ class Recipe:
     render_works: int = 1200  # corpus files rendered (render corpus)
     render_clips_per_work: int = 2
     half_storage: tuple[str, ...] = ()  # components whose weights are stored fp16 (loaders upcast): bundle size
+    # Second vocoder phase from the first's EMA weights: STFT losses x15 with 2048/4096-sample windows (1 s crops),
+    # which see the 100 Hz comb an iSTFT vocoder's frame-wise phases leave and the mel loss cannot (None: one phase)
+    vocoder_polish_stage: Stage | None = None
+    vocoder_polish_crop_frames: int = 100
+    vocoder_polish_stft_weight: float = 15.0
 
 
 _DEFAULT_TRANSFORMER = FluxMusicConfig(
@@ -108,6 +115,7 @@ RECIPES: dict[str, Recipe] = {
         # No joint clipping: generator and discriminator gradients share one norm (Adam scales each anyway).
         vocoder_stage=Stage(steps=8000, batch_size=8, lr=5e-4, ema_decay=0.999, warmup_steps=50, grad_clip=0.0),
         vocoder_crop_frames=64,
+        vocoder_polish_stage=Stage(steps=2000, batch_size=8, lr=2e-4, ema_decay=0.999, warmup_steps=20, grad_clip=0.0),
         text=TextEncodersConfig(), text_stage=Stage(steps=1500, batch_size=32, lr=5e-4, warmup_steps=50),
         transformer=_DEFAULT_TRANSFORMER,
         transformer_stage=Stage(steps=2500, batch_size=16, lr=5e-4, ema_decay=0.995, warmup_steps=100, bf16=True),
@@ -278,9 +286,22 @@ class RecipeRun:
 
         train_bank, val_bank = self.bank(manifest, "train"), self.bank(manifest, "val")
         f = self.r.vocoder_crop_frames
+        polish = self.r.vocoder_polish_stage
+        first = self.parts / ("vocoder_base" if polish else "vocoder")
+        if not first.exists():
+            task = VocoderTask(WaveMelCropDataset(train_bank, f, self.r.seed), WaveMelCropDataset(val_bank, f, 1),
+                               self.r.vocoder, train_bank.mel_config)
+            self._train(task, self.r.vocoder_stage, "vocoder", first)
+        if polish is None:
+            return
+        from fluxmusic.training.vocoder_task import COMB_RESOLUTIONS
+
+        f = self.r.vocoder_polish_crop_frames
         task = VocoderTask(WaveMelCropDataset(train_bank, f, self.r.seed), WaveMelCropDataset(val_bank, f, 1),
-                           self.r.vocoder, train_bank.mel_config)
-        self._train(task, self.r.vocoder_stage, "vocoder", self.parts / "vocoder")
+                           self.r.vocoder, train_bank.mel_config, stft_weight=self.r.vocoder_polish_stft_weight,
+                           stft_resolutions=COMB_RESOLUTIONS,
+                           init_checkpoint=self.out / "runs" / "vocoder" / "checkpoint.pt")
+        self._train(task, polish, "vocoder_polish", self.parts / "vocoder")
 
     def train_text(self, manifest: Path) -> None:
         from fluxmusic.components import load_tokenizer

@@ -31,6 +31,9 @@ from fluxmusic.training.task import Dataset, TrainTask
 
 #: (n_fft, hop, window) of the multi-resolution STFT loss
 STFT_RESOLUTIONS = ((512, 128, 512), (1024, 256, 1024), (256, 64, 256), (128, 32, 128))
+#: Adds long windows (2048, 4096: 8 and 4 Hz bins) that resolve the lines of a hop-rate (100 Hz) comb, which the
+#: mel loss cannot see: its frames hop exactly one comb period, so every frame holds the same pulse.
+COMB_RESOLUTIONS = STFT_RESOLUTIONS + ((2048, 512, 2048), (4096, 1024, 4096))
 
 
 VOCODER_KINDS = ("hifigan", "vocos")
@@ -124,16 +127,24 @@ class VocoderTask(TrainTask):
 
     def __init__(self, train: Dataset, val: Dataset | None = None, config: VocoderConfig | None = None,
                  mel_config: MelConfig | None = None, mel_weight: float | None = None, fm_weight: float = 2.0,
-                 adv_weight: float = 1.0) -> None:
+                 adv_weight: float = 1.0, stft_weight: float = 1.0,
+                 stft_resolutions: tuple[tuple[int, int, int], ...] = STFT_RESOLUTIONS,
+                 init_checkpoint: str | Path | None = None) -> None:
         self.train, self.val = train, val
         self.config = config or VocoderConfig()
         self.mel_config = mel_config or MelConfig()
         # HiFi-GAN weighs the mel L1 x45 against the adversarial terms; without them x1 against the STFT loss.
         self.mel_weight = mel_weight if mel_weight is not None else (45.0 if self.config.adversarial else 1.0)
         self.fm_weight, self.adv_weight = fm_weight, adv_weight
+        self.stft_weight, self.stft_resolutions = stft_weight, tuple(tuple(r) for r in stft_resolutions)
+        self.init_checkpoint = init_checkpoint
 
     def build_model(self) -> nn.Module:
-        return VocoderGAN(self.config) if self.config.adversarial else self.config.build()
+        model = VocoderGAN(self.config) if self.config.adversarial else self.config.build()
+        if self.init_checkpoint is not None:  # a second phase starts from the first phase's EMA weights
+            state = torch.load(self.init_checkpoint, map_location="cpu", weights_only=True)["ema"]
+            model.load_state_dict(state, strict=True)
+        return model
 
     def train_dataset(self) -> Dataset:
         return self.train
@@ -143,14 +154,17 @@ class VocoderTask(TrainTask):
 
     def fingerprint(self) -> dict[str, Any]:
         cfg = asdict(self.config)
-        return {"vocoder_config": {k: list(map(list, v)) if k == "resblock_dilations" else (list(v) if isinstance(
-            v, tuple) else v) for k, v in cfg.items()}}
+        out: dict[str, Any] = {"vocoder_config": {k: list(map(list, v)) if k == "resblock_dilations" else (
+            list(v) if isinstance(v, tuple) else v) for k, v in cfg.items()}}
+        if self.stft_weight != 1.0 or self.stft_resolutions != STFT_RESOLUTIONS:
+            out["stft"] = {"weight": self.stft_weight, "resolutions": [list(r) for r in self.stft_resolutions]}
+        return out
 
     def _spectral(self, pred: Tensor, wave: Tensor) -> tuple[Tensor, dict[str, float]]:
-        sc, mag = stft_loss(pred, wave)
+        sc, mag = stft_loss(pred, wave, self.stft_resolutions)
         mel_l1 = (log_mel(pred, self.mel_config) - log_mel(wave, self.mel_config)).abs().mean()
         logs = {"sc": float(sc.detach()), "mag": float(mag.detach()), "mel_l1": float(mel_l1.detach())}
-        return sc + mag + self.mel_weight * mel_l1, logs
+        return self.stft_weight * (sc + mag) + self.mel_weight * mel_l1, logs
 
     def loss(self, model: nn.Module, batch: Any, generator: torch.Generator) -> tuple[Tensor, dict[str, float]]:
         mel, wave = batch["mel"], batch["wave"]
