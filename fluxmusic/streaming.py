@@ -81,6 +81,7 @@ class SafetensorsReader:
                 )
             self._entries[name] = (dtype, shape, begin, end)
         self._file = None
+        self._scratch: Tensor | None = None
 
     def __enter__(self) -> SafetensorsReader:
         self._file = open(self.path, "rb")  # noqa: SIM115 - closed in __exit__
@@ -90,6 +91,7 @@ class SafetensorsReader:
         if self._file is not None:
             self._file.close()
             self._file = None
+        self._scratch = None
 
     def keys(self) -> list[str]:
         return list(self._entries)
@@ -109,14 +111,25 @@ class SafetensorsReader:
         if self._file is None:
             raise RuntimeError("SafetensorsReader.read outside its 'with' block")
         file_dtype, shape, begin, end = self._entries[name]
-        buf = torch.empty(end - begin, dtype=torch.uint8)
+        dtype = dtype or file_dtype
+        device = torch.device(device)
+        nbytes = end - begin
+        direct = dtype == file_dtype and device.type == "cpu"
+        if direct:
+            buf = torch.empty(nbytes, dtype=torch.uint8)  # read straight into the final tensor
+        else:
+            # Cast or move: read into one scratch buffer reused for every tensor (sized to the largest), so
+            # the file-dtype copies never pile up in the allocator between the final tensors.
+            if self._scratch is None:
+                self._scratch = torch.empty(max(e[3] - e[2] for e in self._entries.values()), dtype=torch.uint8)
+            buf = self._scratch[:nbytes]
         self._file.seek(self._data_start + begin)
-        if end > begin:
+        if nbytes:
             got = self._file.readinto(buf.numpy())
-            if got != end - begin:
+            if got != nbytes:
                 raise FluxMusicError(f"checkpoint {self.path}: tensor {name!r} is truncated")
         t = buf.view(file_dtype).reshape(shape)
-        return t.to(device=device, dtype=dtype or file_dtype)
+        return t if direct else t.to(device=device, dtype=dtype, copy=True)
 
 
 def save_streaming(
