@@ -101,10 +101,11 @@ def blocked_attention(q: Tensor, k: Tensor, v: Tensor, block_elements: int = ATT
     scale is applied in the GEMM's fp32 epilogue (``baddbmm`` alpha). The scores are rounded to bf16 once
     before the softmax (CPU GEMMs cannot write fp32 from bf16 inputs), which flash attention avoids: the
     parity cost is measured in docs/performance.md. fp32 inputs, and any device other than the CPU, go to
-    :func:`attention` (the fused flash kernel is already at the fp32 matmul rate there).
+    :func:`attention` (the fused flash kernel is already at the fp32 matmul rate there), as does training.
     """
-    if q.dtype == torch.float32 or q.device.type != "cpu" or torch.jit.is_tracing() or _exporting():
-        return attention(q, k, v)
+    needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+    if q.dtype == torch.float32 or q.device.type != "cpu" or needs_grad or torch.jit.is_tracing() or _exporting():
+        return attention(q, k, v)  # (the block loop writes with out=, which autograd cannot differentiate)
     b, h, lq, dh = q.shape
     lk = k.shape[2]
     kt = k.transpose(2, 3)

@@ -78,3 +78,10 @@ def test_tiny_model_bf16_blocked_matches_sdpa():
     scale = ref.abs().max()
     assert (blocked - ref).abs().max() / scale < 3 * max((sdpa - ref).abs().max() / scale, 1e-2)
     assert F.cosine_similarity(blocked.flatten(), sdpa.flatten(), dim=0) > 0.999
+
+
+def test_blocked_attention_falls_back_under_autograd():
+    q, k, v = (torch.randn(1, 2, 6, 4).bfloat16().requires_grad_() for _ in range(3))
+    out = blocked_attention(q, k, v)
+    out.float().sum().backward()
+    assert q.grad is not None and q.grad.shape == q.shape
