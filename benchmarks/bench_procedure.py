@@ -94,9 +94,9 @@ def main() -> None:
     mm_gflop = 2 * tokens * cfg.hidden_size * cfg.mlp_hidden_dim / 1e9
     load0 = os.getloadavg()[0]
     with torch.no_grad():
-        ref = official()
-        parity = {}
-        for name, (fn, _, _) in variants.items():
+        ref = official()  # also the warm-up of the official path (its first call pays one-off costs)
+        parity = {next(iter(variants)): 1.0}
+        for name, (fn, _, _) in list(variants.items())[1:]:
             out = fn()
             parity[name] = F.cosine_similarity(out.flatten(), ref.flatten(), dim=0).item()
         times = {k: [] for k in variants}
