@@ -20,6 +20,7 @@ from torch import Tensor
 from fluxmusic.config import FluxMusicConfig
 from fluxmusic.errors import FluxMusicError
 from fluxmusic.modeldir import ModelIndex, component_dtype
+from fluxmusic.ops import opset_for
 
 #: backend name -> "module:factory"; a factory takes (model_dir, index, device, dtype, **options).
 BACKENDS = {
@@ -137,7 +138,9 @@ class TorchBackend:
     """Eager PyTorch. ``dtype`` applies to the transformer and text encoders; the VAE and vocoder stay fp32.
 
     ``autocast_bf16`` runs the transformer under bf16 autocast with fp32 weights (fast on CPUs with
-    AVX512-BF16, and on recent GPUs).
+    AVX512-BF16, and on recent GPUs); ``dtype=bfloat16`` stores the weights in bf16 instead (no casts per
+    call, half the memory). ``attention`` picks the transformer's attention op (:func:`fluxmusic.ops.opset_for`):
+    ``auto`` uses the block-GEMM attention whenever it runs in bf16 on the CPU, ``sdpa`` or ``blocked`` force one.
     """
 
     name = "torch"
@@ -149,6 +152,7 @@ class TorchBackend:
         device: str = "cpu",
         dtype: torch.dtype = torch.float32,
         autocast_bf16: bool = False,
+        attention: str = "auto",
     ) -> None:
         from fluxmusic.components import load_clap_text, load_t5, load_vae, load_vocoder
         from fluxmusic.transformer_io import load_transformer
@@ -156,6 +160,8 @@ class TorchBackend:
         model_dir = Path(model_dir)
         self.device = check_device(device)
         self.dtype = dtype
+        # Checked before anything loads: a bad choice fails at once.
+        ops = opset_for(attention, torch.bfloat16 if autocast_bf16 else dtype, self.device)
         self.transformer = load_transformer(model_dir / "transformer", self.device, dtype)
         self.transformer_config = self.transformer.config
         self.t5 = load_t5(model_dir / "text_encoder", dtype).to(self.device)
@@ -164,6 +170,7 @@ class TorchBackend:
         self.vocoder = load_vocoder(model_dir / "vocoder", component_dtype("vocoder", dtype)).to(self.device)
         self.scaling_factor = float(self.vae.config.scaling_factor)
         self.autocast_bf16 = autocast_bf16
+        self.transformer.ops = ops
 
     def _autocast(self):
         if self.autocast_bf16:

@@ -26,8 +26,12 @@ from fluxmusic.errors import FluxMusicError
 STATE_KEYS = ("ema", "model", "state_dict")
 
 
-def read_state_dict(path: str | Path) -> dict[str, Tensor]:
-    """Read a state dict from safetensors, an official ``{"ema": ...}`` pickle, or a bare pickled state dict."""
+def read_state_dict(path: str | Path, mmap: bool = False) -> dict[str, Tensor]:
+    """Read a state dict from safetensors, an official ``{"ema": ...}`` pickle, or a bare pickled state dict.
+
+    ``mmap=True`` memory-maps a pickle (zip format, torch >= 1.6 saves) instead of reading it whole: tensors
+    are read from the file only when touched. Old-format pickles cannot be mapped and are read whole.
+    """
     path = Path(path)
     if not path.is_file():
         raise FluxMusicError(f"checkpoint {path} does not exist")
@@ -38,7 +42,12 @@ def read_state_dict(path: str | Path) -> dict[str, Tensor]:
             raise FluxMusicError(f"checkpoint {path} is not a readable safetensors file: {e}") from e
     try:
         with torch.serialization.safe_globals([argparse.Namespace]):
-            obj = torch.load(path, map_location="cpu", weights_only=True)
+            try:
+                obj = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+            except RuntimeError as e:
+                if not (mmap and "mmap" in str(e)):
+                    raise
+                obj = torch.load(path, map_location="cpu", weights_only=True)  # legacy format: no mmap
     except pickle.UnpicklingError as e:
         raise FluxMusicError(
             f"checkpoint {path} holds objects other than tensors and plain containers; refusing to unpickle "

@@ -7,6 +7,10 @@ import importlib
 import sys
 
 from fluxmusic.errors import FluxMusicError
+from fluxmusic.threads import configure_threads, prefer_passive_wait
+
+# Before any subcommand imports torch: OpenMP reads its wait policy when the library loads.
+prefer_passive_wait()
 
 #: Modules that define ``register(subparsers)``; each adds one subcommand (or a group of them).
 COMMAND_MODULES = (
@@ -33,6 +37,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
+        # Commands with a torch --threads option (fluxmusic.threads.add_threads_argument) pass it; every other
+        # command gets the automatic count (available cores minus load, or OMP_NUM_THREADS).
+        configure_threads(args.threads if getattr(args, "torch_threads_option", False) else None)
         return int(args.func(args) or 0)
     except FluxMusicError as e:
         print(f"fluxmusic {args.command}: error: {e}", file=sys.stderr)

@@ -87,6 +87,55 @@ def attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     return out.transpose(1, 2).reshape(b, l, h * dh)
 
 
+#: Elements of one block of attention scores (heads x queries x keys). ~1 M bf16 scores (2 MiB) stay in the
+#: L2 cache with the softmax reading and writing them in place; measured on a 2-core AVX512-BF16 CPU at
+#: the ``small`` shapes, larger blocks spill to memory and run the softmax at memory speed.
+ATTENTION_BLOCK_ELEMENTS = 1 << 20
+
+
+def blocked_attention(q: Tensor, k: Tensor, v: Tensor, block_elements: int = ATTENTION_BLOCK_ELEMENTS) -> Tensor:
+    """Attention as two batched GEMMs per block of (heads, queries) with the softmax between; [B, L, H*Dh].
+
+    For reduced-precision inputs (bf16/fp16) QK^T and PV run as bf16 GEMMs with fp32 accumulation (oneDNN,
+    the matmul peak) and the softmax computes in fp32 internally, reading the bf16 scores; the 1/sqrt(Dh)
+    scale is applied in the GEMM's fp32 epilogue (``baddbmm`` alpha). The scores are rounded to bf16 once
+    before the softmax (CPU GEMMs cannot write fp32 from bf16 inputs), which flash attention avoids: the
+    parity cost is measured in docs/performance.md. fp32 inputs, and any device other than the CPU, go to
+    :func:`attention` (the fused flash kernel is already at the fp32 matmul rate there), as does training.
+    """
+    needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+    if q.dtype == torch.float32 or q.device.type != "cpu" or needs_grad or torch.jit.is_tracing() or _exporting():
+        return attention(q, k, v)  # (the block loop writes with out=, which autograd cannot differentiate)
+    b, h, lq, dh = q.shape
+    lk = k.shape[2]
+    kt = k.transpose(2, 3)
+    # One block: hb heads x bq queries x all keys, about block_elements scores.
+    hb = max(1, min(h, block_elements // (lk * min(lq, 256))))
+    bq = max(16, min(lq, block_elements // (hb * lk)))
+    out = torch.empty(b, lq, h, dh, dtype=q.dtype, device=q.device)
+    out_bhld = out.permute(0, 2, 1, 3)  # a view: results land directly in the merged [B, L, H*Dh] layout
+    scale = dh**-0.5
+    scores = torch.empty(hb, bq, lk, dtype=q.dtype, device=q.device)
+    for bi in range(b):
+        for h0 in range(0, h, hb):
+            h1 = min(h0 + hb, h)
+            kk, vv = kt[bi, h0:h1], v[bi, h0:h1]
+            for s in range(0, lq, bq):
+                s1 = min(s + bq, lq)
+                sc = scores[: h1 - h0, : s1 - s]
+                torch.baddbmm(sc, q[bi, h0:h1, s:s1], kk, beta=0.0, alpha=scale, out=sc)
+                out_bhld[bi, h0:h1, s:s1] = torch.bmm(torch.softmax(sc, dim=-1), vv)
+    return out.view(b, lq, h * dh)
+
+
+def _exporting() -> bool:
+    """True while torch.onnx is exporting (the export keeps the plain SDPA graph)."""
+    try:
+        return bool(torch.onnx.is_in_onnx_export())
+    except AttributeError:  # pragma: no cover - very old torch
+        return False
+
+
 def rope_attention(q: Tensor, k: Tensor, v: Tensor, rope: Tensor) -> Tensor:
     """Attention with RoPE applied to q and k first (q, k already RMS-normed)."""
     return attention(apply_rope(q, rope), apply_rope(k, rope), v)
@@ -112,3 +161,30 @@ REFERENCE_OPS = OpSet(
     qk_rmsnorm_rope=qk_rmsnorm_rope,
     attention=attention,
 )
+
+#: The reference ops with block-GEMM attention: for bf16 on the CPU (see :func:`blocked_attention`).
+BLOCKED_ATTENTION_OPS = OpSet(
+    name="blocked-attention",
+    layernorm_modulate=layernorm_modulate,
+    gated_residual=gated_residual,
+    gated_residual_modulate=gated_residual_modulate,
+    qk_rmsnorm_rope=qk_rmsnorm_rope,
+    attention=blocked_attention,
+)
+
+#: Attention implementations selectable by name (``attention=`` of the torch backend, the benchmarks).
+ATTENTION_OPSETS = {"sdpa": REFERENCE_OPS, "blocked": BLOCKED_ATTENTION_OPS}
+
+
+def opset_for(attention_impl: str, dtype: torch.dtype, device: torch.device | str = "cpu") -> OpSet:
+    """The op set for an attention choice: ``sdpa``, ``blocked`` or ``auto`` (blocked for bf16/fp16 on CPU)."""
+    if attention_impl == "auto":
+        reduced = dtype in (torch.bfloat16, torch.float16)
+        return BLOCKED_ATTENTION_OPS if reduced and torch.device(device).type == "cpu" else REFERENCE_OPS
+    if attention_impl not in ATTENTION_OPSETS:
+        from fluxmusic.errors import FluxMusicError
+
+        raise FluxMusicError(
+            f"attention {attention_impl!r} is not supported; allowed: auto, {', '.join(ATTENTION_OPSETS)}"
+        )
+    return ATTENTION_OPSETS[attention_impl]

@@ -6,10 +6,11 @@ from pathlib import Path
 
 import torch
 
-from fluxmusic.checkpoint import atomic_save_safetensors, atomic_write_text, load_weights, read_state_dict
+from fluxmusic.checkpoint import atomic_write_text, check_state_dict, read_state_dict
 from fluxmusic.config import FluxMusicConfig
 from fluxmusic.errors import FluxMusicError
 from fluxmusic.model import FluxMusicTransformer
+from fluxmusic.streaming import SafetensorsReader, save_streaming
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -18,8 +19,11 @@ WEIGHTS_NAME = "model.safetensors"
 def save_transformer(model: FluxMusicTransformer, directory: str | Path) -> Path:
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().to("cpu", torch.float32) for k, v in model.state_dict().items()}
-    atomic_save_safetensors(state, directory / WEIGHTS_NAME, metadata={"format": "pt"})
+    state = model.state_dict()
+    specs = {k: (torch.float32, tuple(v.shape)) for k, v in state.items()}
+    # Streamed tensor by tensor (fp32 on disk): no second copy of the weights while saving.
+    save_streaming(specs, lambda k: state[k].detach().to("cpu", torch.float32), directory / WEIGHTS_NAME,
+                   metadata={"format": "pt"})
     atomic_write_text(directory / CONFIG_NAME, _config_json(model.config))
     return directory
 
@@ -30,26 +34,59 @@ def _config_json(cfg: FluxMusicConfig) -> str:
     return json.dumps(cfg.to_dict(), indent=2) + "\n"
 
 
+def _meta_model(cfg: FluxMusicConfig) -> FluxMusicTransformer:
+    """The model's structure without memory: parameters on the meta device, to be assigned real tensors."""
+    with torch.device("meta"):
+        return FluxMusicTransformer(cfg)
+
+
 def load_transformer(
     directory: str | Path, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32
 ) -> FluxMusicTransformer:
-    """Load ``directory/config.json`` + ``directory/model.safetensors`` strictly."""
+    """Load ``directory/config.json`` + ``directory/model.safetensors`` strictly, streamed into ``dtype``/``device``.
+
+    Keys and shapes are checked from the file's header before any data is read (one error naming every
+    problem). Each tensor is then read, cast and moved on its own and assigned to the meta-initialised
+    model, so the peak memory is the weights in ``dtype`` plus one tensor in the file's dtype.
+    """
     directory = Path(directory)
     for name in (CONFIG_NAME, WEIGHTS_NAME):
         if not (directory / name).is_file():
             raise FluxMusicError(f"transformer directory {directory} has no {name}")
     cfg = FluxMusicConfig.load(directory / CONFIG_NAME)
-    with torch.device("meta"):
-        model = FluxMusicTransformer(cfg)
-    model = model.to_empty(device="cpu")
-    load_weights(model, read_state_dict(directory / WEIGHTS_NAME), str(directory / WEIGHTS_NAME))
-    return model.to(device=device, dtype=dtype).eval()
+    model = _meta_model(cfg)
+    path = directory / WEIGHTS_NAME
+    reader = SafetensorsReader(path)
+    check_state_dict(model, reader.meta_state(), str(path))
+    with reader:
+        state = {k: reader.read(k, dtype, device) for k in model.state_dict()}
+    model.load_state_dict(state, strict=True, assign=True)
+    return model.eval()
 
 
 def convert_checkpoint(ckpt: str | Path, out_dir: str | Path, config: FluxMusicConfig) -> Path:
-    """Official ``.pt`` (or any supported state-dict file) -> ``out_dir`` with config.json + model.safetensors."""
-    with torch.device("meta"):
-        model = FluxMusicTransformer(config)
-    model = model.to_empty(device="cpu")
-    load_weights(model, read_state_dict(ckpt), str(ckpt))
-    return save_transformer(model, out_dir)
+    """Official ``.pt`` (or any supported state-dict file) -> ``out_dir`` with config.json + model.safetensors.
+
+    ``.pt`` files are memory-mapped (``torch.load(mmap=True, weights_only=True)``): only the EMA weights' pages
+    are ever read (the optimizer state in the same file is not), and they are written out tensor by tensor.
+    """
+    ckpt = Path(ckpt)
+    model = _meta_model(config)
+    expected = model.state_dict()
+    if ckpt.suffix == ".safetensors":
+        reader = SafetensorsReader(ckpt)
+        check_state_dict(model, reader.meta_state(), str(ckpt))
+        with reader:
+            _write(config, expected, lambda k: reader.read(k, torch.float32), out_dir)
+    else:
+        state = read_state_dict(ckpt, mmap=True)
+        check_state_dict(model, state, str(ckpt))
+        _write(config, expected, lambda k: state[k].to(torch.float32), out_dir)
+    return Path(out_dir)
+
+
+def _write(cfg: FluxMusicConfig, expected: dict, produce, out_dir: str | Path) -> None:
+    out_dir = Path(out_dir)
+    specs = {k: (torch.float32, tuple(v.shape)) for k, v in expected.items()}
+    save_streaming(specs, produce, out_dir / WEIGHTS_NAME, metadata={"format": "pt"})
+    atomic_write_text(out_dir / CONFIG_NAME, _config_json(cfg))

@@ -14,6 +14,7 @@ import tempfile
 from pathlib import Path
 
 from fluxmusic.errors import FluxMusicError
+from fluxmusic.threads import add_threads_argument
 
 TOKEN_ENV = "FLUXMUSIC_TOKEN"
 
@@ -69,7 +70,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--token", default=os.environ.get(TOKEN_ENV),
                    help=f"require 'authorization: Bearer TOKEN' (default: ${TOKEN_ENV}; prefer it over argv)")
     s.add_argument("--metrics-port", type=int, help="serve Prometheus text on http://HOST:PORT/metrics")
-    s.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's choice)")
+    add_threads_argument(s)
     s.add_argument("--no-warmup", action="store_true", help="skip the one-step warm-up generation at start")
     s.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
     s.set_defaults(func=_serve)
@@ -114,12 +115,6 @@ def _serve(args: argparse.Namespace) -> int:
         tls_cert=args.tls_cert, tls_key=args.tls_key, token=args.token, metrics_port=args.metrics_port,
     )
     config.check()  # before the (slow) model load
-    if args.threads is not None:
-        if args.threads < 1:
-            raise FluxMusicError(f"threads {args.threads} must be >= 1")
-        import torch
-
-        torch.set_num_threads(args.threads)
     options = {k: v for k, v in (("onnx_dir", args.onnx_dir), ("engine_dir", args.engine_dir)) if v}
     pipe = FluxMusicPipeline.from_pretrained(args.model, args.device, args.dtype, args.backend, **options)
     if not args.no_warmup:
