@@ -192,3 +192,27 @@ def test_vocoder_resynthesis_benchmark_on_a_tiny_vocoder(tmp_path, capsys):
     assert "no entry of" in capsys.readouterr().err
     assert bench.main(["--vocoder", str(tmp_path / "nowhere"), "--manifest", str(man)]) == 2
     assert "neither a vocoder directory" in capsys.readouterr().err
+
+
+def test_eval_cli_on_a_rendered_manifest_uses_its_vocabulary_and_split(tmp_path, capsys):
+    from fluxmusic.cli import main
+    from fluxmusic.tiny import build_tiny_model_dir
+
+    model = build_tiny_model_dir(tmp_path / "model")
+    man = _tiny_render_manifest(tmp_path / "corpus")
+    out = tmp_path / "res.json"
+    argv = ["eval", "--model", str(model), "--prompts", str(man), "--reference", str(man), "--split", "val",
+            "--steps", "1", "--no-untrained", "--quiet", "--out", str(out)]
+    assert main(argv) == 0
+    res = json.loads(out.read_text())
+    assert res["attribute_space"] == "render" and res["config"]["split"] == "val"
+    assert res["n_prompts"] == 4 and res["paired"]
+    model_s, ref_s = res["systems"]["model"], res["systems"]["reference"]
+    assert set(model_s["attribute_accuracy"]) == {"tempo", "register", "instrument", "mean"}
+    assert ref_s["signal"]["comb"]["max"] < 4.0  # clean notes
+    assert model_s["comb_check"]["reference_max"] == ref_s["signal"]["comb"]["max"]
+    assert all(np.isfinite(p["measured"]["note_density"]) for p in res["per_prompt"])
+    assert [c["score_note_density"] for c in res["reference_clips"]] == [3.1] * 4
+    assert "comb figure within the reference clips' range" in capsys.readouterr().out
+    assert main(argv[:-2] + ["--out", str(tmp_path / "r.json"), "--split", "test"]) == 2
+    assert 'has "split": "test"' in capsys.readouterr().err
