@@ -213,6 +213,7 @@ def test_eval_cli_on_a_rendered_manifest_uses_its_vocabulary_and_split(tmp_path,
     assert model_s["comb_check"]["reference_max"] == ref_s["signal"]["comb"]["max"]
     assert all(np.isfinite(p["measured"]["note_density"]) for p in res["per_prompt"])
     assert [c["score_note_density"] for c in res["reference_clips"]] == [3.1] * 4
-    assert "comb figure within the reference clips' range" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "comb figure within the reference clips' range" in printed and "model accuracy / reference" in printed
     assert main(argv[:-2] + ["--out", str(tmp_path / "r.json"), "--split", "test"]) == 2
     assert 'has "split": "test"' in capsys.readouterr().err

@@ -39,6 +39,10 @@ def metrics_table(results: dict) -> str:
                      f"{_f(_get(s, 'inception_score', 'instrument'), '.2f')} | {_f(acc.get('tempo'), '.2f')} | "
                      f"{_f(acc.get('register'), '.2f')} | {_f(acc.get('instrument'), '.2f')} | "
                      f"{_f(acc.get('mean'), '.2f')} | {_f(comb, '.2f')} | {_f(dens, '.2f')} |")
+    rel = _get(results, "systems", "model", "attribute_accuracy_vs_reference")
+    if rel:
+        lines.append("\nmodel accuracy / reference accuracy (target >= 0.8): " + ", ".join(
+            f"{k} {_f(rel.get(k), '.2f')}" for k in ("tempo", "register", "instrument")))
     check = _get(results, "systems", "model", "comb_check")
     if check:
         lines.append(f"\ncomb figure within the reference clips' range (<= {_f(check['reference_max'], '.2f')}): "
