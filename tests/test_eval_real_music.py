@@ -217,3 +217,20 @@ def test_eval_cli_on_a_rendered_manifest_uses_its_vocabulary_and_split(tmp_path,
     assert "comb figure within the reference clips' range" in printed and "model accuracy / reference" in printed
     assert main(argv[:-2] + ["--out", str(tmp_path / "r.json"), "--split", "test"]) == 2
     assert 'has "split": "test"' in capsys.readouterr().err
+
+
+def test_attribute_probe_takes_real_clips_of_a_rendered_manifest(tmp_path):
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "attribute_probe.py"
+    spec = importlib.util.spec_from_file_location("attribute_probe", path)
+    probe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(probe)
+    clips = probe.ManifestClips(_tiny_render_manifest(tmp_path).parent)
+    assert [e.attributes["split"] for e in clips.entries[:4]] == ["val"] * 4  # held-out works first
+    waves = clips.waves({"instrument": "harp"}, 5)
+    assert len(waves) == 2 and all(len(w) == int(1.28 * SR) for w in waves)  # clips 1 and 5
+    with pytest.raises(FluxMusicError, match="no manifest clip has"):
+        clips.waves({"instrument": "brass"}, 1)
+    for _attr, metric, (_pa, a), (_pb, b) in probe.RENDER_PAIRS:  # every pair speaks the render vocabulary
+        for attrs in (a, b):
+            assert attrs["instrument"] in R.INSTRUMENTS and attrs.get("tempo", "slow") in R.TEMPO_WORDS
+        assert metric in ("onset_rate", "note_density", "centroid", "clap_b_minus_a")
