@@ -136,8 +136,9 @@ def markdown(result: dict) -> str:
 
 
 def run(vocoder: str | Path, manifest: str | Path, split: str | None, limit: int, seconds: float = 10.24,
-        gl_iters: int = 32, progress: bool = True) -> dict:
-    """Resynthesise ``limit`` clips with the vocoder and with Griffin-Lim; per-clip rows and summaries."""
+        gl_iters: int | None = 32, progress: bool = True) -> dict:
+    """Resynthesise ``limit`` clips with the vocoder and with Griffin-Lim (``gl_iters`` None: vocoder only);
+    per-clip rows and summaries."""
     from fluxmusic.components import load_vocoder
 
     vdir = vocoder_dir(vocoder)
@@ -145,7 +146,7 @@ def run(vocoder: str | Path, manifest: str | Path, split: str | None, limit: int
     cfg = mel_config_of(voc)
     entries = select_clips(manifest, split, limit)
     gl_name = f"Griffin-Lim ({gl_iters} iterations)"
-    names = (f"vocoder ({voc.config.model_type})", gl_name)
+    names = (f"vocoder ({voc.config.model_type})", gl_name) if gl_iters else (f"vocoder ({voc.config.model_type})",)
     per_clip: list[dict] = []
     for i, e in enumerate(entries):
         wave = read_clip(e, cfg, seconds)
@@ -155,9 +156,10 @@ def run(vocoder: str | Path, manifest: str | Path, split: str | None, limit: int
         with torch.no_grad():
             y = voc(mel[None])[0].float().numpy()
         row[names[0]] = {**distances(y, wave, mel, cfg), "seconds": time.perf_counter() - t}
-        t = time.perf_counter()
-        y = griffin_lim(mel, cfg, len(wave), gl_iters, seed=i)
-        row[gl_name] = {**distances(y, wave, mel, cfg), "seconds": time.perf_counter() - t}
+        if gl_iters:
+            t = time.perf_counter()
+            y = griffin_lim(mel, cfg, len(wave), gl_iters, seed=i)
+            row[gl_name] = {**distances(y, wave, mel, cfg), "seconds": time.perf_counter() - t}
         per_clip.append(row)
         if progress:
             print(f"resynthesis: {i + 1}/{len(entries)} {Path(e.path).name}: "
@@ -182,6 +184,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--limit", type=int, default=16, help="clips, spread over the split (default 16)")
     ap.add_argument("--seconds", type=float, default=10.24, help="clip length in seconds (default 10.24)")
     ap.add_argument("--gl-iters", type=int, default=32, help="Griffin-Lim iterations (default 32)")
+    ap.add_argument("--no-griffin-lim", action="store_true",
+                    help="vocoder only (the clip selection is deterministic, so an earlier run's Griffin-Lim rows "
+                         "on the same --manifest/--split/--limit are the same)")
     ap.add_argument("--json", help="write the results (with per-clip values) to this JSON file")
     ap.add_argument("--threads", type=int, help="torch CPU threads")
     ap.add_argument("--quiet", action="store_true")
@@ -197,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.threads:
             torch.set_num_threads(args.threads)
         result = run(args.vocoder, args.manifest, None if args.split == "all" else args.split, args.limit,
-                     args.seconds, args.gl_iters, progress=not args.quiet)
+                     args.seconds, None if args.no_griffin_lim else args.gl_iters, progress=not args.quiet)
     except FluxMusicError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

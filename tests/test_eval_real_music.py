@@ -188,6 +188,8 @@ def test_vocoder_resynthesis_benchmark_on_a_tiny_vocoder(tmp_path, capsys):
     assert gl["mr_stft"] < voc["mr_stft"]
     assert res["real"]["comb_max"] < 4.0
 
+    assert bench.main(argv[:-3] + ["--no-griffin-lim", "--quiet"]) == 0
+    assert "Griffin-Lim" not in capsys.readouterr().out
     assert bench.main(argv[:6] + ["--split", "test", "--quiet"]) == 2
     assert "no entry of" in capsys.readouterr().err
     assert bench.main(["--vocoder", str(tmp_path / "nowhere"), "--manifest", str(man)]) == 2
