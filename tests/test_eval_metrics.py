@@ -192,6 +192,9 @@ def test_eval_cli_end_to_end(eval_model_dir, tiny_corpus, tmp_path, capsys):
         assert 1.0 <= s["inception_score"]["instrument"] <= 7.0
         assert set(s["attribute_accuracy"]) == {"tempo", "register", "instrument", "mean"}
     assert systems["reference"]["attribute_accuracy"]["register"] is not None
+    assert res["attribute_space"] == "synth"  # a `data synth` manifest keeps the synthetic vocabularies
+    assert systems["model"]["comb_check"]["fraction_within"] is not None
+    assert {"comb", "note_density"} <= set(res["per_prompt"][0]["measured"])
     sweep = res["steps_sweep"]
     assert len(sweep["rows"]) == 2 * 2 * 3  # schedules x solvers x steps
     by = {(r["solver"], r["steps"], r["shift"]): r for r in sweep["rows"]}

@@ -33,6 +33,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     e.add_argument("--batch-size", type=int, default=4, help="generation batch size (default 4)")
     e.add_argument("--limit", type=int, help="use only the first N prompts")
     e.add_argument("--reference-limit", type=int, help="use only the first N reference clips")
+    e.add_argument("--split", help='keep only manifest entries (prompts and reference) whose "split" is this, e.g. val '
+                                   "(held-out works of a rendered corpus)")
+    e.add_argument("--vocabulary", choices=("auto", "synth", "render"), default="auto",
+                   help="attribute vocabularies and estimator settings: the reference manifest's corpus (auto: "
+                        "render when its entries carry the renderer's fields), or name one")
     e.add_argument("--no-untrained", action="store_true", help="skip the untrained-transformer baseline")
     e.add_argument("--sweep", action="store_true", help="also run the steps-versus-quality sweep")
     e.add_argument("--sweep-prompts", type=int, help=f"prompts in the sweep (default {FULL_SWEEP_PROMPTS})")
@@ -117,11 +122,11 @@ def run(args: argparse.Namespace) -> int:
     d = pipe.defaults
     st = resolve_settings(d, steps=args.steps, solver=args.solver, guidance=args.guidance, shift=args.shift)
     steps, solver, guidance, shift = st.steps, st.solver, st.guidance, st.shift
-    prompts = load_prompts(args.prompts)[:limit]
+    geo = pipe.geometry
+    ref = load_reference(args.reference, geo.sample_rate, geo.max_duration, ref_limit, args.split, args.vocabulary)
+    prompts = load_prompts(args.prompts, ref.space, args.split)[:limit]
     if len(prompts) < 2:
         raise FluxMusicError(f"--limit {limit} leaves {len(prompts)} prompt; at least 2 are needed")
-    geo = pipe.geometry
-    ref = load_reference(args.reference, geo.sample_rate, geo.max_duration, ref_limit)
     embedder = model_dir_embedder(model_dir, args.embedder)
 
     results = evaluate(pipe, prompts, ref, embedder, steps=steps, solver=solver, guidance=guidance, shift=shift,
@@ -143,7 +148,8 @@ def run(args: argparse.Namespace) -> int:
         results["steps_sweep"]["model_defaults"] = dict(d)
     results["config"] = {
         "model": str(model_dir), "prompts": str(args.prompts), "reference": str(args.reference),
-        "embedder": embedder.name, "steps": steps, "solver": solver, "guidance": guidance, "shift": shift,
+        "embedder": embedder.name, "split": args.split, "vocabulary": ref.space.name,
+        "steps": steps, "solver": solver, "guidance": guidance, "shift": shift,
         "seed": args.seed, "quick": bool(args.quick), "threads": torch.get_num_threads(), "argv": sys.argv[1:],
     }
     results["timing"]["total_s"] = time.perf_counter() - t0

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from fluxmusic.errors import FluxMusicError
-from fluxmusic.evaluation.attributes import VOCABULARIES, parse_attributes
+from fluxmusic.evaluation.attributes import SYNTH, AttributeSpace, parse_attributes, space_for
 
 AUDIO_SUFFIXES = (".wav", ".flac", ".ogg")
 
@@ -27,20 +27,27 @@ class Reference:
     captions: list[str | None]
     attributes: list[dict[str, str]]
     paths: list[Path]
+    space: AttributeSpace = SYNTH  # the attribute space of the reference corpus
+    extra: list[dict] = field(default_factory=list)  # per clip: the manifest's other fields (note_density, ...)
 
 
-def _attributes(obj: dict, text: str) -> dict[str, str]:
+def _attributes(obj: dict, text: str, space: AttributeSpace) -> dict[str, str]:
     """Explicit attribute fields win; the rest are read from the text."""
-    found = parse_attributes(text)
-    for k in VOCABULARIES:
+    found = parse_attributes(text, space)
+    for k in space.vocabularies:
         if k in obj and obj[k] is not None:
             found[k] = str(obj[k]).lower()
     return found
 
 
-def load_prompts(path: str | Path) -> list[Prompt]:
+def _check_split(split: str | None, n_before: int, n_after: int, where: object) -> None:
+    if split is not None and n_before and not n_after:
+        raise FluxMusicError(f'--split {split!r}: no entry of {where} has "split": "{split}"')
+
+
+def load_prompts(path: str | Path, space: AttributeSpace = SYNTH, split: str | None = None) -> list[Prompt]:
     """A text file (one prompt per line) or JSONL (``prompt`` or ``caption``, optional attributes and ``path``;
-    a corpus manifest works as is)."""
+    a corpus manifest works as is; ``split`` keeps only its entries with that ``split`` field)."""
     p = Path(path)
     if not p.is_file():
         raise FluxMusicError(f"prompts file {p} does not exist")
@@ -48,6 +55,7 @@ def load_prompts(path: str | Path) -> list[Prompt]:
     lines = p.read_text(encoding="utf-8").splitlines()
     if p.suffix == ".jsonl":
         base = p.resolve().parent
+        seen = 0
         for no, line in enumerate(lines, 1):
             if not line.strip():
                 continue
@@ -58,18 +66,27 @@ def load_prompts(path: str | Path) -> list[Prompt]:
             text = obj.get("prompt", obj.get("caption")) if isinstance(obj, dict) else None
             if not isinstance(text, str) or not text.strip():
                 raise FluxMusicError(f'{p}:{no}: needs a non-empty "prompt" or "caption" string')
+            seen += 1
+            if split is not None and obj.get("split") != split:
+                continue
             ref = obj.get("path")
-            out.append(Prompt(text.strip(), _attributes(obj, text), (base / ref).resolve() if ref else None))
+            out.append(Prompt(text.strip(), _attributes(obj, text, space), (base / ref).resolve() if ref else None))
+        _check_split(split, seen, len(out), p)
     else:
-        out = [Prompt(t.strip(), parse_attributes(t)) for t in lines if t.strip()]
+        if split is not None:
+            raise FluxMusicError(f"--split {split!r} needs JSONL prompts with a split field; {p} is plain text")
+        out = [Prompt(t.strip(), parse_attributes(t, space)) for t in lines if t.strip()]
     if len(out) < 2:
         raise FluxMusicError(f"prompts file {p} has {len(out)} prompts; at least 2 are needed")
     return out
 
 
-def load_reference(path: str | Path, sr: int, seconds: float, limit: int | None = None) -> Reference:
+def load_reference(path: str | Path, sr: int, seconds: float, limit: int | None = None, split: str | None = None,
+                   space: str = "auto") -> Reference:
     """Reference clips from a manifest (JSONL, or a directory holding ``manifest.jsonl``) or a directory of
-    audio files; each read at ``sr``, cut or zero-padded to ``seconds`` (the generated length)."""
+    audio files; each read at ``sr``, cut or zero-padded to ``seconds`` (the generated length). ``split`` keeps
+    the manifest entries with that ``split`` field; ``space`` names the attribute space (``auto``: the
+    manifest's, see :func:`~fluxmusic.evaluation.attributes.space_for`)."""
     from fluxmusic.audio import read_audio
     from fluxmusic.data.manifest import load_manifest
 
@@ -79,9 +96,16 @@ def load_reference(path: str | Path, sr: int, seconds: float, limit: int | None 
     n = int(round(seconds * sr))
     items: list[tuple[Path, str | None, dict, float]] = []
     if p.is_file():
-        for e in load_manifest(p):
-            items.append((e.path.resolve(), e.caption, _attributes(e.attributes, e.caption), e.start))
+        entries = load_manifest(p)
+        kept = [e for e in entries if split is None or e.attributes.get("split") == split]
+        _check_split(split, len(entries), len(kept), p)
+        chosen = space_for([e.attributes for e in kept], space)
+        for e in kept:
+            items.append((e.path.resolve(), e.caption, e.attributes, e.start))
     elif p.is_dir():
+        if split is not None:
+            raise FluxMusicError(f"--split {split!r} needs a manifest reference; {p} is a directory of audio")
+        chosen = space_for([], space)
         files = sorted(f for f in p.rglob("*") if f.suffix.lower() in AUDIO_SUFFIXES)
         items = [(f.resolve(), None, {}, 0.0) for f in files]
     else:
@@ -96,4 +120,6 @@ def load_reference(path: str | Path, sr: int, seconds: float, limit: int | None 
         file_sr = audio_info(f)[0]
         w = read_audio(f, sr, start=int(round(start * file_sr)), frames=int(np.ceil(seconds * file_sr)))[:n]
         waves.append(np.pad(w, (0, n - len(w))))
-    return Reference(waves, [c for _, c, _, _ in items], [a for _, _, a, _ in items], [f for f, _, _, _ in items])
+    return Reference(waves, [c for _, c, _, _ in items],
+                     [_attributes(a, c, chosen) if c else {} for _, c, a, _ in items],
+                     [f for f, _, _, _ in items], chosen, [dict(a) for _, _, a, _ in items])

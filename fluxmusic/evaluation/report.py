@@ -25,7 +25,7 @@ def _get(d: dict, *keys):
 def metrics_table(results: dict) -> str:
     """Markdown table: one row per system (model and baselines)."""
     head = ("| system | FAD | CLAP score | KL (mean) | IS (instrument) | acc tempo | acc register | acc instrument "
-            "| acc mean |\n|---|---|---|---|---|---|---|---|---|")
+            "| acc mean | comb (max) | notes/s |\n|---|---|---|---|---|---|---|---|---|---|---|")
     lines = [head]
     for key, label in SYSTEMS:
         s = results["systems"].get(key)
@@ -34,10 +34,19 @@ def metrics_table(results: dict) -> str:
         kl = _get(s, "kl", "paired", "mean") if results.get("paired") and key != "reference" else None
         kl = kl if kl is not None else _get(s, "kl", "marginal", "mean")
         acc = s.get("attribute_accuracy", {})
+        comb, dens = _get(s, "signal", "comb", "max"), _get(s, "signal", "note_density", "mean")
         lines.append(f"| {label} | {_f(s.get('fad'), '.4f')} | {_f(s.get('clap_score'))} | {_f(kl)} | "
                      f"{_f(_get(s, 'inception_score', 'instrument'), '.2f')} | {_f(acc.get('tempo'), '.2f')} | "
                      f"{_f(acc.get('register'), '.2f')} | {_f(acc.get('instrument'), '.2f')} | "
-                     f"{_f(acc.get('mean'), '.2f')} |")
+                     f"{_f(acc.get('mean'), '.2f')} | {_f(comb, '.2f')} | {_f(dens, '.2f')} |")
+    rel = _get(results, "systems", "model", "attribute_accuracy_vs_reference")
+    if rel:
+        lines.append("\nmodel accuracy / reference accuracy (target >= 0.8): " + ", ".join(
+            f"{k} {_f(rel.get(k), '.2f')}" for k in ("tempo", "register", "instrument")))
+    check = _get(results, "systems", "model", "comb_check")
+    if check:
+        lines.append(f"\ncomb figure within the reference clips' range (<= {_f(check['reference_max'], '.2f')}): "
+                     f"{_f(check['fraction_within'], '.2f')} of generated clips")
     return "\n".join(lines)
 
 
