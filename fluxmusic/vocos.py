@@ -28,7 +28,8 @@ class VocosConfig(PretrainedConfig):
 
     def __init__(self, model_in_dim: int = 64, sampling_rate: int = 16000, hop_length: int = 160,
                  n_fft: int = 640, hidden_size: int = 256, intermediate_size: int = 768, num_layers: int = 8,
-                 kernel_size: int = 7, layer_scale_init: float = 0.1, **kwargs) -> None:
+                 kernel_size: int = 7, layer_scale_init: float = 0.1, phase_advance: bool = False,
+                 **kwargs) -> None:
         self.model_in_dim = model_in_dim
         self.sampling_rate = sampling_rate
         self.hop_length = hop_length
@@ -38,6 +39,7 @@ class VocosConfig(PretrainedConfig):
         self.num_layers = num_layers
         self.kernel_size = kernel_size
         self.layer_scale_init = layer_scale_init
+        self.phase_advance = phase_advance
         # The hop as an "upsampling product": geometry code reads prod(upsample_rates) for either class.
         kwargs.pop("upsample_rates", None)
         self.upsample_rates = [hop_length]
@@ -128,6 +130,20 @@ class VocosVocoder(PreTrainedModel):
         self.istft = InverseSTFT(config.n_fft, config.hop_length)
         self.post_init()
 
+    def bin_advance(self, frames: int, device: torch.device) -> Tensor:
+        """[bins, frames] phase a stationary sinusoid at each bin's centre frequency gains by frame t.
+
+        A convolutional network is translation-equivariant: on steady input it predicts the same phase in every
+        frame, but with absolute STFT phases a steady tone at bin k needs 2 pi k hop / n_fft more per frame.
+        Predicting the phase relative to that advance makes "the same output every frame" a coherent tone
+        instead of a pulse at the hop rate (a comb of lines at multiples of sr / hop). Computed exactly in
+        integers (k * hop * t mod n_fft) so the angle stays small whatever the length.
+        """
+        cfg = self.config
+        k = torch.arange(cfg.n_fft // 2 + 1, device=device)[:, None]
+        t = torch.arange(frames, device=device)[None, :]
+        return torch.remainder(k * cfg.hop_length * t, cfg.n_fft).float() * (2 * math.pi / cfg.n_fft)
+
     def _init_weights(self, module: nn.Module) -> None:
         if isinstance(module, (nn.Conv1d, nn.Linear)):
             nn.init.trunc_normal_(module.weight, std=0.02)
@@ -143,6 +159,8 @@ class VocosVocoder(PreTrainedModel):
             x = block(x)
         h = self.head(self.final_norm(x.transpose(1, 2))).transpose(1, 2)  # [B, n_fft + 2, T]
         log_mag, phase = h.chunk(2, dim=1)
+        if self.config.phase_advance:
+            phase = phase + self.bin_advance(phase.shape[-1], phase.device)
         mag = torch.exp(log_mag.clamp(max=7.0))  # the clamp keeps early training from overflowing
         wave = self.istft(mag * torch.cos(phase), mag * torch.sin(phase))
         return wave[0] if squeeze else wave

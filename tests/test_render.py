@@ -91,3 +91,17 @@ def test_render_corpus_writes_clips_manifest_and_counts_skips(tmp_path):
     spec = np.abs(np.fft.rfft(wave[:16384] * np.hanning(16384)))
     assert np.sort(spec)[-20:].mean() > 50 * np.median(spec)
     assert all(x["split"] == "train" and x["work"].startswith("bach/") for x in lines)
+
+
+def test_cli_render_and_its_errors(tmp_path):
+    import subprocess
+    import sys
+
+    font = _soundfont()
+    cmd = [sys.executable, "-m", "fluxmusic.cli", "data", "render", "--out", str(tmp_path / "c"), "--works", "2",
+           "--collections", "bach", "--soundfont", font]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "wrote" in done.stdout and (tmp_path / "c" / "manifest.jsonl").is_file()
+    bad = subprocess.run(cmd[:-2] + ["--soundfont", str(tmp_path / "none.sf2")], capture_output=True, text=True)
+    assert bad.returncode == 2 and "SoundFont not found" in bad.stderr and "Traceback" not in bad.stderr

@@ -96,6 +96,9 @@ class Recipe:
     vocoder_polish_stage: Stage | None = None
     vocoder_polish_crop_frames: int = 100
     vocoder_polish_stft_weight: float = 15.0
+    # ... and with phases predicted relative to each bin's natural advance (VocosConfig.phase_advance): a
+    # convolutional net's frame-invariant output is then a coherent tone, not a pulse at the hop rate
+    vocoder_polish_phase_advance: bool = True
 
 
 _DEFAULT_TRANSFORMER = FluxMusicConfig(
@@ -297,8 +300,9 @@ class RecipeRun:
         from fluxmusic.training.vocoder_task import COMB_RESOLUTIONS
 
         f = self.r.vocoder_polish_crop_frames
+        config = dataclasses.replace(self.r.vocoder, vocos_phase_advance=self.r.vocoder_polish_phase_advance)
         task = VocoderTask(WaveMelCropDataset(train_bank, f, self.r.seed), WaveMelCropDataset(val_bank, f, 1),
-                           self.r.vocoder, train_bank.mel_config, stft_weight=self.r.vocoder_polish_stft_weight,
+                           config, train_bank.mel_config, stft_weight=self.r.vocoder_polish_stft_weight,
                            stft_resolutions=COMB_RESOLUTIONS,
                            init_checkpoint=self.out / "runs" / "vocoder" / "checkpoint.pt")
         self._train(task, polish, "vocoder_polish", self.parts / "vocoder")

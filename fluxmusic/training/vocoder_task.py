@@ -50,6 +50,7 @@ class VocoderConfig:
     vocos_intermediate: int = 768
     vocos_layers: int = 8
     vocos_n_fft: int = 640
+    vocos_phase_advance: bool = False
     disc_periods: tuple[int, ...] = (2, 3, 5, 7, 11)
     disc_ffts: tuple[int, ...] = (256, 512, 1024)
     n_mels: int = 64
@@ -77,7 +78,7 @@ class VocoderConfig:
             return VocosVocoder(VocosConfig(
                 model_in_dim=self.n_mels, sampling_rate=self.sample_rate, hop_length=self.hop,
                 n_fft=self.vocos_n_fft, hidden_size=self.vocos_hidden, intermediate_size=self.vocos_intermediate,
-                num_layers=self.vocos_layers,
+                num_layers=self.vocos_layers, phase_advance=self.vocos_phase_advance,
             ))
         from transformers import SpeechT5HifiGan, SpeechT5HifiGanConfig
 
