@@ -106,15 +106,24 @@ def atomic_save_safetensors(state: Mapping[str, Tensor], path: str | Path, metad
         raise
 
 
-def read_json(path: str | Path, what: str) -> Any:
-    """Parse a JSON file; one clear error naming it (``what`` says which file) when it is missing or invalid."""
+def read_json(path: str | Path, what: str) -> dict[str, Any]:
+    """Parse a JSON object file; one clear error naming it (``what`` says which file) when it is missing,
+    not UTF-8, not JSON, nested too deeply for the parser, or not an object at the top."""
     path = Path(path)
     try:
-        return json.loads(path.read_text())
+        obj = json.loads(path.read_bytes().decode("utf-8"))
     except OSError as e:
         raise FluxMusicError(f"{what} {path} cannot be read: {e.strerror or e}") from e
+    except UnicodeDecodeError as e:
+        raise FluxMusicError(f"{what} {path} is not UTF-8 text (byte {e.start}): not a JSON file") from e
     except json.JSONDecodeError as e:
         raise FluxMusicError(f"{what} {path} is not valid JSON: {e}") from e
+    except RecursionError:
+        # json recurses once per nesting level: a hostile file can exhaust the stack.
+        raise FluxMusicError(f"{what} {path} is nested too deeply to be a config file") from None
+    if not isinstance(obj, dict):
+        raise FluxMusicError(f"{what} {path} must hold a JSON object at the top, not a {type(obj).__name__}")
+    return obj
 
 
 def atomic_write_bytes(path: str | Path, data: bytes | memoryview) -> None:

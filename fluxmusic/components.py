@@ -64,15 +64,22 @@ def check_loading_info(info: dict, source: str, allowed_unexpected: Iterable[str
 
 
 def _from_pretrained(cls: Any, directory: str | Path, what: str, allowed_unexpected: Iterable[str] = (), **kw):
+    from safetensors import SafetensorError
+
+    from fluxmusic.modelcheck import check_weight_files
+
     quiet_libraries()
     read_config(directory, what)
+    check_weight_files(directory, what)  # truncated files and pickle-only folders: one message, before the library
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            model, info = cls.from_pretrained(str(directory), output_loading_info=True, **kw)
+            model, info = cls.from_pretrained(
+                str(directory), output_loading_info=True, use_safetensors=True, **kw
+            )
     except FluxMusicError:
         raise
-    except (OSError, ValueError, RuntimeError, KeyError) as e:
+    except (OSError, ValueError, RuntimeError, KeyError, TypeError, SafetensorError) as e:
         raise FluxMusicError(f"{what} in {directory} cannot be loaded: {str(e).splitlines()[0]}") from e
     check_loading_info(info, f"{what} in {directory}", allowed_unexpected)
     return model.eval()
