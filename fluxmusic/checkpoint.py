@@ -17,9 +17,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+from fluxmusic import integrity
 from fluxmusic.errors import FluxMusicError
 
 #: Keys under which training checkpoints hold weights, in order of preference (EMA first, as sample.py).
@@ -33,9 +35,13 @@ def read_state_dict(path: str | Path) -> dict[str, Tensor]:
         raise FluxMusicError(f"checkpoint {path} does not exist")
     if path.suffix == ".safetensors":
         try:
-            return load_file(str(path))
+            state = load_file(str(path))
+            with safe_open(str(path), "pt") as f:
+                metadata = f.metadata()
         except Exception as e:  # safetensors raises its own error types
             raise FluxMusicError(f"checkpoint {path} is not a readable safetensors file: {e}") from e
+        integrity.verify_safetensors(state, metadata, f"weights file {path}")
+        return state
     try:
         with torch.serialization.safe_globals([argparse.Namespace]):
             obj = torch.load(path, map_location="cpu", weights_only=True)

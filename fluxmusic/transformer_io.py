@@ -6,6 +6,7 @@ from pathlib import Path
 
 import torch
 
+from fluxmusic import integrity
 from fluxmusic.checkpoint import atomic_save_safetensors, atomic_write_text, load_weights, read_state_dict
 from fluxmusic.config import FluxMusicConfig
 from fluxmusic.errors import FluxMusicError
@@ -19,7 +20,9 @@ def save_transformer(model: FluxMusicTransformer, directory: str | Path) -> Path
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().to("cpu", torch.float32) for k, v in model.state_dict().items()}
-    atomic_save_safetensors(state, directory / WEIGHTS_NAME, metadata={"format": "pt"})
+    # Per-tensor checksums in the header: read_state_dict verifies them (issue 17, item 7).
+    metadata = {"format": "pt", **integrity.safetensors_metadata(state)}
+    atomic_save_safetensors(state, directory / WEIGHTS_NAME, metadata=metadata)
     atomic_write_text(directory / CONFIG_NAME, _config_json(model.config))
     return directory
 
