@@ -127,9 +127,12 @@ def load_tokenizer(directory: str | Path, what: str):
     quiet_libraries()
     from transformers import AutoTokenizer
 
+    from fluxmusic.modelcheck import check_json_files
+
     if not Path(directory).is_dir():
         raise FluxMusicError(f"{what} directory {directory} does not exist")
+    check_json_files(directory, what)  # lists and deep nesting: one message, not a library traceback
     try:
         return AutoTokenizer.from_pretrained(str(directory))
-    except (OSError, ValueError, TypeError) as e:
+    except (OSError, ValueError, TypeError, AttributeError, KeyError) as e:
         raise FluxMusicError(f"{what} in {directory} cannot be loaded: {str(e).splitlines()[0]}") from e

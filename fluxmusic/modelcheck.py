@@ -98,6 +98,18 @@ def check_weight_files(directory: str | Path, what: str) -> None:
         )
 
 
+def check_json_files(directory: str | Path, what: str) -> None:
+    """Every ``*.json`` of a component folder (configs, tokenizer files) must be a JSON object we can parse:
+    the libraries would otherwise fail on a list or a 200k-deep nesting with an AttributeError or a
+    RecursionError."""
+    from fluxmusic.checkpoint import read_json
+
+    directory = Path(directory)
+    if directory.is_dir():
+        for path in sorted(directory.rglob("*.json")):
+            read_json(path, f"{what} file")
+
+
 # ----------------------------------------------------------------------------------------------- symlinks
 def links_allowed(allow: bool | None) -> bool:
     if allow is not None:

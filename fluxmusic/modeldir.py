@@ -28,7 +28,13 @@ from fluxmusic.config import FluxMusicConfig
 from fluxmusic.errors import FluxMusicError
 from fluxmusic.flow import Conditioning
 from fluxmusic.latent import LatentGeometry, is_positive_int
-from fluxmusic.modelcheck import check_consistency, check_links, check_safetensors_file, check_weight_files
+from fluxmusic.modelcheck import (
+    check_consistency,
+    check_json_files,
+    check_links,
+    check_safetensors_file,
+    check_weight_files,
+)
 
 FORMAT = "fluxmusic-model"
 VERSION = 1
@@ -113,6 +119,7 @@ def read_index(model_dir: str | Path, allow_external_links: bool | None = None) 
     if missing:
         raise FluxMusicError(f"model directory {model_dir} is incomplete; missing: {', '.join(missing)}")
     for c in COMPONENTS:
+        check_json_files(model_dir / c, c)
         check_weight_files(model_dir / c, c)
     check_safetensors_file(model_dir / NULL_EMBEDDINGS)
     check_consistency(model_dir, index)
@@ -137,14 +144,19 @@ def write_null_embeddings(model_dir: str | Path, null: Conditioning) -> None:
 
 def geometry_from_components(vae_config: dict, vocoder_config: dict, max_duration: float = 10.24) -> LatentGeometry:
     """Latent geometry follows from the VAE and vocoder configs, so a smaller default VAE just works."""
-    return LatentGeometry(
-        sample_rate=int(vocoder_config.get("sampling_rate", 16000)),
-        hop_length=int(math.prod(vocoder_config["upsample_rates"])),
-        mel_bins=int(vocoder_config["model_in_dim"]),
-        latent_channels=int(vae_config["latent_channels"]),
-        vae_downsample=2 ** (len(vae_config["block_out_channels"]) - 1),
-        max_duration=max_duration,
-    )
+    try:
+        return LatentGeometry(
+            sample_rate=int(vocoder_config.get("sampling_rate", 16000)),
+            hop_length=int(math.prod(vocoder_config["upsample_rates"])),
+            mel_bins=int(vocoder_config["model_in_dim"]),
+            latent_channels=int(vae_config["latent_channels"]),
+            vae_downsample=2 ** (len(vae_config["block_out_channels"]) - 1),
+            max_duration=max_duration,
+        )
+    except (KeyError, TypeError, ValueError) as e:
+        if isinstance(e, FluxMusicError):
+            raise
+        raise FluxMusicError(f"VAE / vocoder configs do not describe a mel geometry: {type(e).__name__} {e}") from None
 
 
 def check_compatible(cfg: FluxMusicConfig, geometry: LatentGeometry, t5_width: int, clap_width: int) -> None:
@@ -231,6 +243,7 @@ def assemble(
         )
         write_null_embeddings(tmp, encoders.encode([""]))
         atomic_write_text(tmp / INDEX, json.dumps(index.to_dict(), indent=2) + "\n")
+        check_consistency(tmp, index)  # what every load checks: never build a directory that will not load
         tmp.rename(out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -86,6 +86,12 @@ FAULTS: dict[str, tuple[Callable[[Path], None], str]] = {
     "clap_max_length 1.5": (_edit_json("model_index.json", "text", "clap_max_length", value=1.5), "clap_max_length"),
     "axes_dim abc": (_edit_json("transformer/config.json", "axes_dim", value="abc"), "axes_dim"),
     "hidden_size string": (_edit_json("transformer/config.json", "hidden_size", value="64"), "hidden_size"),
+    "tokenizer.json nested 200k": (_write("tokenizer/tokenizer.json", DEEP), "nested too deeply"),
+    "tokenizer_config.json a list": (_write("clap_tokenizer/tokenizer_config.json", "[]"), "JSON object"),
+    "tokenizer.json truncated": (_truncate("tokenizer/tokenizer.json"), "not valid JSON"),
+    "vocoder upsample_rates a string": (_edit_json("vocoder/config.json", "upsample_rates", value="abc"),
+                                        "upsample_rates"),
+    "clap text_config a string": (_edit_json("clap/config.json", "text_config", value="abc"), "text_config"),
     "pickle bin only": (_pickle_only, "pickle"),
     # item 6: geometry consistency
     "vocoder upsampling 128 != hop 160": (
