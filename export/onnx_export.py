@@ -612,8 +612,26 @@ def _file_entry(out_dir: Path, fname: str) -> dict:
     data = path.with_name(path.name + ".data")
     entry = {"file": fname, "bytes": path.stat().st_size, "sha256": sha256_file(path)}
     if data.exists():
-        entry.update({"external_data": data.name, "bytes": entry["bytes"] + data.stat().st_size})
+        entry.update({"external_data": data.name, "bytes": entry["bytes"] + data.stat().st_size,
+                      "external_data_sha256": sha256_file(data)})
     return entry
+
+
+def verify_file_entry(onnx_dir: Path, entry: dict) -> None:
+    """Recompute the checksums a manifest entry records (graph and external data) before the graph is used:
+    a corrupted weight would otherwise run silently (issue 17, item 7). Entries without them pass."""
+    for name_key, sha_key in (("file", "sha256"), ("external_data", "external_data_sha256")):
+        name, expected = entry.get(name_key), entry.get(sha_key)
+        if not name or not expected:
+            continue
+        path = onnx_dir / name
+        if not path.is_file():
+            raise FluxMusicError(f"ONNX export {onnx_dir} lacks {name}, which its manifest lists")
+        if sha256_file(path) != expected:
+            raise FluxMusicError(
+                f"{path} fails its checksum (manifest sha256 {expected[:12]}...): the file changed or was corrupted "
+                "after export. Re-export it with `fluxmusic export onnx`"
+            )
 
 
 def exporter_name() -> str:

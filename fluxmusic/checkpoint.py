@@ -17,9 +17,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+from fluxmusic import integrity
 from fluxmusic.errors import FluxMusicError
 
 #: Keys under which training checkpoints hold weights, in order of preference (EMA first, as sample.py).
@@ -37,9 +39,13 @@ def read_state_dict(path: str | Path, mmap: bool = False) -> dict[str, Tensor]:
         raise FluxMusicError(f"checkpoint {path} does not exist")
     if path.suffix == ".safetensors":
         try:
-            return load_file(str(path))
+            state = load_file(str(path))
+            with safe_open(str(path), "pt") as f:
+                metadata = f.metadata()
         except Exception as e:  # safetensors raises its own error types
             raise FluxMusicError(f"checkpoint {path} is not a readable safetensors file: {e}") from e
+        integrity.verify_safetensors(state, metadata, f"weights file {path}")
+        return state
     try:
         with torch.serialization.safe_globals([argparse.Namespace]):
             try:
@@ -115,15 +121,24 @@ def atomic_save_safetensors(state: Mapping[str, Tensor], path: str | Path, metad
         raise
 
 
-def read_json(path: str | Path, what: str) -> Any:
-    """Parse a JSON file; one clear error naming it (``what`` says which file) when it is missing or invalid."""
+def read_json(path: str | Path, what: str) -> dict[str, Any]:
+    """Parse a JSON object file; one clear error naming it (``what`` says which file) when it is missing,
+    not UTF-8, not JSON, nested too deeply for the parser, or not an object at the top."""
     path = Path(path)
     try:
-        return json.loads(path.read_text())
+        obj = json.loads(path.read_bytes().decode("utf-8"))
     except OSError as e:
         raise FluxMusicError(f"{what} {path} cannot be read: {e.strerror or e}") from e
+    except UnicodeDecodeError as e:
+        raise FluxMusicError(f"{what} {path} is not UTF-8 text (byte {e.start}): not a JSON file") from e
     except json.JSONDecodeError as e:
         raise FluxMusicError(f"{what} {path} is not valid JSON: {e}") from e
+    except RecursionError:
+        # json recurses once per nesting level: a hostile file can exhaust the stack.
+        raise FluxMusicError(f"{what} {path} is nested too deeply to be a config file") from None
+    if not isinstance(obj, dict):
+        raise FluxMusicError(f"{what} {path} must hold a JSON object at the top, not a {type(obj).__name__}")
+    return obj
 
 
 def atomic_write_bytes(path: str | Path, data: bytes | memoryview) -> None:

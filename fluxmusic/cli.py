@@ -27,6 +27,10 @@ COMMAND_MODULES = (
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fluxmusic", description="FluxMusic text-to-music runtime")
+    parser.add_argument(
+        "--allow-external-links", action="store_true",
+        help="load model directories whose symlinks point outside them (refused by default)",
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name in COMMAND_MODULES:
         importlib.import_module(name).register(sub)
@@ -36,6 +40,12 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if getattr(args, "allow_external_links", False):
+        import os
+
+        from fluxmusic.modelcheck import ALLOW_LINKS_ENV
+
+        os.environ[ALLOW_LINKS_ENV] = "1"  # read by every model-directory load (fluxmusic.modelcheck)
     try:
         # Commands with a torch --threads option (fluxmusic.threads.add_threads_argument) pass it; every other
         # command gets the automatic count (available cores minus load, or OMP_NUM_THREADS).

@@ -64,15 +64,22 @@ def check_loading_info(info: dict, source: str, allowed_unexpected: Iterable[str
 
 
 def _from_pretrained(cls: Any, directory: str | Path, what: str, allowed_unexpected: Iterable[str] = (), **kw):
+    from safetensors import SafetensorError
+
+    from fluxmusic.modelcheck import check_weight_files
+
     quiet_libraries()
     read_config(directory, what)
+    check_weight_files(directory, what)  # truncated files and pickle-only folders: one message, before the library
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            model, info = cls.from_pretrained(str(directory), output_loading_info=True, **kw)
+            model, info = cls.from_pretrained(
+                str(directory), output_loading_info=True, use_safetensors=True, **kw
+            )
     except FluxMusicError:
         raise
-    except (OSError, ValueError, RuntimeError, KeyError) as e:
+    except (OSError, ValueError, RuntimeError, KeyError, TypeError, SafetensorError) as e:
         raise FluxMusicError(f"{what} in {directory} cannot be loaded: {str(e).splitlines()[0]}") from e
     check_loading_info(info, f"{what} in {directory}", allowed_unexpected)
     return model.eval()
@@ -134,9 +141,12 @@ def load_tokenizer(directory: str | Path, what: str):
     quiet_libraries()
     from transformers import AutoTokenizer
 
+    from fluxmusic.modelcheck import check_json_files
+
     if not Path(directory).is_dir():
         raise FluxMusicError(f"{what} directory {directory} does not exist")
+    check_json_files(directory, what)  # lists and deep nesting: one message, not a library traceback
     try:
         return AutoTokenizer.from_pretrained(str(directory))
-    except (OSError, ValueError, TypeError) as e:
+    except (OSError, ValueError, TypeError, AttributeError, KeyError) as e:
         raise FluxMusicError(f"{what} in {directory} cannot be loaded: {str(e).splitlines()[0]}") from e

@@ -4,11 +4,16 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from fluxmusic.checkpoint import read_json
 from fluxmusic.errors import FluxMusicError
+
+
+def _pos_int(v: object) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v > 0
 
 
 @dataclass(frozen=True)
@@ -34,7 +39,25 @@ class FluxMusicConfig:
     extra: dict = field(default_factory=dict, compare=False, hash=False)
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "axes_dim", tuple(int(a) for a in self.axes_dim))
+        # Configs come from files: check types first, so a string or a zero is one clear error, not a traceback.
+        ints = ("in_channels", "vec_in_dim", "context_in_dim", "hidden_size", "num_heads", "theta")
+        bad = [f"{k} = {getattr(self, k)!r} (a positive integer)" for k in ints if not _pos_int(getattr(self, k))]
+        bad += [
+            f"{k} = {getattr(self, k)!r} (an integer >= 0)"
+            for k in ("depth", "depth_single_blocks")
+            if not (_pos_int(getattr(self, k)) or getattr(self, k) == 0)
+        ]
+        r = self.mlp_ratio
+        if isinstance(r, bool) or not isinstance(r, (int, float)) or not math.isfinite(r) or r <= 0:
+            bad.append(f"mlp_ratio = {r!r} (a finite number > 0)")
+        bad += [f"{k} = {getattr(self, k)!r} (true or false)" for k in ("qkv_bias", "guidance_embed")
+                if not isinstance(getattr(self, k), bool)]
+        axes = self.axes_dim
+        if not (isinstance(axes, (list, tuple)) and axes and all(_pos_int(a) for a in axes)):
+            bad.append(f"axes_dim = {axes!r} (a list of positive integers)")
+        if bad:
+            raise FluxMusicError("transformer config is invalid: " + "; ".join(bad))
+        object.__setattr__(self, "axes_dim", tuple(self.axes_dim))
         if self.hidden_size % self.num_heads:
             raise FluxMusicError(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
         if sum(self.axes_dim) != self.head_dim:
@@ -58,6 +81,8 @@ class FluxMusicConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> FluxMusicConfig:
+        if not isinstance(d, dict):
+            raise FluxMusicError(f"a transformer config must be a JSON object, not a {type(d).__name__}")
         known = {f.name for f in dataclasses.fields(cls)} - {"extra"}
         unknown = sorted(set(d) - known)
         if unknown:
@@ -69,7 +94,12 @@ class FluxMusicConfig:
 
     @classmethod
     def load(cls, path: str | Path) -> FluxMusicConfig:
-        return cls.from_dict(read_json(path, "transformer config"))
+        try:
+            return cls.from_dict(read_json(path, "transformer config"))
+        except FluxMusicError as e:
+            if str(path) in str(e):
+                raise
+            raise FluxMusicError(f"{path}: {e}") from None
 
 
 _OFFICIAL = dict(in_channels=32, vec_in_dim=768, context_in_dim=4096, mlp_ratio=4.0, num_heads=16)

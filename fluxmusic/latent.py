@@ -27,6 +27,16 @@ def unpatchify(x: Tensor, grid_h: int, grid_w: int, patch: int = PATCH) -> Tenso
     return x.permute(0, 3, 1, 4, 2, 5).reshape(b, c, grid_h * patch, grid_w * patch)
 
 
+#: Most music tokens one transformer call may attend over: 16x the published 1024 (10.24 s). Beyond it RoPE
+#: positions leave anything trained and the attention matrix alone outgrows memory (B=2, 16 heads
+#: in fp32 eager attention, about 35 GB), so a model directory asking for more is refused at load.
+MAX_MUSIC_TOKENS = 16384
+
+
+def is_positive_int(v: object) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v > 0
+
+
 @dataclass(frozen=True)
 class LatentGeometry:
     """How audio maps onto the latent grid, read from the model directory (not hard-coded).
@@ -42,6 +52,31 @@ class LatentGeometry:
     vae_downsample: int = 4
     max_duration: float = 10.24
     patch: int = PATCH
+
+    def __post_init__(self) -> None:
+        # A model directory is user input: every value is checked once here, so later arithmetic never sees
+        # a string, a zero or a NaN (which would surface as a traceback deep inside a generation).
+        bad = [
+            f"{k} = {getattr(self, k)!r} (must be a positive integer)"
+            for k in ("sample_rate", "hop_length", "mel_bins", "latent_channels", "vae_downsample", "patch")
+            if not is_positive_int(getattr(self, k))
+        ]
+        md = self.max_duration
+        if isinstance(md, bool) or not isinstance(md, (int, float)) or not math.isfinite(md) or md <= 0:
+            bad.append(f"max_duration = {md!r} (must be a finite number of seconds > 0)")
+        if bad:
+            raise FluxMusicError("latent geometry is invalid: " + "; ".join(bad))
+        if self.patch != PATCH:
+            raise FluxMusicError(f"latent geometry patch = {self.patch}; the transformer uses {PATCH}x{PATCH} patches")
+        tokens = self.max_latent_frames // self.patch * max(self.latent_width // self.patch, 1)
+        if tokens > MAX_MUSIC_TOKENS:
+            longest = MAX_MUSIC_TOKENS * self.patch / max(self.latent_width // self.patch, 1) * (
+                self.seconds_per_latent_frame
+            )
+            raise FluxMusicError(
+                f"latent geometry max_duration = {md} s makes {tokens} music tokens; the transformer supports at "
+                f"most {MAX_MUSIC_TOKENS} ({longest:g} s at this geometry); longer audio is generated in windows"
+            )
 
     @property
     def seconds_per_latent_frame(self) -> float:

@@ -23,17 +23,26 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from fluxmusic.checkpoint import atomic_save_safetensors, atomic_write_text
+from fluxmusic.checkpoint import atomic_save_safetensors, atomic_write_text, read_json
 from fluxmusic.config import FluxMusicConfig
 from fluxmusic.errors import FluxMusicError
 from fluxmusic.flow import Conditioning
-from fluxmusic.latent import LatentGeometry
+from fluxmusic.latent import LatentGeometry, is_positive_int
+from fluxmusic.modelcheck import (
+    check_consistency,
+    check_json_files,
+    check_links,
+    check_safetensors_file,
+    check_weight_files,
+)
 from fluxmusic.sampling import OFFICIAL
 
 FORMAT = "fluxmusic-model"
 VERSION = 1
 INDEX = "model_index.json"
 NULL_EMBEDDINGS = "null_embeddings.safetensors"
+#: Longest text sequence a model directory may ask for (the published T5 uses 256; CLAP 77).
+MAX_TEXT_TOKENS = 4096
 COMPONENTS = ("transformer", "text_encoder", "tokenizer", "clap", "clap_tokenizer", "vae", "vocoder")
 
 #: The official sampler's settings (sample.py, ``fluxmusic.sampling.OFFICIAL``), written as the defaults of an
@@ -70,33 +79,46 @@ class ModelIndex:
             raise FluxMusicError(f"{source} has format {d.get('format')!r}; expected {FORMAT!r}")
         if d.get("version") != VERSION:
             raise FluxMusicError(f"{source} has version {d.get('version')!r}; this fluxmusic reads version {VERSION}")
-        text = d.get("text", {})
-        return cls(
-            geometry=LatentGeometry.from_dict(d["geometry"]),
-            t5_max_length=int(text.get("t5_max_length", 256)),
-            clap_max_length=int(text.get("clap_max_length", 77)),
-            defaults=dict(d.get("defaults", {})),
-            name=d.get("name", "fluxmusic"),
-        )
+        text, geometry, defaults = d.get("text", {}), d.get("geometry"), d.get("defaults", {})
+        for key, value in (("geometry", geometry), ("text", text), ("defaults", defaults)):
+            if not isinstance(value, dict):
+                raise FluxMusicError(f"{source}: {key} = {str(value)[:80]!r} must be a JSON object")
+        lengths = {k: text.get(k, default) for k, default in (("t5_max_length", 256), ("clap_max_length", 77))}
+        bad = [f"text.{k} = {v!r}" for k, v in lengths.items() if not is_positive_int(v) or v > MAX_TEXT_TOKENS]
+        if bad:
+            raise FluxMusicError(f"{source}: {', '.join(bad)} must be an integer in [1, {MAX_TEXT_TOKENS}]")
+        name = d.get("name", "fluxmusic")
+        if not isinstance(name, str):
+            raise FluxMusicError(f"{source}: name = {name!r} must be a string")
+        try:
+            geo = LatentGeometry.from_dict(geometry)
+        except FluxMusicError as e:
+            raise FluxMusicError(f"{source}: {e}") from None
+        return cls(geo, lengths["t5_max_length"], lengths["clap_max_length"], dict(defaults), name)
 
 
-def read_index(model_dir: str | Path) -> ModelIndex:
-    """Read and check a model directory: the index and every component folder must be there."""
+def read_index(model_dir: str | Path, allow_external_links: bool | None = None) -> ModelIndex:
+    """Read and check a model directory: the index and every component folder must be there, every weights
+    file complete, the geometry consistent with the components, and no symlink may lead outside it unless
+    ``allow_external_links`` (default: ``$FLUXMUSIC_ALLOW_EXTERNAL_LINKS``). See :mod:`fluxmusic.modelcheck`."""
     model_dir = Path(model_dir)
     if not model_dir.is_dir():
         raise FluxMusicError(f"model directory {model_dir} does not exist")
     path = model_dir / INDEX
     if not path.is_file():
         raise FluxMusicError(f"{model_dir} is not a fluxmusic model directory: it has no {INDEX}")
-    try:
-        index = ModelIndex.from_dict(json.loads(path.read_text()), str(path))
-    except (json.JSONDecodeError, KeyError, TypeError) as e:
-        raise FluxMusicError(f"{path} is not a valid model index: {e}") from e
+    check_links(model_dir, allow_external_links)
+    index = ModelIndex.from_dict(read_json(path, "model index"), str(path))
     missing = [c for c in COMPONENTS if not (model_dir / c).is_dir()]
     if not (model_dir / NULL_EMBEDDINGS).is_file():
         missing.append(NULL_EMBEDDINGS)
     if missing:
         raise FluxMusicError(f"model directory {model_dir} is incomplete; missing: {', '.join(missing)}")
+    for c in COMPONENTS:
+        check_json_files(model_dir / c, c)
+        check_weight_files(model_dir / c, c)
+    check_safetensors_file(model_dir / NULL_EMBEDDINGS)
+    check_consistency(model_dir, index)
     return index
 
 
@@ -118,14 +140,19 @@ def write_null_embeddings(model_dir: str | Path, null: Conditioning) -> None:
 
 def geometry_from_components(vae_config: dict, vocoder_config: dict, max_duration: float = 10.24) -> LatentGeometry:
     """Latent geometry follows from the VAE and vocoder configs, so a smaller default VAE just works."""
-    return LatentGeometry(
-        sample_rate=int(vocoder_config.get("sampling_rate", 16000)),
-        hop_length=int(math.prod(vocoder_config["upsample_rates"])),
-        mel_bins=int(vocoder_config["model_in_dim"]),
-        latent_channels=int(vae_config["latent_channels"]),
-        vae_downsample=2 ** (len(vae_config["block_out_channels"]) - 1),
-        max_duration=max_duration,
-    )
+    try:
+        return LatentGeometry(
+            sample_rate=int(vocoder_config.get("sampling_rate", 16000)),
+            hop_length=int(math.prod(vocoder_config["upsample_rates"])),
+            mel_bins=int(vocoder_config["model_in_dim"]),
+            latent_channels=int(vae_config["latent_channels"]),
+            vae_downsample=2 ** (len(vae_config["block_out_channels"]) - 1),
+            max_duration=max_duration,
+        )
+    except (KeyError, TypeError, ValueError) as e:
+        if isinstance(e, FluxMusicError):
+            raise
+        raise FluxMusicError(f"VAE / vocoder configs do not describe a mel geometry: {type(e).__name__} {e}") from None
 
 
 def check_compatible(cfg: FluxMusicConfig, geometry: LatentGeometry, t5_width: int, clap_width: int) -> None:
@@ -212,6 +239,7 @@ def assemble(
         )
         write_null_embeddings(tmp, encoders.encode([""]))
         atomic_write_text(tmp / INDEX, json.dumps(index.to_dict(), indent=2) + "\n")
+        check_consistency(tmp, index)  # what every load checks: never build a directory that will not load
         tmp.rename(out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -82,6 +82,7 @@ class SafetensorsReader:
             self._entries[name] = (dtype, shape, begin, end)
         self._file = None
         self._scratch: Tensor | None = None
+        self._checksums: dict | None = None
 
     def __enter__(self) -> SafetensorsReader:
         self._file = open(self.path, "rb")  # noqa: SIM115 - closed in __exit__
@@ -129,7 +130,26 @@ class SafetensorsReader:
             if got != nbytes:
                 raise FluxMusicError(f"checkpoint {self.path}: tensor {name!r} is truncated")
         t = buf.view(file_dtype).reshape(shape)
+        self._verify(name, t)
         return t if direct else t.to(device=device, dtype=dtype, copy=True)
+
+    def _verify(self, name: str, t: Tensor) -> None:
+        """Check one tensor against the per-tensor SHA-256 in the header (``fluxmusic.integrity``), if present."""
+        from fluxmusic import integrity
+
+        if self._checksums is None:
+            raw = self.metadata.get(integrity.METADATA_KEY)
+            try:
+                table = json.loads(raw) if raw else {}
+            except (json.JSONDecodeError, RecursionError):
+                table = None
+            if not isinstance(table, dict):
+                raise FluxMusicError(f"{self.path} has a corrupt checksum table in its header")
+            self._checksums = table
+        want = self._checksums.get(name)
+        if want is not None and integrity.tensor_sha256(t) != want:
+            raise FluxMusicError(f"{self.path} fails its checksums (corrupted after it was written); changed: "
+                                 f"{name}. Restore it from a good copy")
 
 
 def save_streaming(

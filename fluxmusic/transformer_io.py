@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
 
+from fluxmusic import integrity
 from fluxmusic.checkpoint import atomic_write_text, check_state_dict, read_state_dict
 from fluxmusic.config import FluxMusicConfig
 from fluxmusic.errors import FluxMusicError
@@ -21,9 +23,12 @@ def save_transformer(model: FluxMusicTransformer, directory: str | Path) -> Path
     directory.mkdir(parents=True, exist_ok=True)
     state = model.state_dict()
     specs = {k: (torch.float32, tuple(v.shape)) for k, v in state.items()}
-    # Streamed tensor by tensor (fp32 on disk): no second copy of the weights while saving.
-    save_streaming(specs, lambda k: state[k].detach().to("cpu", torch.float32), directory / WEIGHTS_NAME,
-                   metadata={"format": "pt"})
+    # Per-tensor checksums in the header (verified on every read, issue 17 item 7), hashed one tensor at a time;
+    # then streamed tensor by tensor (fp32 on disk): no second copy of the weights while saving.
+    fp32 = lambda k: state[k].detach().to("cpu", torch.float32)  # noqa: E731
+    sums = {k: integrity.tensor_sha256(fp32(k)) for k in state}
+    metadata = {"format": "pt", integrity.METADATA_KEY: json.dumps(sums, sort_keys=True)}
+    save_streaming(specs, fp32, directory / WEIGHTS_NAME, metadata=metadata)
     atomic_write_text(directory / CONFIG_NAME, _config_json(model.config))
     return directory
 
@@ -88,5 +93,7 @@ def convert_checkpoint(ckpt: str | Path, out_dir: str | Path, config: FluxMusicC
 def _write(cfg: FluxMusicConfig, expected: dict, produce, out_dir: str | Path) -> None:
     out_dir = Path(out_dir)
     specs = {k: (torch.float32, tuple(v.shape)) for k, v in expected.items()}
-    save_streaming(specs, produce, out_dir / WEIGHTS_NAME, metadata={"format": "pt"})
+    sums = {k: integrity.tensor_sha256(produce(k)) for k in expected}  # one tensor at a time
+    metadata = {"format": "pt", integrity.METADATA_KEY: json.dumps(sums, sort_keys=True)}
+    save_streaming(specs, produce, out_dir / WEIGHTS_NAME, metadata=metadata)
     atomic_write_text(out_dir / CONFIG_NAME, _config_json(cfg))

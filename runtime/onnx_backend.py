@@ -152,6 +152,7 @@ class OnnxBackend:
             component_config,
             graph_filename,
             read_manifest,
+            verify_file_entry,
         )
         from fluxmusic.export.spec import STEP_NAME, component_specs
 
@@ -195,6 +196,7 @@ class OnnxBackend:
                 if comp != STEP_NAME:
                     self.fallback.append(comp)
                 continue
+            verify_file_entry(onnx_dir, entry.get(want if want in entry else "fp32", {}))
             self.graphs[comp] = OrtGraph(path, self.specs[comp], providers, options, self.device)
         self.providers = next(iter(self.graphs.values())).providers if self.graphs else []
         if self.fallback:

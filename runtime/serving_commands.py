@@ -69,7 +69,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--tls-key", help="PEM private key")
     s.add_argument("--token", default=os.environ.get(TOKEN_ENV),
                    help=f"require 'authorization: Bearer TOKEN' (default: ${TOKEN_ENV}; prefer it over argv)")
-    s.add_argument("--metrics-port", type=int, help="serve Prometheus text on http://HOST:PORT/metrics")
+    s.add_argument("--metrics-port", type=int,
+                   help="serve Prometheus text on http(s)://METRICS_HOST:PORT/metrics (with the token and TLS "
+                        "of the gRPC port, when set)")
+    s.add_argument("--metrics-host", default="127.0.0.1",
+                   help="address of the metrics endpoint (default loopback, whatever --host is)")
+    s.add_argument("--allow-external-links", dest="serve_allow_external_links", action="store_true",
+                   help="load a model directory whose symlinks point outside it (refused by default)")
     add_threads_argument(s)
     s.add_argument("--no-warmup", action="store_true", help="skip the one-step warm-up generation at start")
     s.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
@@ -113,16 +119,21 @@ def _serve(args: argparse.Namespace) -> int:
         host=args.host, port=args.port, max_batch=args.max_batch, max_delay_ms=args.max_delay_ms,
         max_queue=args.max_queue, max_steps=args.max_steps, max_waveforms=args.max_waveforms, grace_s=args.grace,
         tls_cert=args.tls_cert, tls_key=args.tls_key, token=args.token, metrics_port=args.metrics_port,
+        metrics_host=args.metrics_host,
     )
-    config.check()  # before the (slow) model load
+    config.preflight()  # TLS files, free ports: before the (slow) model load
+    if args.serve_allow_external_links:
+        from fluxmusic.modelcheck import ALLOW_LINKS_ENV
+
+        os.environ[ALLOW_LINKS_ENV] = "1"
     options = {k: v for k, v in (("onnx_dir", args.onnx_dir), ("engine_dir", args.engine_dir)) if v}
     pipe = FluxMusicPipeline.from_pretrained(args.model, args.device, args.dtype, args.backend, **options)
     if not args.no_warmup:
         # The first call pays one-off costs (allocator, kernel selection); keep them off the first request.
         pipe("music", steps=1, duration=min(1.0, pipe.geometry.max_duration), seed=0)
     server = FluxMusicServer(pipe, config).start()
-    print(f"serving on {server.target}" + (f", metrics on :{server.metrics_port}" if server.metrics_port else ""),
-          file=sys.stderr, flush=True)
+    metrics = f", metrics on {server.metrics_url}" if server.metrics_port else ""
+    print(f"serving on {server.target}{metrics}", file=sys.stderr, flush=True)
     serve_forever(server)
     return 0
 

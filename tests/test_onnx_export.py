@@ -207,6 +207,7 @@ def test_validate_fails_when_a_weight_is_perturbed(tiny_dir, onnx_dir, tmp_path)
     arr.flat[0] += 0.5
     init.CopyFrom(numpy_helper.from_array(arr, init.name))
     onnx.save(proto, str(bad / "transformer.onnx"))
+    _rehash(bad, "transformer.onnx")  # a wrong export, not a corrupted one: the checksums agree, parity must not
     code = main(
         [
             "export",
@@ -379,7 +380,7 @@ def test_corrupt_onnx_file_gives_a_clear_error(tiny_dir, onnx_dir, tmp_path, cap
     data = (bad / "vae_decoder.onnx").read_bytes()
     (bad / "vae_decoder.onnx").write_bytes(data[: len(data) // 3])
     code = main(
-        [
+        args := [
             "generate",
             "a song",
             "-o",
@@ -395,7 +396,24 @@ def test_corrupt_onnx_file_gives_a_clear_error(tiny_dir, onnx_dir, tmp_path, cap
     )
     assert code == 2
     err = capsys.readouterr().err
-    assert "vae_decoder.onnx cannot be loaded by onnxruntime" in err
+    assert "vae_decoder.onnx fails its checksum" in err and "Traceback" not in err  # caught before onnxruntime
+    _rehash(bad, "vae_decoder.onnx")  # the manifest agrees with the broken file: onnxruntime's turn
+    assert main(args) == 2
+    assert "vae_decoder.onnx cannot be loaded by onnxruntime" in capsys.readouterr().err
+
+
+def _rehash(onnx_dir: Path, fname: str) -> None:
+    """Record ``fname``'s current checksums in the manifest, as if the export had written it so."""
+    from fluxmusic.export.onnx_export import MANIFEST, sha256_file
+
+    manifest = json.loads((onnx_dir / MANIFEST).read_text())
+    for comp in manifest["components"].values():
+        for entry in comp.get("variants", {}).values():
+            if entry.get("file") == fname:
+                entry["sha256"] = sha256_file(onnx_dir / fname)
+                if entry.get("external_data"):
+                    entry["external_data_sha256"] = sha256_file(onnx_dir / entry["external_data"])
+    (onnx_dir / MANIFEST).write_text(json.dumps(manifest))
 
 
 def test_model_onnx_mismatch_config_hash(tiny_dir, onnx_dir, tmp_path, capsys):

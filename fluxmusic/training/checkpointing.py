@@ -15,12 +15,15 @@ from typing import Any
 import torch
 from torch import nn
 
+from fluxmusic import integrity
 from fluxmusic.checkpoint import check_state_dict
 from fluxmusic.errors import FluxMusicError
 
 FORMAT = "fluxmusic-train"
 VERSION = 1
 CHECKPOINT_NAME = "checkpoint.pt"
+#: Entry holding per-tensor SHA-256 digests (fluxmusic.integrity), checked on every read.
+CHECKSUMS = "checksums"
 _REQUIRED = (
     "format", "version", "task", "fingerprint", "step", "data", "model", "ema", "optimizer", "scheduler",
     "rng", "world_size", "global_batch",
@@ -73,6 +76,9 @@ def read_checkpoint(path: Path) -> dict[str, Any]:
     missing = [k for k in _REQUIRED if k not in ckpt]
     if missing:
         raise FluxMusicError(f"training checkpoint {path} is incomplete; missing entries: {', '.join(missing)}")
+    if CHECKSUMS in ckpt:  # written since issue 17; older checkpoints have none and load as before
+        integrity.verify({k: v for k, v in ckpt.items() if k != CHECKSUMS}, ckpt[CHECKSUMS],
+                         f"training checkpoint {path}")
     return ckpt
 
 

@@ -18,8 +18,10 @@ from typing import Any, TextIO
 import torch
 from torch import Tensor, nn
 
+from fluxmusic import integrity
 from fluxmusic.checkpoint import atomic_write_text
 from fluxmusic.errors import FluxMusicError
+from fluxmusic.tempfiles import remove_stale_temporaries
 from fluxmusic.training import distributed, rng
 from fluxmusic.training.checkpointing import (
     CHECKPOINT_NAME,
@@ -149,7 +151,12 @@ class _Run:
         self._build()
         if resume_path is not None:
             self._load(resume_path)
+        cleaned: tuple[list[str], int] = ([], 0)
         if info.is_main:
+            # A run killed mid-write left its temporaries; this process owns the directory now.
+            for d in (self.run_dir, Path(export_dir) if export_dir else self.run_dir / EXPORT_DIR):
+                names, freed = remove_stale_temporaries(d)
+                cleaned = (cleaned[0] + names, cleaned[1] + freed)
             self.run_dir.mkdir(parents=True, exist_ok=True)
             atomic_write_text(self.run_dir / CONFIG_NAME, json.dumps(
                 {"task": self.task.name, "fingerprint": self.task.fingerprint(), "train": cfg.to_dict(),
@@ -160,6 +167,8 @@ class _Run:
             device=str(self.device), params=sum(p.numel() for p in self.model.parameters()),
             train_items=len(self.train_ds), resumed_from=str(resume_path) if resume_path else None,
         )
+        if cleaned[0]:
+            self.log.write("cleanup", removed=cleaned[0], bytes=cleaned[1])
         train_loss = val_loss = None
         ckpt_written: Path | None = None
         throughput = Throughput(self.step)
@@ -293,6 +302,7 @@ class _Run:
                 "global_batch": self.cfg.batch_size * self.info.world_size,
                 "train_config": self.cfg.to_dict(),
             }
+            ckpt["checksums"] = integrity.digests(ckpt)  # verified by read_checkpoint: bit flips are caught
             atomic_torch_save(ckpt, self.ckpt_path)
             self.log.write("checkpoint", step=self.step, path=str(self.ckpt_path))
         return self.ckpt_path
