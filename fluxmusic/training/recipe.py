@@ -448,6 +448,7 @@ def store_half(model_dir: Path, components: tuple[str, ...]) -> None:
     """
     from safetensors import safe_open
 
+    from fluxmusic import integrity
     from fluxmusic.checkpoint import atomic_save_safetensors
 
     for name in components:
@@ -456,6 +457,9 @@ def store_half(model_dir: Path, components: tuple[str, ...]) -> None:
                 meta = f.metadata()
                 state = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open has no iterator)
             state = {k: v.half() if v.dtype == torch.float32 else v for k, v in state.items()}
+            meta = dict(meta or {})
+            if integrity.METADATA_KEY in meta:  # the checksums describe the stored (now fp16) tensors
+                meta.update(integrity.safetensors_metadata(state))
             atomic_save_safetensors(state, path, metadata=meta)
 
 
