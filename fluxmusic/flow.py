@@ -219,7 +219,7 @@ class KnownRegion:
 
     def impose(self, x: Tensor, t: float) -> Tensor:
         z_t = (1.0 - t) * self.x0 + t * self.noise
-        return x + self.mask * (z_t - x)
+        return self.mask * z_t + (1.0 - self.mask) * x  # exactly z_t where the mask is 1
 
     def renoise(self, x: Tensor, t_from: float, t_to: float) -> Tensor:
         """A sample of z_{t_to} given z_{t_from} (t_from < t_to) on the rectified-flow path:

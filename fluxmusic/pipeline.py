@@ -193,13 +193,18 @@ class FluxMusicPipeline:
         preset: str | None = None,
         guidance_interval: tuple[float, float] | None = None,
         cache_threshold: float | None = None,
+        **audio_options,
     ) -> GenerationResult:
         """Generate. Absent values come from the model directory's defaults, or from ``preset``
-        ("official": exactly the official sampler); ``shift=1.0`` is no time shift; seed None or -1 is random."""
+        ("official": exactly the official sampler); ``shift=1.0`` is no time shift; seed None or -1 is random.
+
+        ``audio_options``: continuation / infilling and long form (``audio=``, ``keep=``, ``regenerate=``,
+        ``mode=``, ``blend=``, ``resample=``, ``splice=``, ``overlap=``, ``crossfade=``, ``sections=``; see
+        :func:`fluxmusic.sampling.build_request`); ``duration`` may exceed the model's window (long form)."""
         req = self.request(
             prompt, negative_prompt=negative_prompt, duration=duration, steps=steps, guidance=guidance,
             solver=solver, shift=shift, seed=seed, num_waveforms=num_waveforms_per_prompt, preset=preset,
-            guidance_interval=guidance_interval, cache_threshold=cache_threshold,
+            guidance_interval=guidance_interval, cache_threshold=cache_threshold, **audio_options,
         )
         return self.generate(req, progress)
 
