@@ -261,9 +261,9 @@ def _run(args: argparse.Namespace, model_dir: Path, request, options: dict):
     say(f"{result.evaluations:g} model evaluations per waveform{cached}; text {t['text_encode']:.2f} s, "
         f"sampling {t['sampling']:.2f} s, decode {t['decode']:.2f} s")
     if result.kept_snr_db is not None:
-        say("kept region SNR vs the given audio: " + ", ".join(
-            f"{a:.1f} dB (model's own decoding {b:.1f} dB)" for a, b in zip(result.kept_snr_db,
-                                                                            result.decoded_kept_snr_db)))
+        say("kept region vs the given audio: " + ", ".join(
+            f"waveform SNR {a:.1f} dB (the model's own decoding: waveform {b:.1f} dB, mel {c:.1f} dB)"
+            for a, b, c in zip(result.kept_snr_db, result.decoded_kept_snr_db, result.decoded_kept_mel_snr_db)))
     return result
 
 

@@ -470,6 +470,24 @@ def kept_snr(context: AudioContext, geometry, output: np.ndarray, exclude_fade: 
     return snr_db(context.wave[:n][sel], output[:n][sel])
 
 
+def kept_mel_snr(context: AudioContext, geometry, output: np.ndarray) -> float:
+    """SNR (dB) of the mel magnitudes of ``output`` against the given audio over the kept mel frames outside
+    the seam fades: the fidelity of a decoding whose phase is free (a mel vocoder's), where waveform SNR is
+    near 0 dB however good it sounds."""
+    import torch
+
+    from fluxmusic.audio import MelConfig, log_mel
+
+    n = min(len(output), len(context.wave))
+    cfg = MelConfig(sample_rate=geometry.sample_rate, hop_length=geometry.hop_length, n_mels=geometry.mel_bins)
+    ref = np.exp(log_mel(torch.from_numpy(context.wave[:n].copy()), cfg)[0].numpy())
+    out = np.exp(log_mel(torch.from_numpy(np.asarray(output[:n], dtype=np.float32).copy()), cfg)[0].numpy())
+    w = context.sample_weights(geometry, len(output))[:n]
+    frames = min(len(ref), len(out))
+    sel = (w[:: cfg.hop_length][:frames] >= 1.0)
+    return snr_db(ref[:frames][sel], out[:frames][sel])
+
+
 def seam_continuity(wave: np.ndarray, seam_seconds: float, sample_rate: int = 16000, span: float = 1.0) -> dict:
     """Spectral continuity at a seam: the log-mel distance and spectral flux between adjacent mel frames
     straddling ``seam_seconds`` (mean over the 3 frame pairs around it) against the same statistics over all

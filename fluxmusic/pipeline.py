@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from fluxmusic.backend import make_backend, parse_dtype
-from fluxmusic.continuation import DEFAULT_BLEND, AudioContext, kept_snr, soft_mask
+from fluxmusic.continuation import DEFAULT_BLEND, AudioContext, kept_mel_snr, kept_snr, soft_mask
 from fluxmusic.errors import FluxMusicError
 from fluxmusic.flow import Conditioning, GuidedVelocity, KnownRegion, StepCache, sample
 from fluxmusic.latent import patchify, unpatchify
@@ -55,6 +55,8 @@ class GenerationResult:
     decoded_kept_snr_db: list[float] | None = None
     #: long form: the windows solved
     windows: int = 1
+    #: given audio: mel-magnitude SNR (dB) of the model's own decoding of the kept region (phase-free fidelity)
+    decoded_kept_mel_snr_db: list[float] | None = None
 
 
 @dataclass
@@ -73,6 +75,7 @@ class StreamChunk:
     kept_snr_db: list[float] | None = None
     decoded_kept_snr_db: list[float] | None = None
     windows_done: int = 1
+    decoded_kept_mel_snr_db: list[float] | None = None
 
 
 def default_model_dir() -> Path:
@@ -240,9 +243,10 @@ class FluxMusicPipeline:
         """Put the given audio itself into the kept region (when ``ctx.splice``) with a short fade on the kept
         side of each seam, and measure the kept region's SNR before and after."""
         geo = self.geometry
-        out, decoded_snr, snr = [], [], []
+        out, decoded_snr, decoded_mel, snr = [], [], [], []
         for a in audio:
             decoded_snr.append(kept_snr(ctx, geo, a))
+            decoded_mel.append(kept_mel_snr(ctx, geo, a))
             if ctx.splice:
                 n = min(len(a), len(ctx.wave))
                 w = ctx.sample_weights(geo, len(a))[:n]
@@ -250,7 +254,7 @@ class FluxMusicPipeline:
                 a[:n] = w * ctx.wave[:n] + (1.0 - w) * a[:n]
             out.append(a.astype(np.float32))
             snr.append(kept_snr(ctx, geo, a))
-        return out, {"kept_snr_db": snr, "decoded_kept_snr_db": decoded_snr}
+        return out, {"kept_snr_db": snr, "decoded_kept_snr_db": decoded_snr, "decoded_kept_mel_snr_db": decoded_mel}
 
     def context_latent(self, ctx: AudioContext, latent_frames: int) -> tuple[Tensor, Tensor]:
         """The given audio's scaled VAE latent (posterior mean) on a grid of ``latent_frames`` [1, C, F, W] and
@@ -296,7 +300,7 @@ class FluxMusicPipeline:
         return GenerationResult(
             audio, self.sample_rate, [it.seed for it in request.items], [it.prompt for it in request.items],
             request.settings, dict(last.timings), last.evaluations, last.cache_skipped, last.kept_snr_db,
-            last.decoded_kept_snr_db, last.windows,
+            last.decoded_kept_snr_db, last.windows, last.decoded_kept_mel_snr_db,
         )
 
     def generate_stream(self, request: GenerationRequest, progress: ProgressFn | None = None) -> Iterator[StreamChunk]:
@@ -310,7 +314,7 @@ class FluxMusicPipeline:
         if lf is None:
             r = self.generate(request, progress)
             yield StreamChunk(0, 1, 0, r.audio, r.timings, r.evaluations, r.cache_skipped, r.kept_snr_db,
-                              r.decoded_kept_snr_db, 1)
+                              r.decoded_kept_snr_db, 1, r.decoded_kept_mel_snr_db)
             return
         from fluxmusic.continuation import window_seed
 
@@ -390,7 +394,8 @@ class FluxMusicPipeline:
             pending = [p[until - emitted :] for p in pending]
             emitted = until
             yield StreamChunk(w.index, len(windows), emitted - len(out[0]), out, dict(timings), evals, skipped,
-                              snr.get("kept_snr_db"), snr.get("decoded_kept_snr_db"), w.index + 1)
+                              snr.get("kept_snr_db"), snr.get("decoded_kept_snr_db"), w.index + 1,
+                              snr.get("decoded_kept_mel_snr_db"))
 
     def sample_latents(
         self,

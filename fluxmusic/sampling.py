@@ -173,7 +173,7 @@ class GenerationRequest:
             if o.batch_key != self.batch_key:
                 raise FluxMusicError(f"cannot batch settings {o.batch_key} with {self.batch_key}")
             items += o.items
-        return GenerationRequest(tuple(items), self.settings, self.latent_frames)
+        return GenerationRequest(tuple(items), self.settings, self.latent_frames, self.audio, self.long_form)
 
 
 # ------------------------------------------------------------------------------------------------ checks

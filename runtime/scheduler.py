@@ -275,7 +275,7 @@ class BatchScheduler:
         return GenerationResult(audio, self.pipe.sample_rate, [it.seed for it in request.items],
                                 [it.prompt for it in request.items], request.settings, dict(last.timings),
                                 last.evaluations, last.cache_skipped, last.kept_snr_db, last.decoded_kept_snr_db,
-                                last.windows)
+                                last.windows, last.decoded_kept_mel_snr_db)
 
     def _isolate(self, jobs: list[Job], error: Exception) -> None:
         live = [j for j in jobs if not j.done.is_set()]
