@@ -35,7 +35,7 @@ def main() -> None:
         ax.set_ylabel("mel bin")
     axes[-1][0].set_xlabel("seconds")
     fig.tight_layout()
-    fig.savefig(args.output, dpi=90)
+    fig.savefig(args.output, dpi=60)
 
 
 if __name__ == "__main__":

@@ -304,7 +304,8 @@ def resolve_audio(
         raise invalid("audio", f"{seconds:.2f} s", f"at most {limits.max_audio_seconds:g} s of audio")
     spf = geometry.seconds_per_latent_frame
     window = min(duration, geometry.max_duration)  # the kept spans lie in the first window
-    out_frames = geometry.latent_frames(window)
+    out_frames = geometry.latent_frames(window)  # rounded up to the patch grid
+    dur_frames = math.ceil(round(window / spf, 6))  # the frames the output really has (before that padding)
     audio_frames = math.floor(seconds / spf + 1e-6)  # whole latent frames of given audio
     if audio_frames < 1:
         raise invalid("audio", f"{seconds:.3f} s", f"at least one latent frame ({spf:g} s)")
@@ -337,8 +338,8 @@ def resolve_audio(
             if fa > cur:
                 spans.append((cur, fa))
             cur = fb
-        if cur < out_frames:
-            spans.append((cur, out_frames))
+        if cur < dur_frames:
+            spans.append((cur, dur_frames))
         for fa, fb in spans:
             if fb > audio_frames:
                 raise invalid("regenerate", regenerate, f"spans that leave only given audio kept: it keeps "
@@ -352,10 +353,10 @@ def resolve_audio(
     if not spans:
         raise FluxMusicError("nothing of the given audio is kept; give keep spans inside the audio")
     kept = sum(b - a for a, b in spans)
-    if kept >= out_frames and duration <= geometry.max_duration + 1e-9:
+    if kept >= dur_frames and duration <= geometry.max_duration + 1e-9:
         raise FluxMusicError(f"nothing to generate: the kept audio covers the whole {duration:g} s output; keep "
                              "less (--keep) or ask for a longer --duration")
-    if duration > geometry.max_duration + 1e-9 and spans[-1][1] >= out_frames:
+    if duration > geometry.max_duration + 1e-9 and spans[-1][1] >= dur_frames:
         raise FluxMusicError(f"the kept audio fills the whole first window ({window:g} s); keep less so the "
                              "first window generates something")
     is_continue = len(spans) == 1 and spans[0][0] == 0

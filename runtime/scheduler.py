@@ -59,8 +59,6 @@ class Job:
     on_progress: ProgressHook | None = None
     on_done: Callable[[], None] | None = None
     request_id: str = ""
-    #: long form: called with each finished window (a :class:`fluxmusic.pipeline.StreamChunk`), in order
-    on_chunk: Callable[[object], None] | None = None
     received: float = field(default_factory=time.monotonic)
     enqueued: float = 0.0
     admitted: bool = False  # counted in in_flight
@@ -72,6 +70,8 @@ class Job:
     batch_size: int = 0
     timings: dict[str, float] = field(default_factory=dict)
     kept_snr_db: list[float] = field(default_factory=list)
+    #: long form: called with each finished window (a :class:`fluxmusic.pipeline.StreamChunk`), in order
+    on_chunk: Callable[[object], None] | None = None
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     @property
