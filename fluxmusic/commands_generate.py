@@ -42,6 +42,40 @@ def add_sampling_arguments(g: argparse.ArgumentParser) -> None:
                    "changed (accumulated relative L1) less than this; 0 = off (default: the model's, normally 0)")
 
 
+def add_audio_arguments(g: argparse.ArgumentParser) -> None:
+    """Continuation, infilling and long-form options (``fluxmusic.continuation``)."""
+    from fluxmusic.continuation import DEFAULT_BLEND, DEFAULT_CROSSFADE, DEFAULT_OVERLAP, MODES
+
+    a = g.add_argument_group("audio in and long form")
+    a.add_argument("--audio", help="given audio (WAV, FLAC, OGG; resampled to the model's rate) to continue or infill")
+    a.add_argument("--mode", choices=MODES, help="continue: keep the beginning (default: all the given audio) and "
+                   "generate what follows; infill: keep both ends and regenerate --regenerate START:END")
+    a.add_argument("--keep", help="kept spans of the given audio in seconds, e.g. 0:6 or 0:3,7:10.24 (snapped to "
+                   "latent frames)")
+    a.add_argument("--regenerate", help="spans to generate in seconds (the rest is kept), e.g. 6:10.24 or 4:6")
+    a.add_argument("--blend", type=float, help=f"seconds of soft mask on the kept side of each seam, in [0, 2] "
+                   f"(default {DEFAULT_BLEND:g})")
+    a.add_argument("--resample", type=int, help="RePaint re-noise iterations per step at t > 0.3 (more evaluations; "
+                   "default 0)")
+    a.add_argument("--no-splice", action="store_true", help="keep the model's decoding of the kept region instead of "
+                   "the given audio itself")
+    a.add_argument("--overlap", type=float, help=f"long form: seconds of the previous window kept as context "
+                   f"(default {DEFAULT_OVERLAP:g})")
+    a.add_argument("--crossfade", type=float, help=f"long form: crossfade seconds at each seam (default "
+                   f"{DEFAULT_CROSSFADE:g})")
+
+
+def audio_kwargs(args: argparse.Namespace) -> dict:
+    """The audio-in and long-form options of parsed arguments as ``build_request`` keywords (None = not given)."""
+    return {
+        "audio": getattr(args, "audio", None), "keep": getattr(args, "keep", None),
+        "regenerate": getattr(args, "regenerate", None), "mode": getattr(args, "mode", None),
+        "blend": getattr(args, "blend", None), "resample": getattr(args, "resample", None),
+        "splice": False if getattr(args, "no_splice", False) else None,
+        "overlap": getattr(args, "overlap", None), "crossfade": getattr(args, "crossfade", None),
+    }
+
+
 def sampling_kwargs(args: argparse.Namespace) -> dict:
     """The sampling options of parsed arguments as ``build_request`` keywords (None = not given)."""
     preset = args.preset
@@ -72,10 +106,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         required=True,
         help="output audio file (.wav, .flac, .ogg); several waveforms get _00, _01, ... suffixes",
     )
-    g.add_argument("--prompts-file", help="a text file with one prompt per line")
+    g.add_argument("--prompts-file", help="a text file with one prompt per line, or prompt sections of one song: "
+                   "every line 'START:END prompt' in seconds (an empty END = to the end), e.g. '0:30 a slow piano'")
     g.add_argument("--model", help="model directory (default: the bundled default model)")
-    g.add_argument("--duration", type=float, help="seconds, from one latent frame to the model's maximum "
-                   "(default: the maximum)")
+    g.add_argument("--duration", type=float, help="seconds, from one latent frame to 300; beyond the model's window "
+                   "(10.24 s) the song is made in windows of continuation (default: the window)")
+    add_audio_arguments(g)
     g.add_argument("--seed", type=int, help="random seed; item i of a batch uses seed + i (default or -1: random)")
     add_sampling_arguments(g)
     g.add_argument("--num-waveforms", type=int, default=1, help="waveforms per prompt")
@@ -128,17 +164,26 @@ def output_paths(output: str, count: int) -> list[Path]:
     return paths
 
 
-def read_prompts(args: argparse.Namespace) -> list[str]:
+def read_prompts_and_sections(args: argparse.Namespace) -> tuple[list[str], list | None]:
+    """The prompts (one waveform each), or the prompt sections of one song when every line of the prompts
+    file is ``START:END prompt`` (then the prompt list is empty)."""
+    from fluxmusic.continuation import parse_prompt_sections
+
     prompts = [args.prompt] if args.prompt is not None else []
     if args.prompts_file:
         try:
-            lines = Path(args.prompts_file).read_text().splitlines()
+            text = Path(args.prompts_file).read_text()
         except OSError as e:
             raise FluxMusicError(f"prompts file {args.prompts_file!r} cannot be read: {e.strerror}") from e
-        prompts += [line.strip() for line in lines if line.strip()]
+        sections = parse_prompt_sections(text, f"prompts file {args.prompts_file}")
+        if sections is not None:
+            if prompts:
+                raise FluxMusicError("give a PROMPT or a prompts file of timed sections, not both")
+            return [], sections
+        prompts += [line.strip() for line in text.splitlines() if line.strip()]
     if not prompts:
         raise FluxMusicError("no prompt given; pass a PROMPT or --prompts-file with non-empty lines")
-    return prompts
+    return prompts, None
 
 
 def _generate(args: argparse.Namespace) -> int:
@@ -148,12 +193,12 @@ def _generate(args: argparse.Namespace) -> int:
 
     # Everything a user can get wrong is checked before the (slow) model load: the request against the
     # model's index (no weights read) and the output path.
-    prompts = read_prompts(args)
+    prompts, sections = read_prompts_and_sections(args)
     model_dir = Path(args.model) if args.model else default_model_dir()
     index = read_index(model_dir)
     request = build_request(
-        index.defaults, index.geometry, prompts, num_waveforms=args.num_waveforms, seed=args.seed,
-        duration=args.duration, **sampling_kwargs(args),
+        index.defaults, index.geometry, prompts or None, num_waveforms=args.num_waveforms, seed=args.seed,
+        duration=args.duration, sections=sections, **sampling_kwargs(args), **audio_kwargs(args),
     )
     paths = output_paths(args.output, len(request.items))
     options = {}
@@ -184,6 +229,12 @@ def _run(args: argparse.Namespace, model_dir: Path, request, options: dict):
 
     say = (lambda msg: None) if args.quiet else (lambda msg: print(msg, file=sys.stderr, flush=True))
     say(f"settings: {request.settings.describe()}")
+    if request.audio is not None:
+        say(f"audio in: {request.audio.describe()}")
+    windows = 1
+    if request.long_form is not None:
+        windows = len(request.long_form.windows(request_geometry(model_dir)))
+        say(request.long_form.describe(request_geometry(model_dir)))
     say(f"loading model {model_dir} ({args.backend}, {args.device}) ...")
     t0 = time.perf_counter()
     pipe = FluxMusicPipeline.from_pretrained(
@@ -194,7 +245,7 @@ def _run(args: argparse.Namespace, model_dir: Path, request, options: dict):
     if not args.quiet:
         from tqdm import tqdm
 
-        bar = tqdm(total=request.settings.steps, unit="step", file=sys.stderr, desc="sampling")
+        bar = tqdm(total=request.settings.steps * windows, unit="step", file=sys.stderr, desc="sampling")
 
     def progress(step: int, total: int) -> None:
         if bar is not None:
@@ -209,7 +260,17 @@ def _run(args: argparse.Namespace, model_dir: Path, request, options: dict):
     cached = f", {result.cache_skipped:g} skipped by the step cache" if request.settings.cache_threshold else ""
     say(f"{result.evaluations:g} model evaluations per waveform{cached}; text {t['text_encode']:.2f} s, "
         f"sampling {t['sampling']:.2f} s, decode {t['decode']:.2f} s")
+    if result.kept_snr_db is not None:
+        say("kept region vs the given audio: " + ", ".join(
+            f"waveform SNR {a:.1f} dB (the model's own decoding: waveform {b:.1f} dB, mel {c:.1f} dB)"
+            for a, b, c in zip(result.kept_snr_db, result.decoded_kept_snr_db, result.decoded_kept_mel_snr_db)))
     return result
+
+
+def request_geometry(model_dir: Path):
+    from fluxmusic.modeldir import read_index
+
+    return read_index(model_dir).geometry
 
 
 def _assemble(args: argparse.Namespace) -> int:

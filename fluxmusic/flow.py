@@ -196,6 +196,41 @@ class StepCache:
         return v
 
 
+# --------------------------------------------------------------------------------------------- known region
+@dataclass
+class KnownRegion:
+    """Latent content held on the flow's path (training-free continuation and infilling, RePaint-style).
+
+    ``x0`` [B, L, C] is the known clean latent, ``mask`` (broadcastable to it; 1 = known, 0 = generated,
+    fractions blend the two for a soft seam), ``noise`` the same eps the solve starts from. After every step to
+    time t the known part of the state is set to z_t = (1 - t) x0 + t eps; at t = 0 that is x0 itself, so the
+    kept latent frames come out exactly as given. ``resample`` > 0 re-noises each step's result back to the
+    step's start time (fresh noise from ``generators``, one per sample, so an item is the same alone or in a
+    batch) and repeats the step that many times while t > ``resample_t_min``: the generated part gets more
+    chances to agree with the known one, at (1 + resample) times the evaluations of those steps.
+    """
+
+    x0: Tensor
+    mask: Tensor
+    noise: Tensor
+    resample: int = 0
+    resample_t_min: float = 0.3
+    generators: list[torch.Generator] | None = None
+
+    def impose(self, x: Tensor, t: float) -> Tensor:
+        z_t = (1.0 - t) * self.x0 + t * self.noise
+        return self.mask * z_t + (1.0 - self.mask) * x  # exactly z_t where the mask is 1
+
+    def renoise(self, x: Tensor, t_from: float, t_to: float) -> Tensor:
+        """A sample of z_{t_to} given z_{t_from} (t_from < t_to) on the rectified-flow path:
+        z_to = a z_from + s n with a = (1 - t_to) / (1 - t_from), s^2 = t_to^2 - a^2 t_from^2."""
+        a = (1.0 - t_to) / (1.0 - t_from)
+        s = math.sqrt(max(t_to**2 - (a * t_from) ** 2, 0.0))
+        gens = self.generators or [None] * x.shape[0]
+        n = torch.stack([torch.randn(x.shape[1:], generator=g, dtype=torch.float32) for g in gens])
+        return a * x + s * n.to(x.device, x.dtype)
+
+
 # --------------------------------------------------------------------------------------------- solvers
 def sample(
     velocity: VelocityFn,
@@ -205,6 +240,7 @@ def sample(
     shift: float | None = None,
     callback: StepCallback | None = None,
     step_fn: StepFn | None = None,
+    known: KnownRegion | None = None,
 ) -> Tensor:
     """Integrate dx/dt = v from t = 1 (noise) to t = 0 (data): the one sampler loop.
 
@@ -213,6 +249,8 @@ def sample(
     Adams-Bashforth for variable steps h) extrapolates with the previous velocity:
     x <- x - h ((1 + r/2) v_n - (r/2) v_{n-1}), r = h_n / h_{n-1}; one evaluation per step, the first is Euler.
     ``step_fn`` (Euler only) replaces "evaluate, then step" by one call, e.g. a fused ONNX step graph.
+    ``known`` holds part of the latent on the flow's path of given content (see :class:`KnownRegion`): it is
+    imposed after every step (and on Heun's predictor before its second evaluation).
     """
     if solver not in SOLVERS:
         raise FluxMusicError(f"unknown solver {solver!r}; allowed: {', '.join(SOLVERS)}")
@@ -226,19 +264,33 @@ def sample(
         t_cur, t_next = ts[i], ts[i + 1]
         h = (1.0 / steps) if uniform else (t_cur - t_next)
         t_vec = torch.full((batch,), t_cur, dtype=x.dtype, device=x.device)
-        if step_fn is not None:
-            x = step_fn(x, t_vec, torch.full_like(t_vec, h))
-        else:
-            v = velocity(x, t_vec)
-            if solver == "heun" and t_next > 0:
-                v_next = velocity(x - h * v, torch.full_like(t_vec, t_next))
-                x = x - h * 0.5 * (v + v_next)
-            elif solver == "ab2" and v_prev is not None:
-                r = h / h_prev
-                x = x - h * ((1 + 0.5 * r) * v - (0.5 * r) * v_prev)
+        repeats = 1
+        if known is not None and known.resample and t_next > 0 and t_cur > known.resample_t_min:
+            repeats += known.resample
+        v_start = v_prev
+        for rep in range(repeats):
+            if rep:  # RePaint resampling: back to t_cur on the path, known part re-imposed, the step again
+                x = known.impose(known.renoise(x, t_next, t_cur), t_cur)
+                v_prev = v_start
+            if step_fn is not None:
+                x = step_fn(x, t_vec, torch.full_like(t_vec, h))
             else:
-                x = x - h * v
-            v_prev, h_prev = v, h
+                v = velocity(x, t_vec)
+                if solver == "heun" and t_next > 0:
+                    pred = x - h * v
+                    if known is not None:
+                        pred = known.impose(pred, t_next)
+                    v_next = velocity(pred, torch.full_like(t_vec, t_next))
+                    x = x - h * 0.5 * (v + v_next)
+                elif solver == "ab2" and v_prev is not None:
+                    r = h / h_prev
+                    x = x - h * ((1 + 0.5 * r) * v - (0.5 * r) * v_prev)
+                else:
+                    x = x - h * v
+                v_prev = v
+            if known is not None:
+                x = known.impose(x, t_next)
+        h_prev = h
         if callback is not None:
             callback(i + 1, steps, x)
     return x

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -17,8 +17,9 @@ import torch
 from torch import Tensor
 
 from fluxmusic.backend import make_backend, parse_dtype
+from fluxmusic.continuation import DEFAULT_BLEND, AudioContext, kept_mel_snr, kept_snr, soft_mask
 from fluxmusic.errors import FluxMusicError
-from fluxmusic.flow import Conditioning, GuidedVelocity, StepCache, sample
+from fluxmusic.flow import Conditioning, GuidedVelocity, KnownRegion, StepCache, sample
 from fluxmusic.latent import patchify, unpatchify
 from fluxmusic.modeldir import ModelIndex, read_index, read_null_embeddings
 from fluxmusic.sampling import (  # noqa: F401 (re-exported: the public names of a generation)
@@ -48,6 +49,33 @@ class GenerationResult:
     #: model evaluations per waveform actually run, and those the step cache answered instead
     evaluations: float = 0.0
     cache_skipped: float = 0.0
+    #: given audio (continuation / infilling): per waveform, the SNR in dB of the output's kept region against
+    #: the given audio, and of the model's own decoding of it (what the output holds without splicing)
+    kept_snr_db: list[float] | None = None
+    decoded_kept_snr_db: list[float] | None = None
+    #: long form: the windows solved
+    windows: int = 1
+    #: given audio: mel-magnitude SNR (dB) of the model's own decoding of the kept region (phase-free fidelity)
+    decoded_kept_mel_snr_db: list[float] | None = None
+
+
+@dataclass
+class StreamChunk:
+    """One finished window of a (long-form) generation: its index of ``windows``, where its audio starts
+    (samples) and the audio per waveform; timings and counts so far (evaluations per waveform, summed over the
+    windows)."""
+
+    window: int
+    windows: int
+    start: int
+    audio: list[np.ndarray]
+    timings: dict[str, float]
+    evaluations: float = 0.0
+    cache_skipped: float = 0.0
+    kept_snr_db: list[float] | None = None
+    decoded_kept_snr_db: list[float] | None = None
+    windows_done: int = 1
+    decoded_kept_mel_snr_db: list[float] | None = None
 
 
 def default_model_dir() -> Path:
@@ -175,19 +203,29 @@ class FluxMusicPipeline:
         preset: str | None = None,
         guidance_interval: tuple[float, float] | None = None,
         cache_threshold: float | None = None,
+        **audio_options,
     ) -> GenerationResult:
         """Generate. Absent values come from the model directory's defaults, or from ``preset``
-        ("official": exactly the official sampler); ``shift=1.0`` is no time shift; seed None or -1 is random."""
+        ("official": exactly the official sampler); ``shift=1.0`` is no time shift; seed None or -1 is random.
+
+        ``audio_options``: continuation / infilling and long form (``audio=``, ``keep=``, ``regenerate=``,
+        ``mode=``, ``blend=``, ``resample=``, ``splice=``, ``overlap=``, ``crossfade=``, ``sections=``; see
+        :func:`fluxmusic.sampling.build_request`); ``duration`` may exceed the model's window (long form)."""
         req = self.request(
             prompt, negative_prompt=negative_prompt, duration=duration, steps=steps, guidance=guidance,
             solver=solver, shift=shift, seed=seed, num_waveforms=num_waveforms_per_prompt, preset=preset,
-            guidance_interval=guidance_interval, cache_threshold=cache_threshold,
+            guidance_interval=guidance_interval, cache_threshold=cache_threshold, **audio_options,
         )
         return self.generate(req, progress)
 
     def generate(self, request: GenerationRequest, progress: ProgressFn | None = None) -> GenerationResult:
         """One batched CFG solve of a resolved request (its items share a latent length; their prompts,
-        negative prompts, guidance, seeds and durations may differ). Reports seconds per stage."""
+        negative prompts, guidance, seeds and durations may differ). Reports seconds per stage.
+
+        With given audio the kept latent frames stay on the flow's path of that audio (continuation,
+        infilling); a long-form request runs window by window (:meth:`generate_stream`) and is joined here."""
+        if request.long_form is not None:
+            return self._join_stream(request, progress)
         items, st = request.items, request.settings
         geo = self.geometry
         t0 = time.perf_counter()
@@ -198,11 +236,173 @@ class FluxMusicPipeline:
         t2 = time.perf_counter()
         wave = self.decode(x)
         audio = [wave[i, : geo.num_samples(it.duration)].cpu().numpy().astype(np.float32) for i, it in enumerate(items)]
+        snr = {}
+        if request.audio is not None:
+            audio, snr = self._splice(request.audio, audio)
         t3 = time.perf_counter()
         return GenerationResult(
             audio, geo.sample_rate, [it.seed for it in items], [it.prompt for it in items], st,
-            {"text_encode": t1 - t0, "sampling": t2 - t1, "decode": t3 - t2}, **stats,
+            {"text_encode": t1 - t0, "sampling": t2 - t1, "decode": t3 - t2}, **stats, **snr,
         )
+
+    # ------------------------------------------------------------------------------------ audio in
+    def _splice(self, ctx: AudioContext, audio: list[np.ndarray]) -> tuple[list[np.ndarray], dict]:
+        """Put the given audio itself into the kept region (when ``ctx.splice``) with a short fade on the kept
+        side of each seam, and measure the kept region's SNR before and after."""
+        geo = self.geometry
+        out, decoded_snr, decoded_mel, snr = [], [], [], []
+        for a in audio:
+            decoded_snr.append(kept_snr(ctx, geo, a))
+            decoded_mel.append(kept_mel_snr(ctx, geo, a))
+            if ctx.splice:
+                n = min(len(a), len(ctx.wave))
+                w = ctx.sample_weights(geo, len(a))[:n]
+                a = a.copy()
+                a[:n] = w * ctx.wave[:n] + (1.0 - w) * a[:n]
+            out.append(a.astype(np.float32))
+            snr.append(kept_snr(ctx, geo, a))
+        return out, {"kept_snr_db": snr, "decoded_kept_snr_db": decoded_snr, "decoded_kept_mel_snr_db": decoded_mel}
+
+    def context_latent(self, ctx: AudioContext, latent_frames: int) -> tuple[Tensor, Tensor]:
+        """The given audio's scaled VAE latent (posterior mean) on a grid of ``latent_frames`` [1, C, F, W] and
+        its soft frame mask [F] (the audio is zero-padded or cut to the grid; only kept frames are used)."""
+        geo = self.geometry
+        if not hasattr(self.backend, "vae_encode"):
+            raise FluxMusicError(f"audio in (continuation, infilling) needs a VAE encoder; the "
+                                 f"{getattr(self.backend, 'name', '?')} backend has none: use the torch backend")
+        samples = latent_frames * geo.hop_length * geo.vae_downsample
+        wave = np.zeros(samples, dtype=np.float32)
+        n = min(samples, len(ctx.wave))
+        wave[:n] = ctx.wave[:n]
+        z = self.encode_audio(wave[None])
+        if z.shape[2] != latent_frames:
+            raise FluxMusicError(
+                f"the VAE encoded {samples} samples to {z.shape[2]} latent frames, not {latent_frames}"
+            )
+        return z, torch.from_numpy(ctx.frame_mask(geo, latent_frames))
+
+    def _known_region(self, x: Tensor, latent: Tensor, mask: Tensor, items, resample: int) -> KnownRegion:
+        """The :class:`KnownRegion` of a solve starting from tokens ``x``: ``latent`` [1 or B, C, F, W] known,
+        ``mask`` [F] per latent frame (the same for every item)."""
+        from fluxmusic.continuation import RESAMPLE_T_MIN
+
+        b, c, f, w = len(items), latent.shape[1], latent.shape[2], latent.shape[3]
+        device, dtype = x.device, x.dtype
+        x0 = patchify(latent.to(device, dtype).expand(b, c, f, w).contiguous())
+        m = patchify(mask.to(device, dtype).view(1, 1, f, 1).expand(1, c, f, w).contiguous())
+        # re-noise draws from generators of their own per item (seeded from the item's seed), so the initial
+        # noise and every item's result are independent of the batch.
+        gens = [torch.Generator().manual_seed((it.seed ^ 0x5EED) & (2**63 - 1)) for it in items] if resample else None
+        return KnownRegion(x0, m, x.clone(), resample, RESAMPLE_T_MIN, gens)
+
+    # ------------------------------------------------------------------------------------ long form
+    def _join_stream(self, request: GenerationRequest, progress: ProgressFn | None) -> GenerationResult:
+        parts: list[list[np.ndarray]] = [[] for _ in request.items]
+        last = None
+        for chunk in self.generate_stream(request, progress):
+            for i, a in enumerate(chunk.audio):
+                parts[i].append(a)
+            last = chunk
+        audio = [np.concatenate(p).astype(np.float32) for p in parts]
+        return GenerationResult(
+            audio, self.sample_rate, [it.seed for it in request.items], [it.prompt for it in request.items],
+            request.settings, dict(last.timings), last.evaluations, last.cache_skipped, last.kept_snr_db,
+            last.decoded_kept_snr_db, last.windows, last.decoded_kept_mel_snr_db,
+        )
+
+    def generate_stream(self, request: GenerationRequest, progress: ProgressFn | None = None) -> Iterator[StreamChunk]:
+        """Yield the audio of a request window by window, as each is finished (a request without long form is
+        one chunk). Each window keeps the previous window's last ``overlap`` latent frames as known context
+        (continuation in the one sampler loop), uses a seed derived from the item's seed and the window index
+        (:func:`fluxmusic.continuation.window_seed`) and the prompt of the section its new part starts in; the
+        decoded windows are joined by a crossfade centred in the overlap. The concatenated chunks are exactly
+        :meth:`generate`'s audio."""
+        lf = request.long_form
+        if lf is None:
+            r = self.generate(request, progress)
+            yield StreamChunk(0, 1, 0, r.audio, r.timings, r.evaluations, r.cache_skipped, r.kept_snr_db,
+                              r.decoded_kept_snr_db, 1, r.decoded_kept_mel_snr_db)
+            return
+        from fluxmusic.continuation import window_seed
+
+        geo = self.geometry
+        spf = geo.hop_length * geo.vae_downsample  # samples per latent frame
+        total = geo.num_samples(lf.duration)
+        windows = lf.windows(geo)
+        xf = int(round(lf.crossfade * geo.sample_rate))
+        items, st = request.items, request.settings
+        timings = {"text_encode": 0.0, "sampling": 0.0, "decode": 0.0}
+        evals = skipped = 0.0
+        snr: dict = {}
+        emitted = 0
+        pending: list[np.ndarray] = []  # per item: audio from sample ``emitted`` on, not yet final
+        prev_latent: Tensor | None = None
+        blend = request.audio.blend if request.audio is not None else DEFAULT_BLEND
+        steps_done = 0
+        n_steps = st.steps * len(windows)
+
+        def seam_start(k: int) -> int:
+            """First sample of the crossfade between window k - 1 and window k."""
+            w = windows[k]
+            return (w.start + w.context // 2) * spf - xf // 2
+
+        for w in windows:
+            new_from = (w.start + w.context) * geo.seconds_per_latent_frame
+            prompts = [lf.prompt_at(new_from) or it.prompt for it in items]
+            sub = GenerationRequest(
+                tuple(GenerationItem(p, it.negative_prompt, it.guidance, window_seed(it.seed, w.index),
+                                     w.frames * geo.seconds_per_latent_frame) for p, it in zip(prompts, items)),
+                st, w.frames, request.audio if w.index == 0 else None,
+            )
+            t0 = time.perf_counter()
+            cond = self.conditioning(prompts)
+            uncond = self.conditioning([it.negative_prompt for it in items])
+            t1 = time.perf_counter()
+            known = None
+            if w.index > 0:
+                mask = soft_mask(w.frames, [(0, w.context)], round(blend / geo.seconds_per_latent_frame))
+                ctx = torch.zeros(len(items), prev_latent.shape[1], w.frames, prev_latent.shape[3])
+                ctx[:, :, : w.context] = prev_latent[:, :, -w.context:].cpu()
+                known = (ctx, torch.from_numpy(mask))
+
+            def step_progress(i: int, n: int, base: int = steps_done) -> None:
+                if progress is not None:
+                    progress(base + i, n_steps)
+
+            x, stats = self.sample_latents(sub, cond, uncond, step_progress, known=known)
+            steps_done += st.steps
+            t2 = time.perf_counter()
+            prev_latent = x
+            wave = self.decode(x).cpu().numpy().astype(np.float32)
+            audio = [wave[i, : w.frames * spf] for i in range(len(items))]
+            if w.index == 0 and request.audio is not None:
+                audio, snr = self._splice(request.audio, audio)
+            t3 = time.perf_counter()
+            timings["text_encode"] += t1 - t0
+            timings["sampling"] += t2 - t1
+            timings["decode"] += t3 - t2
+            evals += stats["evaluations"]
+            skipped += stats["cache_skipped"]
+            g0 = w.start * spf
+            if w.index == 0:
+                pending = audio
+            else:
+                a = seam_start(w.index)
+                ramp = (np.arange(xf, dtype=np.float32) + 0.5) / max(xf, 1)
+                merged = []
+                for old, new in zip(pending, audio):
+                    head = old[: a - emitted]
+                    fade = old[a - emitted : a - emitted + xf] * (1 - ramp) + new[a - g0 : a - g0 + xf] * ramp
+                    merged.append(np.concatenate([head, fade, new[a - g0 + xf :]]))
+                pending = merged
+            last = w.index == len(windows) - 1
+            until = total if last else seam_start(w.index + 1)
+            out = [p[: until - emitted] for p in pending]
+            pending = [p[until - emitted :] for p in pending]
+            emitted = until
+            yield StreamChunk(w.index, len(windows), emitted - len(out[0]), out, dict(timings), evals, skipped,
+                              snr.get("kept_snr_db"), snr.get("decoded_kept_snr_db"), w.index + 1,
+                              snr.get("decoded_kept_mel_snr_db"))
 
     def sample_latents(
         self,
@@ -210,9 +410,11 @@ class FluxMusicPipeline:
         cond: Conditioning,
         uncond: Conditioning,
         progress: ProgressFn | None = None,
+        known: tuple[Tensor, Tensor] | None = None,
     ) -> tuple[Tensor, dict[str, float]]:
         """Noise -> final scaled latents [B, C, H, W] through :func:`fluxmusic.flow.sample`, and the
-        per-waveform evaluation counts."""
+        per-waveform evaluation counts. ``known`` (latent [1 or B, C, F, W], frame mask [F]) overrides the
+        request's given audio (long form passes the previous window's tail)."""
         items, st = request.items, request.settings
         geo = self.geometry
         shape = (geo.latent_channels, request.latent_frames, geo.latent_width)
@@ -238,7 +440,13 @@ class FluxMusicPipeline:
                     guidance=guidance, rope=rope,
                 )
 
-        x = sample(fn, x, st.steps, solver=st.solver, shift=st.shift, callback=cb, step_fn=step_fn)
+        region = None
+        if known is None and request.audio is not None:
+            known = self.context_latent(request.audio, request.latent_frames)
+        if known is not None:
+            resample = request.audio.resample if request.audio is not None else 0
+            region = self._known_region(x, known[0], known[1], items, resample)
+        x = sample(fn, x, st.steps, solver=st.solver, shift=st.shift, callback=cb, step_fn=step_fn, known=region)
         n = len(items)
         if cache is not None:
             stats = {"evaluations": cache.evaluated / n, "cache_skipped": cache.skipped / n}

@@ -26,6 +26,15 @@ import secrets
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 
+from fluxmusic.continuation import (
+    AudioContext,
+    AudioInput,
+    LongForm,
+    Section,
+    max_output_duration,
+    resolve_audio,
+    resolve_long_form,
+)
 from fluxmusic.errors import FluxMusicError
 from fluxmusic.flow import SHIFT_RANGE, SOLVERS, function_evaluations
 
@@ -71,6 +80,10 @@ class Limits:
     max_prompt_chars: int = 2000
     max_cache_threshold: float = 1.0
     solvers: tuple[str, ...] = field(default=SOLVERS)
+    #: long form (windowed continuation): the longest output, and the longest given audio, in seconds
+    max_long_duration: float = 300.0
+    max_audio_seconds: float = 300.0
+    max_resample: int = 10
 
 
 DEFAULT_LIMITS = Limits()
@@ -133,15 +146,25 @@ class GenerationItem:
 
 @dataclass(frozen=True)
 class GenerationRequest:
-    """A resolved, validated request: its waveforms and the settings they share."""
+    """A resolved, validated request: its waveforms and the settings they share.
+
+    ``audio`` (continuation / infilling) and ``long_form`` (windowed generation beyond the model's window) are
+    resolved by :func:`fluxmusic.continuation.resolve_audio` / :func:`~fluxmusic.continuation.resolve_long_form`
+    from :func:`build_request`; for long form ``latent_frames`` is one window's.
+    """
 
     items: tuple[GenerationItem, ...]
     settings: SamplingSettings
     latent_frames: int
+    audio: AudioContext | None = None
+    long_form: LongForm | None = None
 
     @property
     def batch_key(self) -> tuple:
-        return (*self.settings.batch_key, self.latent_frames)
+        extra = ()
+        if self.audio is not None or self.long_form is not None:
+            extra = (id(self),)  # their own given audio / window plan: never batched with another request
+        return (*self.settings.batch_key, self.latent_frames, *extra)
 
     def merged(self, others: Sequence[GenerationRequest]) -> GenerationRequest:
         """This request and ``others`` (same batch key) as one batch, items in order."""
@@ -150,7 +173,7 @@ class GenerationRequest:
             if o.batch_key != self.batch_key:
                 raise FluxMusicError(f"cannot batch settings {o.batch_key} with {self.batch_key}")
             items += o.items
-        return GenerationRequest(tuple(items), self.settings, self.latent_frames)
+        return GenerationRequest(tuple(items), self.settings, self.latent_frames, self.audio, self.long_form)
 
 
 # ------------------------------------------------------------------------------------------------ checks
@@ -249,14 +272,16 @@ def resolve_settings(
     return SamplingSettings(**checked, preset=preset)
 
 
-def check_duration(duration: object, geometry) -> float:
-    """Seconds in [one latent frame, the model's maximum]; None is the maximum."""
+def check_duration(duration: object, geometry, max_duration: float | None = None) -> float:
+    """Seconds in [one latent frame, the model's maximum (or ``max_duration``: long form)]; None is the
+    model's maximum."""
     if duration is None:
         return float(geometry.max_duration)
-    lo, hi = geometry.seconds_per_latent_frame, geometry.max_duration
+    lo, hi = geometry.seconds_per_latent_frame, max_duration or geometry.max_duration
     # 1e-9 slack on both ends: 10.24 and 0.08 are not exact in binary.
     if not (_is_number(duration) and math.isfinite(duration) and lo - 1e-9 <= duration <= hi + 1e-9):
-        raise invalid("duration", duration, f"seconds in [{lo:g}, {hi:g}] (one latent frame to the model's maximum)")
+        what = "the model's maximum" if max_duration is None else f"{hi:g} s (long form: windowed continuation)"
+        raise invalid("duration", duration, f"seconds in [{lo:g}, {hi:g}] (one latent frame to {what})")
     return min(max(float(duration), lo), float(hi))
 
 
@@ -293,9 +318,34 @@ def build_request(
     guidance_interval: tuple[float, float] | None = None,
     cache_threshold: float | None = None,
     limits: Limits = DEFAULT_LIMITS,
+    audio: AudioInput | None = None,
+    keep: object = None,
+    regenerate: object = None,
+    mode: str | None = None,
+    blend: float | None = None,
+    resample: int | None = None,
+    splice: bool | None = None,
+    overlap: float | None = None,
+    crossfade: float | None = None,
+    sections: Sequence[Section] | None = None,
 ) -> GenerationRequest:
     """Resolve, validate and expand one request (see the module doc). ``geometry`` is the model's
-    :class:`fluxmusic.latent.LatentGeometry`; ``guidance`` may be one value per waveform."""
+    :class:`fluxmusic.latent.LatentGeometry`; ``guidance`` may be one value per waveform.
+
+    Audio in and long form (:mod:`fluxmusic.continuation`): ``audio`` (a path, encoded bytes, a waveform at the
+    model's rate or ``(waveform, rate)``) with ``keep`` / ``regenerate`` (seconds ``"0:6"``, ``(0, 6)`` or a
+    list of them) or ``mode`` ("continue", "infill"), ``blend`` (seconds of soft mask inside the kept side of
+    each seam), ``resample`` (re-noise iterations per step), ``splice`` (put the given audio itself in the kept
+    region); a ``duration`` beyond the model's window is generated in windows of ``overlap`` seconds of context
+    joined by ``crossfade`` seconds, with ``sections`` [(start, end, prompt)] changing the prompt over time.
+    """
+    if sections:
+        if prompt not in (None, "", [], ()):
+            raise FluxMusicError("give the prompt or prompt sections, not both (the sections give the prompts)")
+        first = sections[0] if isinstance(sections, (list, tuple)) else None
+        if not (isinstance(first, (list, tuple)) and len(first) == 3):
+            raise invalid("sections", sections, "a list of (start, end, prompt) triples in seconds")
+        prompt = sections[0][2]
     prompts = [prompt] if isinstance(prompt, str) else list(prompt) if isinstance(prompt, (list, tuple)) else None
     if not prompts:
         raise invalid("prompt", prompt, "a non-empty string or a non-empty list of them")
@@ -317,9 +367,18 @@ def build_request(
         gs = [check_number("guidance", g, limits.min_guidance, limits.max_guidance) for g in guidance]
     else:
         gs = [settings.guidance] * n
-    seconds = check_duration(duration, geometry)
+    seconds = check_duration(duration, geometry, max_output_duration(geometry, limits))
     seeds = resolve_seeds(seed, n)
     items = tuple(
         GenerationItem(p, settings.negative_prompt, g, s, seconds) for p, g, s in zip(expanded, gs, seeds)
     )
-    return GenerationRequest(items, settings, geometry.latent_frames(seconds))
+    context = resolve_audio(
+        geometry, seconds, audio, keep=keep, regenerate=regenerate, mode=mode, blend=blend, resample=resample,
+        splice=splice, limits=limits,
+    )
+    long_form = resolve_long_form(
+        geometry, seconds, context, overlap=overlap, crossfade=crossfade, sections=sections, prompts=prompts,
+        limits=limits,
+    )
+    frames = geometry.max_latent_frames if long_form is not None else geometry.latent_frames(seconds)
+    return GenerationRequest(items, settings, frames, context, long_form)

@@ -42,6 +42,7 @@ class GeneratedAudio:
     timings: dict[str, float] = field(default_factory=dict)
     batch_size: int = 0
     request_id: str = ""
+    kept_snr_db: list[float] = field(default_factory=list)
 
     @classmethod
     def from_response(cls, r) -> GeneratedAudio:
@@ -55,6 +56,7 @@ class GeneratedAudio:
             timings=MessageToDict(r.timings, preserving_proto_field_name=True),
             batch_size=r.batch_size,
             request_id=r.request_id,
+            kept_snr_db=list(r.kept_snr_db),
         )
 
 
@@ -72,10 +74,21 @@ def build_request(
     preset: str | None = None,
     guidance_interval: tuple[float, float] | None = None,
     cache_threshold: float | None = None,
+    audio: bytes | str | Path | None = None,
+    keep: str | None = None,
+    regenerate: str | None = None,
+    mode: str | None = None,
+    blend: float | None = None,
+    resample: int | None = None,
+    splice: bool | None = None,
+    overlap: float | None = None,
+    crossfade: float | None = None,
+    sections: list[str] | None = None,
     stream: bool = False,
 ):
     """A ``GenerateRequest`` (``GenerateStreamRequest`` with ``stream``: the same fields); None leaves a field
-    unset (the server's default). ``shift=1.0`` is no shift."""
+    unset (the server's default). ``shift=1.0`` is no shift. ``audio`` is encoded audio bytes or a path to an
+    audio file (sent as its bytes); ``sections`` are "START:END prompt" strings (docs/continuation.md)."""
     if encoding not in ENCODING_VALUE:
         raise FluxMusicError(f"encoding {encoding!r} is not supported; allowed: {', '.join(ENCODING_VALUE)}")
     message = pb2.GenerateStreamRequest if stream else pb2.GenerateRequest
@@ -84,9 +97,15 @@ def build_request(
     lo, hi = guidance_interval if guidance_interval is not None else (None, None)
     for name, value in (("duration", duration), ("steps", steps), ("guidance", guidance), ("shift", shift),
                         ("seed", seed), ("guidance_interval_min", lo), ("guidance_interval_max", hi),
-                        ("cache_threshold", cache_threshold)):
+                        ("cache_threshold", cache_threshold), ("keep", keep), ("regenerate", regenerate),
+                        ("mode", mode), ("blend", blend), ("resample", resample), ("splice", splice),
+                        ("overlap", overlap), ("crossfade", crossfade)):
         if value is not None:
             setattr(req, name, value)
+    if audio is not None:
+        req.audio = audio if isinstance(audio, bytes) else Path(audio).read_bytes()
+    if sections:
+        req.sections.extend(sections)
     return req
 
 
@@ -134,16 +153,23 @@ class FluxMusicClient:
         prompt: str,
         *,
         on_progress: Callable[[int, int, float], None] | None = None,
+        on_window: Callable[[int, int, int, list[np.ndarray]], None] | None = None,
         timeout: float | None = None,
         **options,
     ) -> GeneratedAudio:
-        """GenerateStream, calling ``on_progress(step, total, elapsed_ms)`` per step; returns the result."""
+        """GenerateStream, calling ``on_progress(step, total, elapsed_ms)`` per step and, for long form,
+        ``on_window(window, windows, start_sample, audio per waveform)`` per finished window; returns the result."""
         call = self.stream(prompt, timeout=timeout, **options)
         try:
             for event in call:
                 if event.HasField("progress"):
                     if on_progress is not None:
                         on_progress(event.progress.step, event.progress.total, event.progress.elapsed_ms)
+                elif event.HasField("window"):
+                    if on_window is not None:
+                        w = event.window
+                        audio = [decode_audio(x.data, ENCODING_NAME[w.encoding]) for x in w.waveforms]
+                        on_window(w.window, w.windows, w.start_sample, audio)
                 else:
                     return GeneratedAudio.from_response(event.result)
         except grpc.RpcError as e:

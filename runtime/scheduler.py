@@ -69,6 +69,9 @@ class Job:
     sample_rate: int = 0
     batch_size: int = 0
     timings: dict[str, float] = field(default_factory=dict)
+    kept_snr_db: list[float] = field(default_factory=list)
+    #: long form: called with each finished window (a :class:`fluxmusic.pipeline.StreamChunk`), in order
+    on_chunk: Callable[[object], None] | None = None
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     @property
@@ -234,7 +237,10 @@ class BatchScheduler:
         self.metrics.batch_size.observe(size)
         self.metrics.waveforms.inc(size)
         try:
-            result = self.pipe.generate(request, progress)
+            if request.long_form is not None:  # never batched (its own batch key): one job, window by window
+                result = self._solve_windows(jobs[0], request, progress)
+            else:
+                result = self.pipe.generate(request, progress)
         except _Abandoned:
             log.info(json.dumps({"event": "batch_abandoned", "requests": [j.request_id for j in jobs]}))
             return None
@@ -248,8 +254,28 @@ class BatchScheduler:
             offset += job.size
             job.sample_rate, job.batch_size = result.sample_rate, size
             job.timings.update(timings)
+            job.kept_snr_db = list(result.kept_snr_db or [])  # requests with given audio are never batched
             self._finish(job, "OK", audio=audio)
         return None
+
+    def _solve_windows(self, job: Job, request, progress):
+        """A long-form request through the pipeline's window stream, handing each window to the job's
+        ``on_chunk`` as it is finished; returns the joined result."""
+        from fluxmusic.pipeline import GenerationResult
+
+        parts: list[list[np.ndarray]] = [[] for _ in request.items]
+        last = None
+        for chunk in self.pipe.generate_stream(request, progress):
+            for i, a in enumerate(chunk.audio):
+                parts[i].append(a)
+            last = chunk
+            if job.on_chunk is not None and not job.done.is_set():
+                job.on_chunk(chunk)
+        audio = [np.concatenate(p).astype(np.float32) for p in parts]
+        return GenerationResult(audio, self.pipe.sample_rate, [it.seed for it in request.items],
+                                [it.prompt for it in request.items], request.settings, dict(last.timings),
+                                last.evaluations, last.cache_skipped, last.kept_snr_db, last.decoded_kept_snr_db,
+                                last.windows, last.decoded_kept_mel_snr_db)
 
     def _isolate(self, jobs: list[Job], error: Exception) -> None:
         live = [j for j in jobs if not j.done.is_set()]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hmac
 import json
 import logging
+import math
 import queue
 import sys
 import threading
@@ -77,8 +78,12 @@ class FluxMusicService(pb2_grpc.FluxMusicServiceServicer):
                 request, context, call,
                 on_progress=lambda step, total, now: events.put((step, total, now)),
                 on_done=lambda: events.put(None),
+                on_chunk=events.put,
             )
             while (event := events.get()) is not None:
+                if not isinstance(event, tuple):  # a finished long-form window: its audio, now
+                    yield pb2.GenerateEvent(window=self._window(event, job, call))
+                    continue
                 step, total, now = event
                 yield pb2.GenerateStreamResponse(
                     progress=pb2.Progress(step=step, total=total, elapsed_ms=1e3 * (now - call.received))
@@ -103,14 +108,27 @@ class FluxMusicService(pb2_grpc.FluxMusicServiceServicer):
         request_id = str(metadata.get("x-request-id") or uuid.uuid4().hex[:16])[:64]
         return _Call(method, request_id, context.peer(), time.monotonic())
 
-    def _admit(self, request, context, call: _Call, on_progress=None, on_done=None) -> Job:
+    def _window(self, chunk, job: Job, call: _Call):
+        """One finished window of a long-form generation as a GenerateResponse (its audio only)."""
+        try:
+            data = [encode_audio(w, self.pipe.sample_rate, job.spec.encoding) for w in chunk.audio]
+        except Exception as e:
+            raise _Reject(grpc.StatusCode.INTERNAL, f"audio encoding failed: {e}") from None
+        return pb2.GenerateResponse(
+            waveforms=[pb2.Waveform(data=d, seed=it.seed, num_samples=len(w))
+                       for d, it, w in zip(data, job.spec.items, chunk.audio)],
+            sample_rate=self.pipe.sample_rate, encoding=ENCODING_VALUE[job.spec.encoding],
+            request_id=call.request_id, window=chunk.window, windows=chunk.windows, start_sample=chunk.start,
+        )
+
+    def _admit(self, request, context, call: _Call, on_progress=None, on_done=None, on_chunk=None) -> Job:
         try:
             spec = parse_request(request, self.limits, self.pipe)
         except FluxMusicError as e:
             raise _Reject(grpc.StatusCode.INVALID_ARGUMENT, str(e)) from None
         remaining = context.time_remaining()
         deadline = None if remaining is None else call.received + remaining
-        job = Job(spec, deadline, on_progress, on_done, call.request_id, call.received)
+        job = Job(spec, deadline, on_progress, on_done, call.request_id, call.received, on_chunk=on_chunk)
 
         def on_rpc_end() -> None:
             # Runs when the RPC ends for any reason; after a normal end the job and the log line are done and
@@ -152,6 +170,7 @@ class FluxMusicService(pb2_grpc.FluxMusicServiceServicer):
             timings=timings,
             batch_size=job.batch_size,
             request_id=call.request_id,
+            kept_snr_db=[v if math.isfinite(v) else 999.0 for v in job.kept_snr_db],
         )
 
     def _end(self, call: _Call, code: grpc.StatusCode, message: str, job: Job | None, request) -> None:

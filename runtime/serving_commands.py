@@ -28,18 +28,19 @@ def _connection_args(p: argparse.ArgumentParser) -> None:
 
 
 def _request_args(p: argparse.ArgumentParser) -> None:
-    from fluxmusic.commands_generate import add_sampling_arguments
+    from fluxmusic.commands_generate import add_audio_arguments, add_sampling_arguments
 
-    p.add_argument("--duration", type=float, help="seconds (default: the model's maximum)")
+    p.add_argument("--duration", type=float, help="seconds (default: the model's window; up to 300: long form)")
     add_sampling_arguments(p)
+    add_audio_arguments(p)
 
 
 def _wire_options(args: argparse.Namespace) -> dict:
     """Sampling options for ``client.build_request`` (the server resolves and validates them)."""
-    from fluxmusic.commands_generate import sampling_kwargs
+    from fluxmusic.commands_generate import audio_kwargs, sampling_kwargs
     from fluxmusic.sampling import invalid
 
-    kw = sampling_kwargs(args)
+    kw = {**sampling_kwargs(args), **audio_kwargs(args)}  # the audio file is sent as its bytes
     if isinstance(kw["shift"], str):
         if kw["shift"].lower() != "none":
             raise invalid("shift", kw["shift"], "a number, or 'none' (= 1: no shift)")

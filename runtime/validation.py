@@ -37,6 +37,11 @@ class Limits:
     max_prompt_chars: int = _D.max_prompt_chars
     max_cache_threshold: float = _D.max_cache_threshold
     solvers: tuple[str, ...] = field(default=_D.solvers)
+    max_long_duration: float = _D.max_long_duration
+    max_audio_seconds: float = _D.max_audio_seconds
+    max_resample: int = _D.max_resample
+    #: encoded given audio per request (16 MiB: 300 s of 16 kHz 16-bit mono, or 90 s of 44.1 kHz 16-bit stereo)
+    max_audio_bytes: int = 16 * 2**20
 
     @property
     def sampling(self) -> sampling.Limits:
@@ -47,12 +52,15 @@ class Limits:
     def max_response_bytes(self) -> int:
         """The largest GenerateResponse: max waveforms of max duration in the widest encoding, plus slack
         for headers, seeds and timings. The server's send limit and the client's receive limit use it."""
-        samples = math.ceil(self.max_duration * self.sample_rate) + 1
+        longest = max(self.max_duration, self.max_long_duration)  # long form: up to max_long_duration
+        samples = math.ceil(longest * self.sample_rate) + 1
         return self.max_waveforms * (samples * MAX_BYTES_PER_SAMPLE + HEADER_BYTES) + 64 * 1024
 
     @property
     def max_request_bytes(self) -> int:
-        return 2 * 4 * self.max_prompt_chars + 64 * 1024  # two prompts of up to 4 UTF-8 bytes per char
+        # two prompts of up to 4 UTF-8 bytes per char, the given audio, and prompt sections (one per 2 s of song)
+        sections = math.ceil(self.max_long_duration / 2) * (4 * self.max_prompt_chars + 32)
+        return 2 * 4 * self.max_prompt_chars + self.max_audio_bytes + sections + 64 * 1024
 
 
 @dataclass
@@ -91,8 +99,17 @@ def parse_request(req, limits: Limits, pipe) -> RequestSpec:
     lo, hi = _opt(req, "guidance_interval_min"), _opt(req, "guidance_interval_max")
     if lo is not None or hi is not None:
         interval = (sampling.FULL_INTERVAL[0] if lo is None else lo, sampling.FULL_INTERVAL[1] if hi is None else hi)
+    if len(req.audio) > limits.max_audio_bytes:
+        raise invalid("audio", f"{len(req.audio)} bytes", f"at most {limits.max_audio_bytes} bytes of encoded audio")
+    sections = None
+    if req.sections:
+        from fluxmusic.continuation import parse_prompt_sections
+
+        sections = parse_prompt_sections("\n".join(req.sections), "sections")
+        if sections is None or len(sections) != len(req.sections):
+            raise invalid("sections", list(req.sections)[:3], "'START:END prompt' strings in seconds")
     request = build_request(
-        pipe.defaults, pipe.geometry, req.prompt,
+        pipe.defaults, pipe.geometry, req.prompt or (None if sections else req.prompt),
         num_waveforms=req.num_waveforms or 1,
         seed=_opt(req, "seed"),
         duration=_opt(req, "duration"),
@@ -105,6 +122,16 @@ def parse_request(req, limits: Limits, pipe) -> RequestSpec:
         guidance_interval=interval,
         cache_threshold=_opt(req, "cache_threshold"),
         limits=limits.sampling,
+        audio=bytes(req.audio) if req.audio else None,
+        keep=req.keep or None,
+        regenerate=req.regenerate or None,
+        mode=req.mode or None,
+        blend=_opt(req, "blend"),
+        resample=_opt(req, "resample"),
+        splice=_opt(req, "splice"),
+        overlap=_opt(req, "overlap"),
+        crossfade=_opt(req, "crossfade"),
+        sections=sections,
     )
     return RequestSpec(request, ENCODING_BY_VALUE[req.encoding])
 
