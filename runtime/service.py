@@ -82,7 +82,7 @@ class FluxMusicService(pb2_grpc.FluxMusicServiceServicer):
             )
             while (event := events.get()) is not None:
                 if not isinstance(event, tuple):  # a finished long-form window: its audio, now
-                    yield pb2.GenerateEvent(window=self._window(event, job, call))
+                    yield pb2.GenerateStreamResponse(window=self._window(event, job, call))
                     continue
                 step, total, now = event
                 yield pb2.GenerateStreamResponse(
