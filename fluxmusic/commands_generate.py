@@ -99,6 +99,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     from fluxmusic.backend import BACKENDS, DTYPES
 
     g = sub.add_parser("generate", help="generate music from a text prompt")
+    from fluxmusic.threads import add_threads_argument
+
+    add_threads_argument(g)
     g.add_argument("prompt", nargs="?", help="the text prompt (or use --prompts-file)")
     g.add_argument(
         "-o",
