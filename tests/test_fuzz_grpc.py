@@ -30,7 +30,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc  # noqa: E402
 
 from fluxmusic.pipeline import FluxMusicPipeline  # noqa: E402
 
-SERVICE = pb2.DESCRIPTOR.services_by_name["FluxMusic"]
+SERVICE = pb2.DESCRIPTOR.services_by_name["FluxMusicService"]
 METHODS = {m.name: f"/{SERVICE.full_name}/{m.name}" for m in SERVICE.methods}
 REQUEST = SERVICE.methods_by_name["Generate"].input_type
 RESPONSE = SERVICE.methods_by_name["Generate"].output_type

@@ -22,7 +22,7 @@ from fluxmusic.cli import main  # noqa: E402
 from fluxmusic.errors import FluxMusicError  # noqa: E402
 from fluxmusic.pipeline import FluxMusicPipeline  # noqa: E402
 
-SERVICE = pb2.DESCRIPTOR.services_by_name["FluxMusic"]
+SERVICE = pb2.DESCRIPTOR.services_by_name["FluxMusicService"]
 GENERATE = f"/{SERVICE.full_name}/{SERVICE.methods_by_name['Generate'].name}"
 STREAM = f"/{SERVICE.full_name}/{SERVICE.methods_by_name['GenerateStream'].name}"
 INFO = f"/{SERVICE.full_name}/{SERVICE.methods_by_name['GetModelInfo'].name}"
