@@ -102,20 +102,31 @@ def test_parse_attributes_reads_the_corpus_vocabulary():
 
 
 # --------------------------------------------------------------------------------------------- CLAP score
-@pytest.mark.skipif(not (default_model_dir() / "clap").is_dir(),
-                    reason="needs the bundled default model's CLAP (trained on the corpus; issue 4), not committed yet")
-def test_clap_score_ranks_the_matching_caption_first_above_chance():
+def test_clap_score_ranks_the_matching_caption_first_above_chance(tmp_path):
+    """The bundled default's CLAP was trained on rendered real music: on freshly rendered clips (music21 scores
+    through FluidSynth, captions from the renderer) the matching caption ranks far above chance."""
+    import json
+
+    pytest.importorskip("music21", reason="music21 is not installed (pip install -e '.[render]')")
+    from fluxmusic.audio import read_audio
+    from fluxmusic.data import render as R
+    from fluxmusic.errors import FluxMusicError
     from fluxmusic.evaluation.embedders import model_dir_embedder
 
+    try:
+        manifest = R.render_corpus(tmp_path / "c", max_works=10, seed=11, clips_per_work=2, progress=False)
+    except FluxMusicError as e:
+        pytest.skip(f"no FluidSynth + GM SoundFont here: {e}")
+    rows = [json.loads(x) for x in manifest.read_text().splitlines()][:16]
+    n = len(rows)
     emb = model_dir_embedder(default_model_dir())
-    clips = [synth_clip(np.random.SeedSequence([2024, i])) for i in range(16)]
-    audio = emb.embed_audio([w for w, _, _ in clips], SR)
-    text = emb.embed_text([c for _, _, c in clips])
+    audio = emb.embed_audio([read_audio(tmp_path / "c" / r["path"], SR) for r in rows], SR)
+    text = emb.embed_text([r["caption"] for r in rows])
     sim = audio @ text.T  # unit rows: cosines
-    top1 = float(np.mean(sim.argmax(1) == np.arange(16)))
-    rank = np.mean([(sim[i] > sim[i, i]).sum() for i in range(16)])  # 0 is first; chance averages 7.5
-    assert top1 >= 3 / 16 and rank < 4.0, (top1, rank)  # chance: top-1 1/16
-    assert M.clap_score(text, audio) > M.clap_score(text[M.derangement(16, 0)], audio)
+    top1 = float(np.mean(sim.argmax(1) == np.arange(n)))
+    rank = np.mean([(sim[i] > sim[i, i]).sum() for i in range(n)])  # 0 is first; chance averages (n - 1) / 2
+    assert n >= 12 and top1 >= 3 / n and rank < (n - 1) / 4, (n, top1, rank)  # chance: top-1 1/n
+    assert M.clap_score(text, audio) > M.clap_score(text[M.derangement(n, 0)], audio)
 
 
 def test_clap_embedder_feeds_the_audio_tower_what_the_recipe_trained_it_on(tmp_path):

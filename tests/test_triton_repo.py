@@ -76,10 +76,12 @@ def test_repository_configs_parse_with_triton_schema(setup):
     bls = configs["fluxmusic"]
     assert bls.backend == "python" and bls.max_batch_size == 0 and not bls.model_transaction_policy.decoupled
     inputs = {e.name: e for e in bls.input}
-    assert list(inputs) == ["prompt", "negative_prompt", "duration", "steps", "guidance", "seed"]
+    assert list(inputs) == ["prompt", "negative_prompt", "duration", "steps", "guidance", "seed", "solver", "shift",
+                            "preset", "guidance_interval_min", "guidance_interval_max", "cache_threshold"]
     assert not inputs["prompt"].optional and all(inputs[n].optional for n in list(inputs)[1:])
     version = repo / "fluxmusic" / "1"
-    for f in ("model.py", "model_index.json", "null_embeddings.safetensors", "transformer_config.json"):
+    for f in ("model.py", "model_index.json", "null_embeddings.safetensors", "transformer_config.json",
+              "step_cache_probe.safetensors"):
         assert (version / f).is_file(), f
     assert (version / "tokenizer" / "tokenizer.json").is_file()
     assert (version / "clap_tokenizer" / "tokenizer.json").is_file()
@@ -223,7 +225,8 @@ def pipeline(setup):
 
 
 def _request(**kw) -> dict[str, np.ndarray]:
-    types = {"duration": np.float32, "steps": np.int32, "guidance": np.float32, "seed": np.int64}
+    types = {"duration": np.float32, "steps": np.int32, "guidance": np.float32, "seed": np.int64, "shift": np.float32,
+             "guidance_interval_min": np.float32, "guidance_interval_max": np.float32, "cache_threshold": np.float32}
     req = {}
     for k, v in kw.items():
         req[k] = np.array([v.encode()], dtype=object) if isinstance(v, str) else np.array([v], dtype=types[k])
@@ -269,7 +272,7 @@ def test_bls_seed_defaults_and_determinism(bls):
         ({"negative_prompt": "x"}, ["'prompt'", "required"]),
         ({"prompt": "   "}, ["prompt"]),
         ({"prompt": PROMPT, "steps": 0}, ["steps 0"]),
-        ({"prompt": PROMPT, "duration": 20.0}, ["duration 20.0"]),
+        ({"prompt": PROMPT, "duration": 301.0}, ["duration 301.0"]),
         ({"prompt": PROMPT, "seed": -3}, ["seed -3"]),
         ({"prompt": PROMPT, "guidance": float("nan")}, ["guidance nan"]),
     ],
@@ -299,7 +302,7 @@ def test_client_example_sends_what_the_bls_model_declares():
     spec = importlib.util.spec_from_file_location("client_example", path)
     client = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(client)
-    inputs = client.build_inputs(PROMPT, "", 2.0, 4, 3.0, 5)
+    inputs = client.build_inputs(PROMPT, "", 2.0, 4, 3.0, 5, "ab2", 1.0, "official", (0.0, 0.75), 0.1)
     sent = {i.name(): (i.datatype(), i.shape()) for i in inputs}
     declared = {
         t.name: (t.data_type.removeprefix("TYPE_").replace("STRING", "BYTES"), list(t.dims)) for t in BLS_INPUTS
