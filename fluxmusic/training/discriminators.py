@@ -18,6 +18,17 @@ from torch.nn.utils.parametrizations import weight_norm
 Features = list[Tensor]
 
 
+def _conv_stack(convs: nn.ModuleList, out: nn.Module, x: Tensor) -> tuple[Tensor, Features]:
+    """Leaky-ReLU conv layers then the output conv; the score and every layer's output (for feature matching)."""
+    feats = []
+    for conv in convs:
+        x = nn.functional.leaky_relu(conv(x), 0.1)
+        feats.append(x)
+    x = out(x)
+    feats.append(x)
+    return x.flatten(1), feats
+
+
 class PeriodDiscriminator(nn.Module):
     def __init__(self, period: int, channels: tuple[int, ...] = (16, 32, 64, 64)) -> None:
         super().__init__()
@@ -35,13 +46,7 @@ class PeriodDiscriminator(nn.Module):
         pad = (-t) % self.period
         x = nn.functional.pad(wave, (0, pad), mode="reflect") if pad else wave
         x = x.view(b, 1, -1, self.period)
-        feats = []
-        for conv in self.convs:
-            x = nn.functional.leaky_relu(conv(x), 0.1)
-            feats.append(x)
-        x = self.out(x)
-        feats.append(x)
-        return x.flatten(1), feats
+        return _conv_stack(self.convs, self.out, x)
 
 
 class SpectrogramDiscriminator(nn.Module):
@@ -60,13 +65,7 @@ class SpectrogramDiscriminator(nn.Module):
     def forward(self, wave: Tensor) -> tuple[Tensor, Features]:
         spec = torch.stft(wave, self.n_fft, self.hop, self.n_fft, self.window, return_complex=True).abs()
         x = torch.log(spec.clamp_min(1e-5)).transpose(1, 2)[:, None]  # [B, 1, frames, bins]
-        feats = []
-        for conv in self.convs:
-            x = nn.functional.leaky_relu(conv(x), 0.1)
-            feats.append(x)
-        x = self.out(x)
-        feats.append(x)
-        return x.flatten(1), feats
+        return _conv_stack(self.convs, self.out, x)
 
 
 class Discriminators(nn.Module):
