@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from fluxmusic.backend import make_backend, parse_dtype
+from fluxmusic.backend import fused_step, make_backend, parse_dtype
 from fluxmusic.continuation import DEFAULT_BLEND, AudioContext, kept_mel_snr, kept_snr, soft_mask
 from fluxmusic.errors import FluxMusicError
 from fluxmusic.flow import Conditioning, GuidedVelocity, KnownRegion, StepCache, sample
@@ -146,7 +146,7 @@ class FluxMusicPipeline:
         def probe_loader():
             from fluxmusic.step_cache import FirstBlockProbe
 
-            return FirstBlockProbe.from_dir(model_dir / "transformer", getattr(be, "device", "cpu"))
+            return FirstBlockProbe.from_dir(model_dir / "transformer", be.device)
 
         return cls(be, index, read_null_embeddings(model_dir), tokenizers, probe_loader=probe_loader)
 
@@ -269,7 +269,7 @@ class FluxMusicPipeline:
         geo = self.geometry
         if not hasattr(self.backend, "vae_encode"):
             raise FluxMusicError(f"audio in (continuation, infilling) needs a VAE encoder; the "
-                                 f"{getattr(self.backend, 'name', '?')} backend has none: use the torch backend")
+                                 f"{self.backend.name} backend has none: use the torch backend")
         samples = latent_frames * geo.hop_length * geo.vae_downsample
         wave = np.zeros(samples, dtype=np.float32)
         n = min(samples, len(ctx.wave))
@@ -419,7 +419,7 @@ class FluxMusicPipeline:
         geo = self.geometry
         shape = (geo.latent_channels, request.latent_frames, geo.latent_width)
         grid_h, grid_w = geo.grid(shape[1])
-        device = getattr(self.backend, "device", torch.device("cpu"))
+        device = self.backend.device
         x = patchify(torch.stack([noise_for(it.seed, shape) for it in items])).to(device)
         guidance = torch.tensor([it.guidance for it in items], dtype=torch.float32, device=device)
         rope = self.backend.rope(cond.txt.shape[1], grid_h, grid_w)
@@ -431,7 +431,7 @@ class FluxMusicPipeline:
         if st.cache_threshold > 0:
             probe = self.cache_probe()
             cache = fn = StepCache(velocity, lambda xx, tt: probe(xx, tt, cond.y), st.cache_threshold)
-        elif st.solver == "euler" and velocity.full and getattr(self.backend, "has_step_graph", False):
+        elif st.solver == "euler" and velocity.full and fused_step(self.backend) is not None:
             # The fused step graph runs a whole Euler CFG step in one call: the same update, one graph.
             def step_fn(xx: Tensor, tt: Tensor, dt: Tensor) -> Tensor:
                 velocity.batch_sizes.append(2 * xx.shape[0])
@@ -467,7 +467,7 @@ class FluxMusicPipeline:
                 self._probe = self.probe_loader()
             else:
                 raise FluxMusicError(
-                    f"step caching (cache_threshold > 0) is not available on the {getattr(self.backend, 'name', '?')} "
+                    f"step caching (cache_threshold > 0) is not available on the {self.backend.name} "
                     "backend here: it needs the transformer's first-block weights; use cache_threshold 0"
                 )
         return self._probe

@@ -244,7 +244,7 @@ def build_model_info(pipe, limits: Limits, max_batch: int, max_delay_ms: float, 
         except md.PackageNotFoundError:
             return "unknown"
 
-    cfg = getattr(pipe.backend, "transformer_config", None)
+    cfg = pipe.backend.transformer_config
     cfg_dict = cfg.to_dict() if hasattr(cfg, "to_dict") else {}
     from fluxmusic.sampling import resolve_settings
 
@@ -254,8 +254,8 @@ def build_model_info(pipe, limits: Limits, max_batch: int, max_delay_ms: float, 
         defaults.shift = d.shift
     return pb2.GetModelInfoResponse(
         name=pipe.index.name,
-        backend=getattr(pipe.backend, "name", type(pipe.backend).__name__),
-        device=str(getattr(pipe.backend, "device", "cpu")),
+        backend=pipe.backend.name,
+        device=str(pipe.backend.device),
         sample_rate=pipe.sample_rate,
         defaults=defaults,
         limits=pb2.Limits(
