@@ -17,6 +17,7 @@ pytest.importorskip("grpc_health")
 from fluxmusic.runtime.client import FluxMusicClient  # noqa: E402
 from fluxmusic.runtime.proto.fluxmusic.v1 import fluxmusic_pb2 as pb2  # noqa: E402
 from fluxmusic.runtime.server import FluxMusicServer, ServerConfig  # noqa: E402
+from selfsigned import self_signed_cert  # tests/selfsigned.py
 
 from fluxmusic.cli import main  # noqa: E402
 from fluxmusic.errors import FluxMusicError  # noqa: E402
@@ -145,13 +146,13 @@ def test_cli_serve_checks_ports_and_tls_before_loading(tmp_path, capsys):
     missing_model = str(tmp_path / "no-model")  # never reached: the checks come first
     garbage = tmp_path / "garbage.pem"
     garbage.write_text("-----BEGIN PRIVATE KEY-----\nnot a key\n-----END PRIVATE KEY-----\n")
-    cert, key = _self_signed(tmp_path)
+    cert, key = self_signed_cert(tmp_path)
     cases = [
         (["--tls-cert", str(cert), "--tls-key", str(garbage)], "TLS cert"),
         (["--tls-cert", str(cert), "--tls-key", str(tmp_path / "absent.pem")], "cannot read TLS key"),
         (["--tls-cert", str(garbage), "--tls-key", str(key)], "TLS cert"),
     ]
-    other_key = _self_signed(tmp_path / "other")[1]
+    other_key = self_signed_cert(tmp_path / "other")[1]
     cases.append((["--tls-cert", str(cert), "--tls-key", str(other_key)], "does not belong to the certificate"))
     with _hold(socket.AF_INET, "127.0.0.1") as other:
         cases.append((["--metrics-port", str(other.getsockname()[1])], "in use"))
@@ -165,33 +166,6 @@ def test_cli_serve_checks_ports_and_tls_before_loading(tmp_path, capsys):
 
 
 # --------------------------------------------------------------------------------------------------- item 11
-def _self_signed(directory):
-    import datetime
-    import ipaddress
-
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    directory.mkdir(parents=True, exist_ok=True)
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
-    now = datetime.datetime.now(datetime.timezone.utc)
-    cert = (
-        x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.SubjectAlternativeName(
-            [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .sign(key, hashes.SHA256())
-    )
-    cert_path, key_path = directory / "cert.pem", directory / "key.pem"
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                           serialization.NoEncryption()))
-    return cert_path, key_path
 
 
 def _get(url: str, token: str | None = None, context: ssl.SSLContext | None = None) -> tuple[int, str]:
@@ -215,7 +189,7 @@ def test_metrics_on_loopback_even_when_grpc_is_public(pipe):
 
 
 def test_metrics_with_token_and_tls(pipe, tmp_path):
-    cert, key = _self_signed(tmp_path)
+    cert, key = self_signed_cert(tmp_path)
     with running(pipe, metrics_port=0, token="t0k", tls_cert=str(cert), tls_key=str(key)) as s:
         url = s.metrics_url
         assert url.startswith("https://127.0.0.1:")

@@ -8,9 +8,7 @@ when the batch composition is the same (a request alone). Requests batched with 
 
 from __future__ import annotations
 
-import datetime
 import filecmp
-import ipaddress
 import threading
 import time
 import urllib.request
@@ -27,6 +25,7 @@ from fluxmusic.runtime.client import FluxMusicClient, build_request  # noqa: E40
 from fluxmusic.runtime.proto.fluxmusic.v1 import fluxmusic_pb2 as pb2  # noqa: E402
 from fluxmusic.runtime.server import FluxMusicServer, ServerConfig  # noqa: E402
 from grpc_health.v1 import health_pb2, health_pb2_grpc  # noqa: E402
+from selfsigned import self_signed_cert  # tests/selfsigned.py
 
 from fluxmusic.errors import FluxMusicError  # noqa: E402
 from fluxmusic.pipeline import FluxMusicPipeline  # noqa: E402
@@ -400,33 +399,10 @@ def test_bearer_token(pipe_server, server):
             assert c.model_info().name == "tiny-random"
 
 
-def _self_signed(tmp_path):
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
-    now = datetime.datetime.now(datetime.timezone.utc)
-    cert = (
-        x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.SubjectAlternativeName(
-            [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .sign(key, hashes.SHA256())
-    )
-    cert_path, key_path = tmp_path / "cert.pem", tmp_path / "key.pem"
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                           serialization.NoEncryption()))
-    return cert_path, key_path
 
 
 def test_tls_with_token(pipe_server, tmp_path):
-    cert, key = _self_signed(tmp_path)
+    cert, key = self_signed_cert(tmp_path)
     with running(pipe_server, tls_cert=str(cert), tls_key=str(key), token="t0k") as s:
         with FluxMusicClient(s.target, token="t0k", tls_ca=cert) as c:
             assert c.generate("slow piano", steps=1, duration=DUR).seeds
