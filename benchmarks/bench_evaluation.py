@@ -27,9 +27,9 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
+from realshape import add_shape_arguments, real_shape_inputs
 from torch.utils.flop_counter import FlopCounterMode
 
-from fluxmusic.config import get_config
 from fluxmusic.flow import Conditioning, cfg_velocity
 from fluxmusic.model import FluxMusicTransformer
 from fluxmusic.ops import BLOCKED_ATTENTION_OPS, REFERENCE_OPS
@@ -44,26 +44,11 @@ def _with_ops(model: FluxMusicTransformer, ops) -> FluxMusicTransformer:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--config", default="small")
-    ap.add_argument("--music-tokens", type=int, default=1024)
-    ap.add_argument("--txt-len", type=int, default=256)
-    ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--threads", type=int, default=torch.get_num_threads())
+    add_shape_arguments(ap, repeats=3)
     ap.add_argument("--int8", action="store_true", help="add torch dynamic int8 quantisation of the Linears")
     ap.add_argument("--compile", action="store_true", help="add torch.compile of the bf16 model (slow to build)")
     args = ap.parse_args()
-    torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
-
-    cfg = get_config(args.config)
-    model = FluxMusicTransformer(cfg).eval()
-    gw = 8
-    gh = args.music_tokens // gw
-    x = torch.randn(1, gh * gw, cfg.in_channels)
-    t = torch.full((1,), 0.7)
-    cond = Conditioning(torch.randn(1, args.txt_len, cfg.context_in_dim), torch.randn(1, cfg.vec_in_dim))
-    null = Conditioning(torch.randn(1, args.txt_len, cfg.context_in_dim), torch.randn(1, cfg.vec_in_dim))
-    g = torch.tensor([7.0])
+    cfg, model, x, t, cond, null, g, gh, gw = real_shape_inputs(args, t=0.7)
     rope = model.rope_for(args.txt_len, gh, gw)
     bf16_model = copy.deepcopy(model).to(torch.bfloat16)
 

@@ -17,44 +17,23 @@ import statistics
 import time
 
 import torch
+from realshape import add_shape_arguments, official_cfg_evaluation, real_shape_inputs
 
-from fluxmusic.config import get_config
-from fluxmusic.flow import Conditioning, cfg_velocity
-from fluxmusic.model import FluxMusicTransformer
-from fluxmusic.rope import music_ids, text_ids
+from fluxmusic.flow import cfg_velocity
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--config", default="small")
-    ap.add_argument("--music-tokens", type=int, default=1024, help="1024 = 10.24 s: a 128 x 8 patch grid")
-    ap.add_argument("--txt-len", type=int, default=256)
-    ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--threads", type=int, default=torch.get_num_threads())
+    add_shape_arguments(ap, repeats=5)
     args = ap.parse_args()
-    torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
-
-    cfg = get_config(args.config)
-    model = FluxMusicTransformer(cfg).eval()
-    gw = 8
-    gh = args.music_tokens // gw
-    x = torch.randn(1, gh * gw, cfg.in_channels)
-    t = torch.full((1,), 0.5)
-    cond = Conditioning(torch.randn(1, args.txt_len, cfg.context_in_dim), torch.randn(1, cfg.vec_in_dim))
-    null = Conditioning(torch.randn(1, args.txt_len, cfg.context_in_dim), torch.randn(1, cfg.vec_in_dim))
-    g = torch.tensor([7.0])
-    img_ids, txt_ids = music_ids(1, gh, gw), text_ids(1, args.txt_len)
+    cfg, model, x, t, cond, null, g, gh, gw = real_shape_inputs(args, t=0.5)
 
     batched = cfg_velocity(model, cond, null, g, model.rope_for(args.txt_len, gh, gw))
 
     def optimized():
         return batched(x, t)
 
-    def unoptimized():
-        vc = model(x, t, cond.txt, cond.y, img_ids=img_ids, txt_ids=txt_ids)
-        vu = model(x, t, null.txt, null.y, img_ids=img_ids, txt_ids=txt_ids)
-        return vu + g.view(-1, 1, 1) * (vc - vu)
+    unoptimized = official_cfg_evaluation(model, x, t, cond, null, g, gh, gw)
 
     def bf16():
         with torch.autocast("cpu", dtype=torch.bfloat16):
