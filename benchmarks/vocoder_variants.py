@@ -4,7 +4,8 @@ The lent GPU machine has no FluidSynth and takes at most 64 MiB of files, so ``p
 segment from each training clip of a rendered corpus (offset drawn per clip from ``--seed``) and writes them
 as one FLAC file plus ``segments.json``. ``train`` (on the GPU machine) rebuilds aligned (log-mel, waveform)
 crops from it and runs the vocoder task of the shared loop for a wall-clock budget, checkpointing often;
-``train --manifest`` reads the whole rendered corpus instead (its train split, on this machine). ``export`` writes the EMA generator of a checkpoint as a model directory (``save_pretrained``).
+``train --manifest`` reads the whole rendered corpus instead (its train split, on this machine). ``export``
+writes the EMA generator of a checkpoint as a model directory (``save_pretrained``).
 
 Variants (``--variant``) name the loss / discriminator choices compared against the hop-rate comb:
 ``pa_comb`` phase-advance Vocos from scratch, MPD + spectrogram discriminators, STFT losses with the long
@@ -89,7 +90,8 @@ def load_bank(data: Path, device: str):
     return ClipBank(waves, mels.contiguous(), [""] * n, [{}] * n, cfg)
 
 
-def train(data: Path | None, manifest: Path | None, variant: str, minutes: float, run: Path, batch: int, crop: int, lr: float) -> None:
+def train(data: Path | None, manifest: Path | None, variant: str, minutes: float, run: Path, batch: int,
+          crop: int, lr: float) -> None:
     from fluxmusic.training.audio_data import WaveMelCropDataset
     from fluxmusic.training.config import TrainConfig
     from fluxmusic.training.loop import train as run_loop
