@@ -43,6 +43,7 @@ from torch import Tensor, nn
 from fluxmusic.checkpoint import atomic_write_text, read_json
 from fluxmusic.errors import FluxMusicError
 from fluxmusic.modeldir import ModelIndex, read_index
+from fluxmusic.tempfiles import publish
 
 log = logging.getLogger("fluxmusic.export")
 
@@ -352,6 +353,7 @@ def export_graph(
             os.replace(data, target_data)
         elif target_data.exists():
             target_data.unlink()
+        publish(tmp)
         os.replace(tmp, path)
     finally:
         shutil.rmtree(tmpdir, ignore_errors=True)

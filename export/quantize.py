@@ -14,6 +14,7 @@ import tempfile
 from pathlib import Path
 
 from fluxmusic.errors import FluxMusicError
+from fluxmusic.tempfiles import publish
 
 INT8 = "int8"
 
@@ -62,6 +63,7 @@ def quantize_file(src: Path, dst: Path) -> Path:
         for f in tmpdir.iterdir():
             if f.name != dst.name and not f.name.startswith("plain."):
                 os.replace(f, dst.parent / f.name)
+        publish(tmp)
         os.replace(tmp, dst)
     finally:
         shutil.rmtree(tmpdir, ignore_errors=True)

@@ -37,6 +37,7 @@ from fluxmusic.export.triton_config import (
 from fluxmusic.checkpoint import atomic_write_text
 from fluxmusic.errors import FluxMusicError
 from fluxmusic.modeldir import INDEX, NULL_EMBEDDINGS, read_index
+from fluxmusic.tempfiles import publish
 
 BLS_MODEL = "fluxmusic"
 VERSION = "1"
@@ -158,6 +159,7 @@ def build_repository(
             components[c] = {"platform": platform, "source": source, "onnx": sources[c].name, "graph": io.to_json()}
         _write_bls_model(tmp, model_dir, components, options, templates)
         check_repository(tmp)
+        publish(tmp)
         tmp.rename(out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

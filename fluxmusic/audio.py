@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from fluxmusic.errors import FluxMusicError
+from fluxmusic.tempfiles import publish
 
 #: Output formats by file extension: (soundfile format, subtype). 16-bit PCM keeps corpora small and
 #: byte-deterministic; OGG is Vorbis (lossy).
@@ -237,7 +238,7 @@ def write_audio(path: str | os.PathLike, wave: np.ndarray | torch.Tensor, sr: in
     try:
         with os.fdopen(fd, "wb") as f:
             sf.write(f, np.clip(wave, -1.0, 1.0), int(sr), format=fmt, subtype=subtype)
-        os.chmod(tmp, 0o644)  # mkstemp makes it 0600; give the usual permissions of a written file
+        publish(tmp)
         os.replace(tmp, p)
     except BaseException as e:
         Path(tmp).unlink(missing_ok=True)

@@ -23,6 +23,7 @@ from torch import Tensor, nn
 
 from fluxmusic import integrity
 from fluxmusic.errors import FluxMusicError
+from fluxmusic.tempfiles import publish
 
 #: Keys under which training checkpoints hold weights, in order of preference (EMA first, as sample.py).
 STATE_KEYS = ("ema", "model", "state_dict")
@@ -115,6 +116,7 @@ def atomic_save_safetensors(state: Mapping[str, Tensor], path: str | Path, metad
     os.close(fd)
     try:
         save_file({k: v.contiguous() for k, v in state.items()}, tmp, metadata=metadata)
+        publish(tmp)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -149,6 +151,7 @@ def atomic_write_bytes(path: str | Path, data: bytes | memoryview) -> None:
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
+        publish(tmp)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

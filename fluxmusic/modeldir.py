@@ -36,6 +36,7 @@ from fluxmusic.modelcheck import (
     check_weight_files,
 )
 from fluxmusic.sampling import OFFICIAL
+from fluxmusic.tempfiles import publish
 
 FORMAT = "fluxmusic-model"
 VERSION = 1
@@ -240,6 +241,7 @@ def assemble(
         write_null_embeddings(tmp, encoders.encode([""]))
         atomic_write_text(tmp / INDEX, json.dumps(index.to_dict(), indent=2) + "\n")
         check_consistency(tmp, index)  # what every load checks: never build a directory that will not load
+        publish(tmp)
         tmp.rename(out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -26,6 +26,7 @@ import torch
 from torch import Tensor
 
 from fluxmusic.errors import FluxMusicError
+from fluxmusic.tempfiles import publish
 
 _DTYPES = {
     "F64": torch.float64,
@@ -189,6 +190,7 @@ def save_streaming(
                     view = t.view(torch.int16) if t.dtype == torch.bfloat16 else t
                     f.write(memoryview(view.numpy()).cast("B"))
                 del t
+        publish(tmp)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -47,3 +47,37 @@ def remove_stale_temporaries(directory: str | Path) -> tuple[list[str], int]:
             continue  # vanished or not ours to remove: not worth failing a start for
         names.append(p.name)
     return names, freed
+
+
+def _umask() -> int:
+    """The process umask, read without changing it (``os.umask`` can only be read by setting it, which races
+    with other threads creating files)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    return 0o022
+
+
+def publish(path: str | Path) -> None:
+    """Give a finished temporary the permissions a plain ``open()`` / ``mkdir()`` would have, before it is renamed
+    into place.
+
+    ``mkstemp`` creates files 0600 and ``mkdtemp`` directories 0700, and a rename keeps them: a model directory or
+    a WAV written that way is unreadable to any other user, e.g. a Triton server or a web server running as its own
+    account. Only private entries (no group/other bits) are widened, to ``0666`` / ``0777`` minus the umask, so a
+    user who wants private files (umask 077) still gets them and modes set on purpose are kept.
+    """
+    mask = _umask()
+    root = Path(path)
+    entries = [root, *root.rglob("*")] if root.is_dir() and not root.is_symlink() else [root]
+    for p in entries:
+        if p.is_symlink():
+            continue
+        mode = p.stat().st_mode & 0o777
+        if mode & 0o077 == 0:
+            base = 0o777 if p.is_dir() else 0o666 | (mode & 0o100) * 0o111 // 0o100
+            p.chmod(base & ~mask)

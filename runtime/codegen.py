@@ -17,6 +17,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from fluxmusic.tempfiles import publish
+
 PROTO_ROOT = Path(__file__).resolve().parent / "proto"
 PROTO_FILE = "fluxmusic/v1/fluxmusic.proto"
 PACKAGE = "fluxmusic.runtime.proto"
@@ -57,7 +59,7 @@ def regenerate_in_place() -> list[Path]:
             fd, part = tempfile.mkstemp(prefix=f".{dst.name}.", dir=dst.parent)
             with os.fdopen(fd, "wb") as f:
                 f.write(src.read_bytes())
-            os.chmod(part, 0o644)
+            publish(part)
             os.replace(part, dst)
             written.append(dst)
     return written

@@ -14,6 +14,7 @@ import tempfile
 from pathlib import Path
 
 from fluxmusic.errors import FluxMusicError
+from fluxmusic.tempfiles import publish
 from fluxmusic.threads import add_threads_argument
 
 TOKEN_ENV = "FLUXMUSIC_TOKEN"
@@ -157,7 +158,7 @@ def write_bytes_atomic(path: Path, data: bytes) -> None:
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
-        os.chmod(tmp, 0o644)
+        publish(tmp)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -6,6 +6,8 @@ import os
 import tempfile
 from pathlib import Path
 
+from fluxmusic.tempfiles import publish
+
 SYSTEMS = (("reference", "reference halves (floor)"), ("model", "model"), ("shuffled_prompts", "shuffled prompts"),
            ("untrained", "untrained transformer"))
 
@@ -112,6 +114,7 @@ def plot_sweep(sweep: dict, path: str | Path) -> Path:
     os.close(fd)
     try:
         fig.savefig(tmp, dpi=110)
+        publish(tmp)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

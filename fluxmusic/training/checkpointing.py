@@ -18,6 +18,7 @@ from torch import nn
 from fluxmusic import integrity
 from fluxmusic.checkpoint import check_state_dict
 from fluxmusic.errors import FluxMusicError
+from fluxmusic.tempfiles import publish
 
 FORMAT = "fluxmusic-train"
 VERSION = 1
@@ -42,6 +43,7 @@ def atomic_torch_save(obj: Any, path: Path) -> None:
             torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
+        publish(tmp)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -7,6 +7,8 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
+from fluxmusic.tempfiles import publish
+
 
 def atomic_save_dir(write: Callable[[str], object], out_dir: str | Path) -> Path:
     """Call ``write(tmp_dir)`` (e.g. ``model.save_pretrained``) and move the result to ``out_dir``.
@@ -19,6 +21,7 @@ def atomic_save_dir(write: Callable[[str], object], out_dir: str | Path) -> Path
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
     try:
         write(str(tmp))
+        publish(tmp)
         if out.exists():
             old = out.with_name(f".{out.name}.old")
             shutil.rmtree(old, ignore_errors=True)
