@@ -42,6 +42,7 @@ from torch import Tensor, nn
 
 from fluxmusic.checkpoint import atomic_write_text, read_json
 from fluxmusic.errors import FluxMusicError
+from fluxmusic.flow import cfg_combine
 from fluxmusic.modeldir import ModelIndex, read_index
 from fluxmusic.tempfiles import publish
 
@@ -164,7 +165,7 @@ class EulerStepGraph(nn.Module):
         )
         b = x.shape[0]
         v_c, v_u = v[:b], v[b:]  # slices, not chunk: chunk on a dynamic batch exports as SplitToSequence
-        v = v_u + guidance.view(-1, 1, 1) * (v_c - v_u)
+        v = cfg_combine(v_c, v_u, guidance)
         return x - dt.view(-1, 1, 1) * v
 
 
