@@ -185,6 +185,8 @@ class OnnxBackend:
         for comp in (*SOURCE_DIRS,):
             want = variant if comp in ("transformer", STEP_NAME) else "fp32"
             entry = manifest["components"].get(comp, {}).get("variants", {})
+            if comp == STEP_NAME and want not in entry:
+                continue  # an fp32 step graph would silently replace the requested transformer variant
             fname = graph_filename(comp, want if want in entry else "fp32")
             if want not in entry and comp in ("transformer",) and want != "fp32":
                 raise FluxMusicError(

@@ -459,3 +459,17 @@ def test_export_cli_one_component_with_progress(tiny_dir, tmp_path, capsys):
     cap = capsys.readouterr()
     assert "[1/1] vocoder (fp32): wrote vocoder.onnx" in cap.err
     assert set(read_manifest(out)["components"]) == {"vocoder"} and (out / MANIFEST).is_file()
+
+
+def test_int8_backend_runs_the_int8_transformer_not_the_fp32_step_graph(tiny_dir, onnx_dir):
+    """The export has an fp32 step graph only: an int8 backend must loop over the int8 transformer, else its
+    end-to-end check would measure fp32."""
+    from fluxmusic.backend import fused_step, make_backend
+    from fluxmusic.modeldir import read_index
+
+    index = read_index(tiny_dir)
+    fp32 = make_backend("onnx", tiny_dir, index, "cpu", torch.float32, onnx_dir=onnx_dir)
+    int8 = make_backend("onnx", tiny_dir, index, "cpu", torch.float32, onnx_dir=onnx_dir, variant="int8")
+    assert fused_step(fp32) is not None
+    assert fused_step(int8) is None
+    assert "transformer.int8.onnx" in str(int8.graphs["transformer"].path)
