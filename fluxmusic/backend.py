@@ -126,11 +126,41 @@ DTYPES = {
 }
 
 
-def parse_dtype(name: str | torch.dtype) -> torch.dtype:
+#: what ``--dtype`` accepts: the names above plus "auto"
+DTYPE_CHOICES = ("auto", *DTYPES)
+
+
+def native_bf16(device: str | torch.device) -> bool:
+    """Whether ``device`` does bf16 arithmetic in hardware: CUDA with bf16 support (Ampere and later), or an x86
+    CPU with AVX512-BF16 or AMX (Linux CPU flags). Elsewhere bf16 is emulated and slower than fp32."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        return False  # not a device: check_device reports it with the allowed forms
+    if dev.type == "cuda":
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    if dev.type != "cpu":
+        return False
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    return bool(flags & {"avx512_bf16", "amx_bf16"})
+    except OSError:
+        pass
+    return False
+
+
+def parse_dtype(name: str | torch.dtype, device: str | torch.device = "cpu") -> torch.dtype:
+    """A dtype by name; ``auto`` is bf16 where ``device`` computes it natively, else fp32 (the CLI and server
+    default: on the bundled default bf16 halves the solve at 30 dB waveform SNR to fp32, docs/performance.md)."""
     if isinstance(name, torch.dtype):
         return name
+    if name == "auto":
+        return torch.bfloat16 if native_bf16(device) else torch.float32
     if name not in DTYPES:
-        raise FluxMusicError(f"dtype {name!r} is not supported; allowed: {', '.join(DTYPES)}")
+        raise FluxMusicError(f"dtype {name!r} is not supported; allowed: {', '.join(DTYPE_CHOICES)}")
     return DTYPES[name]
 
 

@@ -96,7 +96,7 @@ def sampling_kwargs(args: argparse.Namespace) -> dict:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from fluxmusic.backend import BACKENDS, DTYPES
+    from fluxmusic.backend import BACKENDS, DTYPE_CHOICES
 
     g = sub.add_parser("generate", help="generate music from a text prompt")
     from fluxmusic.threads import add_threads_argument
@@ -119,7 +119,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_sampling_arguments(g)
     g.add_argument("--num-waveforms", type=int, default=1, help="waveforms per prompt")
     g.add_argument("--device", default="cpu", help="torch device (cpu, cuda, cuda:1)")
-    g.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="transformer and encoder dtype")
+    g.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES,
+                   help="transformer and encoder dtype (auto: bf16 where the device has it natively, else float32)")
     g.add_argument("--bf16", action="store_true", help="bf16 autocast for the transformer (torch backend)")
     g.add_argument("--backend", default="torch", choices=sorted(BACKENDS))
     g.add_argument("--onnx-dir", help="exported ONNX directory (onnx backend)")

@@ -130,7 +130,7 @@ class FluxMusicPipeline:
         cls,
         model_dir: str | Path | None = None,
         device: str = "cpu",
-        dtype: str | torch.dtype = torch.float32,
+        dtype: str | torch.dtype = "auto",
         backend: str = "torch",
         **backend_options,
     ) -> FluxMusicPipeline:
@@ -138,7 +138,10 @@ class FluxMusicPipeline:
 
         model_dir = Path(model_dir) if model_dir is not None else default_model_dir()
         index = read_index(model_dir)
-        be = make_backend(backend, model_dir, index, device, parse_dtype(dtype), **backend_options)
+        # "auto" means native bf16 for eager torch only: the exported-graph backends run at their graphs' precision
+        if dtype == "auto" and backend != "torch":
+            dtype = torch.float32
+        be = make_backend(backend, model_dir, index, device, parse_dtype(dtype, device), **backend_options)
         tokenizers = (
             load_tokenizer(model_dir / "tokenizer", "T5 tokenizer"),
             load_tokenizer(model_dir / "clap_tokenizer", "CLAP tokenizer"),

@@ -50,7 +50,7 @@ def _wire_options(args: argparse.Namespace) -> dict:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from fluxmusic.backend import BACKENDS, DTYPES
+    from fluxmusic.backend import BACKENDS, DTYPE_CHOICES
 
     s = sub.add_parser("serve", help="serve the model over gRPC with dynamic batching")
     s.add_argument("--model", help="model directory (default: the bundled default model)")
@@ -58,7 +58,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--onnx-dir", help="exported ONNX directory (onnx backend)")
     s.add_argument("--engine-dir", help="TensorRT engine directory (tensorrt backend)")
     s.add_argument("--device", default="cpu", help="torch device (cpu, cuda, cuda:1)")
-    s.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
+    s.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES,
+                   help="transformer and encoder dtype (auto: bf16 where the device has it natively, else float32)")
     s.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback; 0.0.0.0 for all)")
     s.add_argument("--port", type=int, default=50051, help="port (0 picks a free one)")
     s.add_argument("--max-batch", type=int, default=8, help="waveforms per batched solve (1 = no batching)")

@@ -52,7 +52,7 @@ def tiny_model_dir(tmp_path_factory) -> Path:
 def tiny_pipe(tiny_model_dir):
     from fluxmusic.pipeline import FluxMusicPipeline
 
-    return FluxMusicPipeline.from_pretrained(tiny_model_dir)
+    return FluxMusicPipeline.from_pretrained(tiny_model_dir, dtype="fp32")  # exactness tests compare to fp32 math
 
 
 @pytest.fixture()

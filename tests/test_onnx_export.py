@@ -303,7 +303,7 @@ def test_pipeline_uses_the_fused_step_graph_for_euler(tiny_dir, onnx_dir):
     the torch pipeline's; other solvers still go through velocity."""
     from fluxmusic.pipeline import FluxMusicPipeline
 
-    torch_pipe = FluxMusicPipeline.from_pretrained(tiny_dir)
+    torch_pipe = FluxMusicPipeline.from_pretrained(tiny_dir, dtype="fp32")
     onnx_pipe = FluxMusicPipeline.from_pretrained(tiny_dir, backend="onnx", onnx_dir=onnx_dir)
     assert onnx_pipe.backend.has_step_graph
     calls = []
@@ -331,7 +331,7 @@ def test_missing_component_falls_back_to_torch_with_a_log_line(tiny_dir, onnx_di
         pipe = FluxMusicPipeline.from_pretrained(tiny_dir, backend="onnx", onnx_dir=part)
     assert "vocoder" in caplog.text and "torch" in caplog.text
     assert "vocoder" in pipe.backend.fallback and "transformer" in pipe.backend.graphs
-    ref = FluxMusicPipeline.from_pretrained(tiny_dir)
+    ref = FluxMusicPipeline.from_pretrained(tiny_dir, dtype="fp32")
     a = pipe("a calm guitar", seed=2, duration=1.28).audio[0]
     b = ref("a calm guitar", seed=2, duration=1.28).audio[0]
     from fluxmusic.export.validate import snr_db

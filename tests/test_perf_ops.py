@@ -85,3 +85,17 @@ def test_blocked_attention_falls_back_under_autograd():
     out = blocked_attention(q, k, v)
     out.float().sum().backward()
     assert q.grad is not None and q.grad.shape == q.shape
+
+
+def test_auto_dtype_is_bf16_exactly_where_the_device_has_it_natively():
+    from fluxmusic.backend import native_bf16, parse_dtype
+
+    from pathlib import Path
+
+    flags = next((ln for ln in Path("/proc/cpuinfo").read_text().splitlines() if ln.startswith("flags")), "")
+    native = "avx512_bf16" in flags.split() or "amx_bf16" in flags.split()
+    assert native_bf16("cpu") is native
+    assert parse_dtype("auto", "cpu") == (torch.bfloat16 if native else torch.float32)
+    assert parse_dtype("fp32", "cpu") == torch.float32
+    with pytest.raises(FluxMusicError, match="'int4' is not supported; allowed: auto"):
+        parse_dtype("int4")

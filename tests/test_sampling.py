@@ -58,7 +58,7 @@ def odd_model_dir(tiny_model_dir, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def odd_pipe(odd_model_dir):
-    return FluxMusicPipeline.from_pretrained(odd_model_dir)
+    return FluxMusicPipeline.from_pretrained(odd_model_dir, dtype="fp32")
 
 
 # ----------------------------------------------------------------------------------------------- resolution

@@ -221,7 +221,7 @@ def bls(setup):
 def pipeline(setup):
     from fluxmusic.pipeline import FluxMusicPipeline
 
-    return FluxMusicPipeline.from_pretrained(setup["model"])
+    return FluxMusicPipeline.from_pretrained(setup["model"], dtype="fp32")
 
 
 def _request(**kw) -> dict[str, np.ndarray]:
