@@ -88,9 +88,9 @@ def test_blocked_attention_falls_back_under_autograd():
 
 
 def test_auto_dtype_is_bf16_exactly_where_the_device_has_it_natively():
-    from fluxmusic.backend import native_bf16, parse_dtype
-
     from pathlib import Path
+
+    from fluxmusic.backend import native_bf16, parse_dtype
 
     flags = next((ln for ln in Path("/proc/cpuinfo").read_text().splitlines() if ln.startswith("flags")), "")
     native = "avx512_bf16" in flags.split() or "amx_bf16" in flags.split()
