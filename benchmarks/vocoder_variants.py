@@ -10,7 +10,8 @@ writes the EMA generator of a checkpoint as a model directory (``save_pretrained
 Variants (``--variant``) name the loss / discriminator choices compared against the hop-rate comb:
 ``pa_comb`` phase-advance Vocos from scratch, MPD + spectrogram discriminators, STFT losses with the long
 (2048/4096) windows x15; ``pa_comb_p160`` the same plus a period-160 (hop) discriminator; ``pa_p160`` the
-period-160 discriminator with the standard STFT losses x1.
+period-160 discriminator with the standard STFT losses x1; ``int_comb_p160`` as ``pa_comb_p160`` with
+integrated phase (the head predicts per-frame phase increments, ``VocosConfig.phase_integrate``).
 
     python benchmarks/vocoder_variants.py pack --manifest RUN/corpus/manifest.jsonl --out .gpu_data/vocoder
     python benchmarks/vocoder_variants.py train --manifest RUN/corpus/manifest.jsonl --variant pa_comb_p160 \
@@ -46,7 +47,15 @@ VARIANTS: dict[str, dict] = {
     "pa_comb": {"periods": (2, 3, 5, 7, 11), "stft_weight": 15.0, "resolutions": COMB_RESOLUTIONS},
     "pa_comb_p160": {"periods": (2, 3, 5, 7, 11, 160), "stft_weight": 15.0, "resolutions": COMB_RESOLUTIONS},
     "pa_p160": {"periods": (2, 3, 5, 7, 11, 160), "stft_weight": 1.0, "resolutions": STFT_RESOLUTIONS},
+    "int_comb_p160": {"periods": (2, 3, 5, 7, 11, 160), "stft_weight": 15.0, "resolutions": COMB_RESOLUTIONS,
+                      "integrate": True},
 }
+
+
+def variant_config(variant: str) -> VocoderConfig:
+    v = VARIANTS[variant]
+    return dataclasses.replace(RECIPES["default"].vocoder, vocos_phase_advance=True, disc_periods=v["periods"],
+                               vocos_phase_integrate=v.get("integrate", False))
 
 
 def pack(manifest: Path, out: Path, seconds: float, seed: int) -> None:
@@ -106,8 +115,7 @@ def train(data: Path | None, manifest: Path | None, variant: str, minutes: float
         bank = load_clip_bank(manifest, split="train")
     else:
         bank = load_bank(data, device)
-    config: VocoderConfig = dataclasses.replace(RECIPES["default"].vocoder, vocos_phase_advance=True,
-                                                disc_periods=v["periods"])
+    config = variant_config(variant)
     task = VocoderTask(WaveMelCropDataset(bank, crop, 0), None, config, bank.mel_config,
                        stft_weight=v["stft_weight"], stft_resolutions=v["resolutions"])
     cfg = TrainConfig(steps=1_000_000, batch_size=batch, lr=lr, ema_decay=0.999, ema_every=1, warmup_steps=50,
@@ -129,9 +137,7 @@ def _exit() -> None:
 
 def export(run: Path, out: Path, variant: str) -> None:
     ckpt = torch.load(run / "checkpoint.pt", map_location="cpu", weights_only=True)
-    config = dataclasses.replace(RECIPES["default"].vocoder, vocos_phase_advance=True,
-                                 disc_periods=VARIANTS[variant]["periods"])
-    gen = config.build()
+    gen = variant_config(variant).build()
     gen.load_state_dict({k[len("generator."):]: t for k, t in ckpt["ema"].items() if k.startswith("generator.")})
     gen.save_pretrained(out)
     (out / "trained.json").write_text(json.dumps({"variant": variant, "step": int(ckpt["step"])}))

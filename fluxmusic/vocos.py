@@ -29,7 +29,7 @@ class VocosConfig(PretrainedConfig):
     def __init__(self, model_in_dim: int = 64, sampling_rate: int = 16000, hop_length: int = 160,
                  n_fft: int = 640, hidden_size: int = 256, intermediate_size: int = 768, num_layers: int = 8,
                  kernel_size: int = 7, layer_scale_init: float = 0.1, phase_advance: bool = False,
-                 **kwargs) -> None:
+                 phase_integrate: bool = False, **kwargs) -> None:
         self.model_in_dim = model_in_dim
         self.sampling_rate = sampling_rate
         self.hop_length = hop_length
@@ -40,6 +40,7 @@ class VocosConfig(PretrainedConfig):
         self.kernel_size = kernel_size
         self.layer_scale_init = layer_scale_init
         self.phase_advance = phase_advance
+        self.phase_integrate = phase_integrate
         # The hop as an "upsampling product": geometry code reads prod(upsample_rates) for either class.
         kwargs.pop("upsample_rates", None)
         self.upsample_rates = [hop_length]
@@ -126,7 +127,9 @@ class VocosVocoder(PreTrainedModel):
             for _ in range(config.num_layers)
         )
         self.final_norm = nn.LayerNorm(d, eps=1e-6)
-        self.head = nn.Linear(d, config.n_fft + 2)  # log-magnitude and phase of n_fft // 2 + 1 bins
+        bins = config.n_fft // 2 + 1
+        # log-magnitude and phase of each bin; with integrated phase also a per-frame phase increment
+        self.head = nn.Linear(d, bins * (3 if config.phase_integrate else 2))
         self.istft = InverseSTFT(config.n_fft, config.hop_length)
         self.post_init()
 
@@ -157,8 +160,18 @@ class VocosVocoder(PreTrainedModel):
         x = self.norm(x.transpose(1, 2)).transpose(1, 2)
         for block in self.blocks:
             x = block(x)
-        h = self.head(self.final_norm(x.transpose(1, 2))).transpose(1, 2)  # [B, n_fft + 2, T]
-        log_mag, phase = h.chunk(2, dim=1)
+        h = self.head(self.final_norm(x.transpose(1, 2))).transpose(1, 2)  # [B, bins * 2 or 3, T]
+        if self.config.phase_integrate:
+            # phase = running sum of predicted per-frame increments + a predicted offset. The STFT of a steady tone
+            # at ANY frequency is then the same output every frame (increment: the tone's advance; offset: the
+            # bins' relative phases), which a convolutional net gives on steady input. With absolute or
+            # bin-relative phases a tone between bin centres needs a ramp the net cannot make, and the
+            # frame-periodic phase error is a comb at sr / hop. cos / sin make wrapping unnecessary (fp32 keeps
+            # ~1e-4 rad after 10 s of summing).
+            log_mag, phase, step = h.chunk(3, dim=1)
+            phase = phase + torch.cumsum(step, dim=-1)
+        else:
+            log_mag, phase = h.chunk(2, dim=1)
         if self.config.phase_advance:
             phase = phase + self.bin_advance(phase.shape[-1], phase.device)
         mag = torch.exp(log_mag.clamp(max=7.0))  # the clamp keeps early training from overflowing

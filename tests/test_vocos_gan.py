@@ -153,3 +153,36 @@ def test_second_phase_starts_from_the_first_phase_ema_with_comb_resolving_losses
     batch = polish.collate([polish.train_dataset()[i] for i in range(2)])
     loss, logs = polish.loss(start, batch, torch.Generator().manual_seed(0))
     assert torch.isfinite(loss) and polish.fingerprint()["stft"]["weight"] == 15.0
+
+
+@pytest.mark.parametrize("integrate", [False, True])
+def test_a_steady_tone_between_bin_centres_needs_integrated_phase(integrate):
+    """The best frame-invariant head output (what a convolutional net gives on a steady note) for a 1010 Hz tone
+    (between the 25 Hz bins of n_fft 640): with integrated phase it is the tone's exact STFT and resynthesises it
+    without a hop-rate comb; with bin-relative phases no constant output can follow the tone's phase ramp."""
+    from fluxmusic.evaluation.signal_features import comb_figure
+
+    sr, n_fft, hop, frames = 16000, 640, 160, 200
+    voc = VocosVocoder(VocosConfig(n_fft=n_fft, hidden_size=8, intermediate_size=8, num_layers=1,
+                                   phase_advance=True, phase_integrate=integrate)).eval()
+    tone = np.sin(2 * np.pi * 1010.0 * np.arange(frames * hop) / sr).astype(np.float32)
+    spec = torch.stft(torch.from_numpy(tone), n_fft, hop, window=torch.hann_window(n_fft), return_complex=True)
+    t0 = frames // 2  # a frame far from the edges: the steady state
+    k = torch.arange(n_fft // 2 + 1, dtype=torch.float64)
+    bin_step = 2 * np.pi * k * hop / n_fft
+    mag = spec[:, t0].abs().double().clamp_min(1e-6)
+    step = torch.angle(spec[:, t0 + 1]).double() - torch.angle(spec[:, t0]).double() - bin_step
+    # phase at frame t: offset + (t + 1) * step (integrated) + t * bin_step; chosen to equal the STFT's at t0
+    offset = torch.angle(spec[:, t0]).double() - t0 * bin_step - (t0 + 1) * step * integrate
+    bias = [mag.log(), offset] + ([step] if integrate else [])
+    with torch.no_grad():
+        voc.head.weight.zero_()
+        voc.head.bias.copy_(torch.cat(bias).float())
+        out = voc(torch.zeros(1, frames, 64))[0].numpy()
+    mid = slice(40 * hop, 160 * hop)
+    comb = comb_figure(out[mid], sr)
+    if integrate:
+        assert np.abs(out[mid] - tone[mid]).max() < 1e-3
+        assert comb < 3.0
+    else:
+        assert comb > 30.0

@@ -51,6 +51,7 @@ class VocoderConfig:
     vocos_layers: int = 8
     vocos_n_fft: int = 640
     vocos_phase_advance: bool = False
+    vocos_phase_integrate: bool = False
     disc_periods: tuple[int, ...] = (2, 3, 5, 7, 11)
     disc_ffts: tuple[int, ...] = (256, 512, 1024)
     n_mels: int = 64
@@ -79,6 +80,7 @@ class VocoderConfig:
                 model_in_dim=self.n_mels, sampling_rate=self.sample_rate, hop_length=self.hop,
                 n_fft=self.vocos_n_fft, hidden_size=self.vocos_hidden, intermediate_size=self.vocos_intermediate,
                 num_layers=self.vocos_layers, phase_advance=self.vocos_phase_advance,
+                phase_integrate=self.vocos_phase_integrate,
             ))
         from transformers import SpeechT5HifiGan, SpeechT5HifiGanConfig
 
