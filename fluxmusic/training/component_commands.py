@@ -39,15 +39,10 @@ def build_vae_task(args: argparse.Namespace):
 
 
 def build_vocoder_task(args: argparse.Namespace):
-    from fluxmusic.training.audio_data import WaveMelCropDataset
-    from fluxmusic.training.recipe import RECIPES
-    from fluxmusic.training.vocoder_task import VocoderTask
+    from fluxmusic.training.recipe import RECIPES, vocoder_task
 
-    r = RECIPES["default"]
     train, val = _banks(args)
-    f = r.vocoder_crop_frames
-    return VocoderTask(WaveMelCropDataset(train, f, args.seed), WaveMelCropDataset(val, f, 1) if val else None,
-                       r.vocoder, train.mel_config)
+    return vocoder_task(RECIPES["default"], train, val, args.seed)
 
 
 def build_text_task(args: argparse.Namespace):

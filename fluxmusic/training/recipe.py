@@ -56,12 +56,13 @@ class Stage:
     bf16: bool = False
 
     grad_clip: float = 1.0
+    schedule: str = "cosine"  # after warmup: cosine down to 0.1x, or constant
 
     def train_config(self, scale: float, seed: int, log_every: int, device: str = "cpu") -> TrainConfig:
         steps = max(2, int(round(self.steps * scale)))
         return TrainConfig(
             steps=steps, batch_size=self.batch_size, lr=self.lr, ema_decay=self.ema_decay, ema_every=1,
-            warmup_steps=min(self.warmup_steps, steps // 4), schedule="cosine", min_lr_ratio=0.1, bf16=self.bf16,
+            warmup_steps=min(self.warmup_steps, steps // 4), schedule=self.schedule, min_lr_ratio=0.1, bf16=self.bf16,
             log_every=min(log_every, steps), ckpt_every=max(50, steps // 8), seed=seed, device=device,
             grad_clip=self.grad_clip,
         )
@@ -91,6 +92,10 @@ class Recipe:
     render_works: int = 1200  # corpus files rendered (render corpus)
     render_clips_per_work: int = 2
     half_storage: tuple[str, ...] = ()  # components whose weights are stored fp16 (loaders upcast): bundle size
+    # The vocoder's STFT-loss weight, and whether its resolutions add the long (2048 / 4096) windows that resolve a
+    # hop-rate comb (vocoder_task.COMB_RESOLUTIONS)
+    vocoder_stft_weight: float = 1.0
+    vocoder_comb_losses: bool = False
     # Second vocoder phase from the first's EMA weights: STFT losses x15 with 2048/4096-sample windows (1 s crops),
     # which see the 100 Hz comb an iSTFT vocoder's frame-wise phases leave and the mel loss cannot (None: one phase)
     vocoder_polish_stage: Stage | None = None
@@ -290,13 +295,10 @@ class RecipeRun:
         from fluxmusic.training.vocoder_task import VocoderTask
 
         train_bank, val_bank = self.bank(manifest, "train"), self.bank(manifest, "val")
-        f = self.r.vocoder_crop_frames
         polish = self.r.vocoder_polish_stage
         first = self.parts / ("vocoder_base" if polish else "vocoder")
         if not first.exists():
-            task = VocoderTask(WaveMelCropDataset(train_bank, f, self.r.seed), WaveMelCropDataset(val_bank, f, 1),
-                               self.r.vocoder, train_bank.mel_config)
-            self._train(task, self.r.vocoder_stage, "vocoder", first)
+            self._train(vocoder_task(self.r, train_bank, val_bank, self.r.seed), self.r.vocoder_stage, "vocoder", first)
         if polish is None:
             return
         from fluxmusic.training.vocoder_task import COMB_RESOLUTIONS
@@ -360,6 +362,18 @@ class RecipeRun:
         assemble(model, **parts, defaults=dict(self.r.defaults), name=self.r.name, **self.text_lengths())
         if self.r.half_storage:
             store_half(model, self.r.half_storage)
+
+
+def vocoder_task(recipe: Recipe, train_bank, val_bank, seed: int):
+    """The recipe's (first) vocoder stage as a task: what ``train --recipe`` and ``train --task vocoder`` run."""
+    from fluxmusic.training.audio_data import WaveMelCropDataset
+    from fluxmusic.training.vocoder_task import COMB_RESOLUTIONS, STFT_RESOLUTIONS, VocoderTask
+
+    f = recipe.vocoder_crop_frames
+    return VocoderTask(WaveMelCropDataset(train_bank, f, seed),
+                       WaveMelCropDataset(val_bank, f, 1) if val_bank is not None else None,
+                       recipe.vocoder, train_bank.mel_config, stft_weight=recipe.vocoder_stft_weight,
+                       stft_resolutions=COMB_RESOLUTIONS if recipe.vocoder_comb_losses else STFT_RESOLUTIONS)
 
 
 def _live_pid(path: Path) -> int | None:
