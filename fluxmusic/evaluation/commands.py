@@ -17,6 +17,7 @@ FULL_SWEEP_PROMPTS = 8
 
 
 def register(sub: argparse._SubParsersAction) -> None:
+    from fluxmusic.backend import DTYPE_CHOICES
     from fluxmusic.flow import SOLVERS
 
     e = sub.add_parser("eval", help="quality metrics (FAD, CLAP score, KL, IS, attribute accuracy) with baselines")
@@ -52,6 +53,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                         f"{QUICK['sweep_prompts']} sweep prompts")
     e.add_argument("--threads", type=int,
                    help="torch CPU threads (default: torch's); 1 on a shared machine avoids spin-waiting threads")
+    e.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES,
+                   help="transformer and encoder dtype, as for generate (auto: bf16 where native, else float32)")
     e.add_argument("--quiet", action="store_true", help="no progress bars")
     e.set_defaults(func=run)
 
@@ -118,7 +121,7 @@ def run(args: argparse.Namespace) -> int:
     model_dir = Path(args.model) if args.model else default_model_dir()
     progress = not args.quiet
     t0 = time.perf_counter()
-    pipe = FluxMusicPipeline.from_pretrained(model_dir)
+    pipe = FluxMusicPipeline.from_pretrained(model_dir, dtype=args.dtype)
     d = pipe.defaults
     st = resolve_settings(d, steps=args.steps, solver=args.solver, guidance=args.guidance, shift=args.shift)
     steps, solver, guidance, shift = st.steps, st.solver, st.guidance, st.shift
