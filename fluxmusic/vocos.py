@@ -132,6 +132,11 @@ class VocosVocoder(PreTrainedModel):
         self.head = nn.Linear(d, bins * (3 if config.phase_integrate else 2))
         self.istft = InverseSTFT(config.n_fft, config.hop_length)
         self.post_init()
+        if config.phase_integrate:
+            # Start from zero increments (phases at the bins' natural advance, as phase_advance): random ones make
+            # every frame's phase a random walk, the frames cancel in the overlap-add and training stalls.
+            with torch.no_grad():
+                self.head.weight[2 * bins:].zero_()
 
     def bin_advance(self, frames: int, device: torch.device) -> Tensor:
         """[bins, frames] phase a stationary sinusoid at each bin's centre frequency gains by frame t.
