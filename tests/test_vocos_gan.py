@@ -186,3 +186,11 @@ def test_a_steady_tone_between_bin_centres_needs_integrated_phase(integrate):
         assert comb < 3.0
     else:
         assert comb > 30.0
+
+
+def test_runs_started_before_integrated_phase_existed_still_resume():
+    """A field added later is left out of the resume fingerprint at its old-behaviour default."""
+    plain = VocoderTask([], config=VocoderConfig(kind="vocos")).fingerprint()["vocoder_config"]
+    integrated = VocoderTask([], config=VocoderConfig(kind="vocos", vocos_phase_integrate=True)).fingerprint()
+    assert "vocos_phase_integrate" not in plain
+    assert integrated["vocoder_config"]["vocos_phase_integrate"] is True

@@ -37,6 +37,9 @@ COMB_RESOLUTIONS = STFT_RESOLUTIONS + ((2048, 512, 2048), (4096, 1024, 4096))
 
 
 VOCODER_KINDS = ("hifigan", "vocos")
+#: config fields added after runs were started, with the default that means "as before": left out of the
+#: resume fingerprint at that default
+_ADDED_LATER = {"vocos_phase_integrate": False}
 
 
 @dataclass(frozen=True)
@@ -157,6 +160,9 @@ class VocoderTask(TrainTask):
 
     def fingerprint(self) -> dict[str, Any]:
         cfg = asdict(self.config)
+        for name, default in _ADDED_LATER.items():  # runs started before a field existed still resume
+            if cfg.get(name) == default:
+                del cfg[name]
         out: dict[str, Any] = {"vocoder_config": {k: list(map(list, v)) if k == "resblock_dilations" else (
             list(v) if isinstance(v, tuple) else v) for k, v in cfg.items()}}
         if self.stft_weight != 1.0 or self.stft_resolutions != STFT_RESOLUTIONS:
