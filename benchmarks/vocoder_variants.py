@@ -99,18 +99,6 @@ def load_bank(data: Path, device: str):
     return ClipBank(waves, mels.contiguous(), [""] * n, [{}] * n, cfg)
 
 
-def integrated_init(checkpoint: Path, out: Path) -> Path:
-    """A phase-advance run's EMA weights as the start of an integrated-phase run: the head gains zero rows for the
-    phase increments, so step 0 makes exactly the phase-advance model's audio."""
-    state = torch.load(checkpoint, map_location="cpu", weights_only=True)["ema"]
-    for name in ("generator.head.weight", "generator.head.bias"):
-        w = state[name]
-        state[name] = torch.cat([w, torch.zeros_like(w[: w.shape[0] // 2])])
-    out.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({"ema": state}, out)
-    return out
-
-
 def train(data: Path | None, manifest: Path | None, variant: str, minutes: float, run: Path, batch: int,
           crop: int, lr: float, init: Path | None = None) -> None:
     from fluxmusic.training.audio_data import WaveMelCropDataset
@@ -128,8 +116,6 @@ def train(data: Path | None, manifest: Path | None, variant: str, minutes: float
     else:
         bank = load_bank(data, device)
     config = variant_config(variant)
-    if init is not None and config.vocos_phase_integrate:
-        init = integrated_init(init, run.parent / f"{run.name}.init.pt")
     task = VocoderTask(WaveMelCropDataset(bank, crop, 0), None, config, bank.mel_config, init_checkpoint=init,
                        stft_weight=v["stft_weight"], stft_resolutions=v["resolutions"])
     cfg = TrainConfig(steps=1_000_000, batch_size=batch, lr=lr, ema_decay=0.999, ema_every=1, warmup_steps=50,
@@ -176,7 +162,8 @@ def main() -> None:
     b.add_argument("--batch", type=int, default=32)
     b.add_argument("--crop", type=int, default=80, help="mel frames per crop")
     b.add_argument("--lr", type=float, default=5e-4)
-    b.add_argument("--init", type=Path, help="start from this run's checkpoint (its EMA weights)")
+    b.add_argument("--init", type=Path, help="start from this run's checkpoint (its EMA weights; a phase-advance "
+                   "run into an integrated-phase variant gains zero increment rows: step 0 is that model)")
     c = sub.add_parser("export")
     c.add_argument("--run", type=Path, required=True)
     c.add_argument("--out", type=Path, required=True)

@@ -194,3 +194,18 @@ def test_runs_started_before_integrated_phase_existed_still_resume():
     integrated = VocoderTask([], config=VocoderConfig(kind="vocos", vocos_phase_integrate=True)).fingerprint()
     assert "vocos_phase_integrate" not in plain
     assert integrated["vocoder_config"]["vocos_phase_integrate"] is True
+
+
+def test_integrated_phase_run_starts_as_the_phase_advance_model_it_is_initialised_from(tmp_path):
+    import dataclasses
+
+    base = VocoderConfig(kind="vocos", adversarial=True, vocos_hidden=8, vocos_intermediate=8, vocos_layers=1,
+                         vocos_phase_advance=True, disc_periods=(2,), disc_ffts=(64,))
+    first = VocoderTask([], config=base).build_model()
+    torch.save({"ema": first.state_dict()}, tmp_path / "ckpt.pt")
+    grown = VocoderTask([], config=dataclasses.replace(base, vocos_phase_integrate=True),
+                        init_checkpoint=tmp_path / "ckpt.pt").build_model()
+    mel = torch.randn(1, 30, 64) - 4
+    with torch.no_grad():
+        assert torch.equal(first(mel), grown(mel))
+    assert grown.generator.head.weight.shape[0] == first.generator.head.weight.shape[0] * 3 // 2

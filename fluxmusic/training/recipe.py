@@ -104,6 +104,9 @@ class Recipe:
     # ... and with phases predicted relative to each bin's natural advance (VocosConfig.phase_advance): a
     # convolutional net's frame-invariant output is then a coherent tone, not a pulse at the hop rate
     vocoder_polish_phase_advance: bool = True
+    # ... or integrated phase (VocosConfig.phase_integrate), the head grown by zero increment rows
+    vocoder_polish_phase_integrate: bool = False
+    vocoder_polish_comb_losses: bool = True
 
 
 _DEFAULT_TRANSFORMER = FluxMusicConfig(
@@ -301,13 +304,14 @@ class RecipeRun:
             self._train(vocoder_task(self.r, train_bank, val_bank, self.r.seed), self.r.vocoder_stage, "vocoder", first)
         if polish is None:
             return
-        from fluxmusic.training.vocoder_task import COMB_RESOLUTIONS
+        from fluxmusic.training.vocoder_task import COMB_RESOLUTIONS, STFT_RESOLUTIONS
 
         f = self.r.vocoder_polish_crop_frames
-        config = dataclasses.replace(self.r.vocoder, vocos_phase_advance=self.r.vocoder_polish_phase_advance)
+        config = dataclasses.replace(self.r.vocoder, vocos_phase_advance=self.r.vocoder_polish_phase_advance,
+                                     vocos_phase_integrate=self.r.vocoder_polish_phase_integrate)
         task = VocoderTask(WaveMelCropDataset(train_bank, f, self.r.seed), WaveMelCropDataset(val_bank, f, 1),
                            config, train_bank.mel_config, stft_weight=self.r.vocoder_polish_stft_weight,
-                           stft_resolutions=COMB_RESOLUTIONS,
+                           stft_resolutions=COMB_RESOLUTIONS if self.r.vocoder_polish_comb_losses else STFT_RESOLUTIONS,
                            init_checkpoint=self.out / "runs" / "vocoder" / "checkpoint.pt")
         self._train(task, polish, "vocoder_polish", self.parts / "vocoder")
 

@@ -121,6 +121,18 @@ class VocoderGAN(nn.Module):
         return self.generator(mel)
 
 
+def _with_increment_rows(state: dict[str, Tensor], target: dict[str, Tensor]) -> dict[str, Tensor]:
+    """A Vocos head without phase increments (two chunks of bins) grown to an integrated-phase head (three): the
+    added rows are zero, so the integrated model starts as exactly the loaded one."""
+    state = dict(state)
+    for name, want in target.items():
+        if name.endswith("head.weight") or name.endswith("head.bias"):
+            have = state.get(name)
+            if have is not None and have.shape[0] * 3 == want.shape[0] * 2:
+                state[name] = torch.cat([have, torch.zeros_like(have[: have.shape[0] // 2])])
+    return state
+
+
 def generator_of(model: nn.Module) -> nn.Module:
     m = unwrap(model)
     return m.generator if isinstance(m, VocoderGAN) else m
@@ -149,6 +161,8 @@ class VocoderTask(TrainTask):
         model = VocoderGAN(self.config) if self.config.adversarial else self.config.build()
         if self.init_checkpoint is not None:  # a second phase starts from the first phase's EMA weights
             state = torch.load(self.init_checkpoint, map_location="cpu", weights_only=True)["ema"]
+            if self.config.kind == "vocos" and self.config.vocos_phase_integrate:
+                state = _with_increment_rows(state, model.state_dict())
             model.load_state_dict(state, strict=True)
         return model
 
