@@ -47,6 +47,10 @@ VARIANTS: dict[str, dict] = {
     "pa_comb": {"periods": (2, 3, 5, 7, 11), "stft_weight": 15.0, "resolutions": COMB_RESOLUTIONS},
     "pa_comb_p160": {"periods": (2, 3, 5, 7, 11, 160), "stft_weight": 15.0, "resolutions": COMB_RESOLUTIONS},
     "pa_p160": {"periods": (2, 3, 5, 7, 11, 160), "stft_weight": 1.0, "resolutions": STFT_RESOLUTIONS},
+    # fine-tunes of the bundled vocoder (its phase-2 run: periods 2-11, phase advance) with quiet-bin phase dither
+    "dither20": {"periods": (2, 3, 5, 7, 11), "stft_weight": 15.0, "resolutions": COMB_RESOLUTIONS, "dither": -20.0},
+    "int_dither20": {"periods": (2, 3, 5, 7, 11), "stft_weight": 15.0, "resolutions": COMB_RESOLUTIONS,
+                     "dither": -20.0, "integrate": True},
     "int_comb_p160": {"periods": (2, 3, 5, 7, 11, 160), "stft_weight": 15.0, "resolutions": COMB_RESOLUTIONS,
                       "integrate": True},
 }
@@ -55,7 +59,8 @@ VARIANTS: dict[str, dict] = {
 def variant_config(variant: str) -> VocoderConfig:
     v = VARIANTS[variant]
     return dataclasses.replace(RECIPES["default"].vocoder, vocos_phase_advance=True, disc_periods=v["periods"],
-                               vocos_phase_integrate=v.get("integrate", False))
+                               vocos_phase_integrate=v.get("integrate", False),
+                               vocos_phase_dither_db=v.get("dither"))
 
 
 def pack(manifest: Path, out: Path, seconds: float, seed: int) -> None:

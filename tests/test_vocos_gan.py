@@ -209,3 +209,55 @@ def test_integrated_phase_run_starts_as_the_phase_advance_model_it_is_initialise
     with torch.no_grad():
         assert torch.equal(first(mel), grown(mel))
     assert grown.generator.head.weight.shape[0] == first.generator.head.weight.shape[0] * 3 // 2
+
+
+def test_phase_dither_replaces_only_quiet_bins_with_a_fixed_table():
+    from fluxmusic.vocos import PhaseTable
+
+    table = PhaseTable(321)
+    a, b = table.phases(1500, torch.device("cpu")), PhaseTable(321).phases(1500, torch.device("cpu"))
+    assert torch.equal(a, b) and a.shape == (321, 1500)  # a fixed table: no RNG state
+    assert torch.equal(a[:, 1024:], a[:, : 1500 - 1024])  # period 1024 frames
+    assert 0 <= float(a.min()) and float(a.max()) < 2 * np.pi and abs(float(a.mean()) - np.pi) < 0.05
+
+    cfg = dict(hidden_size=16, intermediate_size=16, num_layers=1, phase_advance=True)
+    plain = VocosVocoder(VocosConfig(**cfg)).eval()
+    dithered = VocosVocoder(VocosConfig(**cfg, phase_dither_db=-20.0)).eval()
+    dithered.load_state_dict(plain.state_dict())
+    mel = torch.randn(1, 40, 64) - 4
+    with torch.no_grad():
+        plain.head.bias[:321] = -10.0  # every bin quiet ...
+        plain.head.bias[100] = 5.0  # ... but one
+        dithered.head.bias.copy_(plain.head.bias)
+        x, y = plain(mel), dithered(mel)
+        assert torch.equal(dithered(mel), y)  # deterministic
+    # the loud bin's tone is untouched: the difference is the quiet bins' share only
+    assert float((x - y).pow(2).mean()) < 1e-3 * float(x.pow(2).mean())
+
+
+def test_vocos_with_integrated_phase_and_dither_exports_to_onnx_with_parity(tmp_path):
+    """A model directory whose vocoder is an integrated-phase, dithered Vocos exports and runs in onnxruntime."""
+    import onnxruntime as ort
+
+    from fluxmusic.export.onnx_export import export_onnx
+    from fluxmusic.tiny import build_tiny_model_dir
+
+    model_dir = build_tiny_model_dir(tmp_path / "model")
+    voc = VocosVocoder(VocosConfig(hidden_size=16, intermediate_size=16, num_layers=1, phase_advance=True,
+                                   phase_integrate=True, phase_dither_db=-20.0)).eval()
+    with torch.no_grad():
+        voc.head.weight.normal_(0, 0.05)  # non-zero increments, so the cumulative sum is exercised
+    import shutil
+
+    shutil.rmtree(model_dir / "vocoder")
+    voc.save_pretrained(str(model_dir / "vocoder"))
+    manifest = export_onnx(model_dir, tmp_path / "onnx", components=["vocoder"], progress=None)
+    path = tmp_path / "onnx" / manifest["components"]["vocoder"]["variants"]["fp32"]["file"]
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    mel = (torch.randn(2, 300, 64) - 4).numpy()  # 300 frames: longer than the export's example input
+    got = sess.run(None, {sess.get_inputs()[0].name: mel})[0]
+    with torch.no_grad():
+        want = voc(torch.from_numpy(mel)).numpy()
+    assert got.shape == want.shape
+    snr = 10 * np.log10((want ** 2).sum() / ((got - want) ** 2).sum())
+    assert snr > 60, snr

@@ -39,7 +39,7 @@ COMB_RESOLUTIONS = STFT_RESOLUTIONS + ((2048, 512, 2048), (4096, 1024, 4096))
 VOCODER_KINDS = ("hifigan", "vocos")
 #: config fields added after runs were started, with the default that means "as before": left out of the
 #: resume fingerprint at that default
-_ADDED_LATER = {"vocos_phase_integrate": False}
+_ADDED_LATER = {"vocos_phase_integrate": False, "vocos_phase_dither_db": None}
 
 
 @dataclass(frozen=True)
@@ -55,6 +55,7 @@ class VocoderConfig:
     vocos_n_fft: int = 640
     vocos_phase_advance: bool = False
     vocos_phase_integrate: bool = False
+    vocos_phase_dither_db: float | None = None
     disc_periods: tuple[int, ...] = (2, 3, 5, 7, 11)
     disc_ffts: tuple[int, ...] = (256, 512, 1024)
     n_mels: int = 64
@@ -83,7 +84,7 @@ class VocoderConfig:
                 model_in_dim=self.n_mels, sampling_rate=self.sample_rate, hop_length=self.hop,
                 n_fft=self.vocos_n_fft, hidden_size=self.vocos_hidden, intermediate_size=self.vocos_intermediate,
                 num_layers=self.vocos_layers, phase_advance=self.vocos_phase_advance,
-                phase_integrate=self.vocos_phase_integrate,
+                phase_integrate=self.vocos_phase_integrate, phase_dither_db=self.vocos_phase_dither_db,
             ))
         from transformers import SpeechT5HifiGan, SpeechT5HifiGanConfig
 
