@@ -69,6 +69,23 @@ class Stage:
 
 
 @dataclass(frozen=True)
+class VocoderPhase:
+    """A further vocoder training phase, started from the previous phase's EMA weights (its checkpoint)."""
+
+    name: str  # its run directory under runs/
+    stage: Stage
+    crop_frames: int = 100
+    stft_weight: float = 15.0
+    # the long (2048 / 4096-sample) STFT windows that resolve the lines of a hop-rate comb
+    comb_losses: bool = True
+    # phases relative to each bin's natural advance (VocosConfig.phase_advance): a convolutional net's
+    # frame-invariant output is then a coherent tone at a bin centre, not a pulse at the hop rate
+    phase_advance: bool = True
+    phase_integrate: bool = False  # VocosConfig.phase_integrate (the head grows zero increment rows)
+    phase_dither_db: float | None = None  # VocosConfig.phase_dither_db: trained with the quiet-bin dither on
+
+
+@dataclass(frozen=True)
 class Recipe:
     """Everything that defines a default model: data size, component sizes, step budgets, sampling defaults."""
 
@@ -96,17 +113,8 @@ class Recipe:
     # hop-rate comb (vocoder_task.COMB_RESOLUTIONS)
     vocoder_stft_weight: float = 1.0
     vocoder_comb_losses: bool = False
-    # Second vocoder phase from the first's EMA weights: STFT losses x15 with 2048/4096-sample windows (1 s crops),
-    # which see the 100 Hz comb an iSTFT vocoder's frame-wise phases leave and the mel loss cannot (None: one phase)
-    vocoder_polish_stage: Stage | None = None
-    vocoder_polish_crop_frames: int = 100
-    vocoder_polish_stft_weight: float = 15.0
-    # ... and with phases predicted relative to each bin's natural advance (VocosConfig.phase_advance): a
-    # convolutional net's frame-invariant output is then a coherent tone, not a pulse at the hop rate
-    vocoder_polish_phase_advance: bool = True
-    # ... or integrated phase (VocosConfig.phase_integrate), the head grown by zero increment rows
-    vocoder_polish_phase_integrate: bool = False
-    vocoder_polish_comb_losses: bool = True
+    # Vocoder phases after the first, each from the previous one's EMA weights (see VocoderPhase)
+    vocoder_phases: tuple[VocoderPhase, ...] = ()
 
 
 _DEFAULT_TRANSFORMER = FluxMusicConfig(
@@ -126,7 +134,10 @@ RECIPES: dict[str, Recipe] = {
         # No joint clipping: generator and discriminator gradients share one norm (Adam scales each anyway).
         vocoder_stage=Stage(steps=8000, batch_size=8, lr=5e-4, ema_decay=0.999, warmup_steps=50, grad_clip=0.0),
         vocoder_crop_frames=64,
-        vocoder_polish_stage=Stage(steps=2000, batch_size=8, lr=2e-4, ema_decay=0.999, warmup_steps=20, grad_clip=0.0),
+        vocoder_phases=(
+            VocoderPhase("vocoder_polish", Stage(steps=2000, batch_size=8, lr=2e-4, ema_decay=0.999, warmup_steps=20,
+                                                 grad_clip=0.0)),
+        ),
         text=TextEncodersConfig(), text_stage=Stage(steps=1500, batch_size=32, lr=5e-4, warmup_steps=50),
         transformer=_DEFAULT_TRANSFORMER,
         transformer_stage=Stage(steps=2500, batch_size=16, lr=5e-4, ema_decay=0.995, warmup_steps=100, bf16=True),
@@ -142,6 +153,9 @@ RECIPES: dict[str, Recipe] = {
         vae_stage=Stage(steps=3, batch_size=4, lr=1e-3), vae_crop_frames=64,
         vocoder=VocoderConfig(initial_channels=32, resblock_kernels=(3,), resblock_dilations=((1,),)),
         vocoder_stage=Stage(steps=3, batch_size=2, lr=1e-3), vocoder_crop_frames=16,
+        # a second phase, so the phase chain (init from the previous EMA, parts/vocoder_base) runs in the tests
+        vocoder_phases=(VocoderPhase("vocoder_polish", Stage(steps=2, batch_size=2, lr=1e-3), crop_frames=16,
+                                     comb_losses=False),),
         text=TextEncodersConfig(t5_d_model=32, t5_heads=2, t5_layers=1, clap_hidden=32, clap_layers=1,
                                 clap_heads=2, projection_dim=16, audio_patch_hidden=16, audio_depths=(1, 1),
                                 audio_heads=(1, 2)),
@@ -294,26 +308,32 @@ class RecipeRun:
         self._train(task, self.r.vae_stage, "vae", self.parts / "vae")
 
     def train_vocoder(self, manifest: Path) -> None:
+        """The first vocoder stage, then each of ``vocoder_phases`` from the previous one's EMA weights; the last
+        exports ``parts/vocoder``, earlier ones ``parts/<run name>`` (a finished phase is not run again)."""
         from fluxmusic.training.audio_data import WaveMelCropDataset
-        from fluxmusic.training.vocoder_task import VocoderTask
+        from fluxmusic.training.vocoder_task import COMB_RESOLUTIONS, STFT_RESOLUTIONS, VocoderTask
 
         train_bank, val_bank = self.bank(manifest, "train"), self.bank(manifest, "val")
-        polish = self.r.vocoder_polish_stage
-        first = self.parts / ("vocoder_base" if polish else "vocoder")
-        if not first.exists():
-            self._train(vocoder_task(self.r, train_bank, val_bank, self.r.seed), self.r.vocoder_stage, "vocoder", first)
-        if polish is None:
-            return
-        from fluxmusic.training.vocoder_task import COMB_RESOLUTIONS, STFT_RESOLUTIONS
-
-        f = self.r.vocoder_polish_crop_frames
-        config = dataclasses.replace(self.r.vocoder, vocos_phase_advance=self.r.vocoder_polish_phase_advance,
-                                     vocos_phase_integrate=self.r.vocoder_polish_phase_integrate)
-        task = VocoderTask(WaveMelCropDataset(train_bank, f, self.r.seed), WaveMelCropDataset(val_bank, f, 1),
-                           config, train_bank.mel_config, stft_weight=self.r.vocoder_polish_stft_weight,
-                           stft_resolutions=COMB_RESOLUTIONS if self.r.vocoder_polish_comb_losses else STFT_RESOLUTIONS,
-                           init_checkpoint=self.out / "runs" / "vocoder" / "checkpoint.pt")
-        self._train(task, polish, "vocoder_polish", self.parts / "vocoder")
+        phases = self.r.vocoder_phases
+        names = ["vocoder", *(p.name for p in phases)]
+        exports = [self.parts / name for name in names[:-1]] + [self.parts / "vocoder"]
+        if phases:
+            exports[0] = self.parts / "vocoder_base"
+        if not exports[0].exists():
+            self._train(vocoder_task(self.r, train_bank, val_bank, self.r.seed), self.r.vocoder_stage, "vocoder",
+                        exports[0])
+        for i, ph in enumerate(phases, start=1):
+            if exports[i].exists():
+                continue
+            config = dataclasses.replace(self.r.vocoder, vocos_phase_advance=ph.phase_advance,
+                                         vocos_phase_integrate=ph.phase_integrate,
+                                         vocos_phase_dither_db=ph.phase_dither_db)
+            f = ph.crop_frames
+            task = VocoderTask(WaveMelCropDataset(train_bank, f, self.r.seed), WaveMelCropDataset(val_bank, f, 1),
+                               config, train_bank.mel_config, stft_weight=ph.stft_weight,
+                               stft_resolutions=COMB_RESOLUTIONS if ph.comb_losses else STFT_RESOLUTIONS,
+                               init_checkpoint=self.out / "runs" / names[i - 1] / "checkpoint.pt")
+            self._train(task, ph.stage, ph.name, exports[i])
 
     def train_text(self, manifest: Path) -> None:
         from fluxmusic.components import load_tokenizer
