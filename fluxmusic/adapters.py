@@ -158,7 +158,7 @@ def load_adapters(directory: str | Path, dtype: torch.dtype = torch.float32) -> 
     if not path.is_file():
         raise FluxMusicError(f"adapters directory {directory} has no {WEIGHTS}")
     with safe_open(str(path), "pt") as f:
-        state = {k: f.get_tensor(k) for k in f}
+        state = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not iterable)
         metadata = f.metadata()
     verify_safetensors(state, metadata, str(path))
     module = MediaAdapters(config)
