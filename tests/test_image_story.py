@@ -198,3 +198,25 @@ def test_cli_image_story(media_dir, tiny_model_dir, tmp_path):
     assert r.returncode == 2 and "is empty" in r.stderr
     r = _cli("generate", "--model", str(tiny_model_dir), "--image", str(img), "-o", str(out), "--quiet")
     assert r.returncode == 2 and "no image / story adapters" in r.stderr
+
+
+def test_onnx_export_of_media(media_dir, tmp_path):
+    pytest.importorskip("onnxruntime")
+    from fluxmusic.export.media_onnx import MANIFEST, MEDIA_DIR, export_media
+
+    manifest = export_media(media_dir, tmp_path)
+    assert set(manifest["graphs"]) == {"image_encoder", "image_adapter", "story_adapter"}
+    assert all(g["max_abs_vs_torch"] <= 1e-4 for g in manifest["graphs"].values())
+    assert json.loads((tmp_path / MEDIA_DIR / MANIFEST).read_text()) == manifest
+    # the exported image path end to end equals the pipeline's conditioning
+    import onnxruntime as ort
+
+    enc = MediaEncoder.from_model_dir(media_dir)
+    img = (np.random.default_rng(3).random((32, 32, 3)) * 255).astype(np.uint8)
+    px = enc.pixel_values(img).numpy()
+    tower = ort.InferenceSession(str(tmp_path / MEDIA_DIR / "image_encoder.onnx"))
+    adapter = ort.InferenceSession(str(tmp_path / MEDIA_DIR / "image_adapter.onnx"))
+    emb, tok = tower.run(None, {"pixel_values": px})
+    txt, y = adapter.run(None, {"image_embeds": emb, "image_tokens": tok})
+    ref = enc.encode_image(img)
+    assert np.abs(y - ref.y.numpy()).max() < 1e-4 and np.abs(txt - ref.txt.numpy()).max() < 1e-4
