@@ -329,16 +329,30 @@ def check_story(story: object, max_chars: int = MAX_STORY_CHARS) -> str:
 def chunk_features(encoders, chunks: list[str], max_chunks: int) -> tuple[Tensor, Tensor]:
     """Encode chunks with the model's text encoders -> features [1, max_chunks, Dt + Dy] and mask [1, S]:
     per chunk its mean T5 token over the non-pad positions and its CLAP pooled vector."""
-    cond = encoders.encode(chunks)
-    ids = encoders.tokenize_t5(chunks)
-    pad = encoders.t5_tokenizer.pad_token_id or 0
-    keep = (ids != pad).unsqueeze(-1).float()
-    t5 = (cond.txt * keep).sum(1) / keep.sum(1).clamp_min(1.0)
-    feats = torch.cat([t5, cond.y], dim=-1)
-    out = torch.zeros(1, max_chunks, feats.shape[-1])
-    mask = torch.zeros(1, max_chunks)
-    n = min(len(chunks), max_chunks)
-    out[0, :n], mask[0, :n] = feats[:n], 1.0
+    return chunk_features_batch(encoders, [chunks], max_chunks)
+
+
+def chunk_features_batch(encoders, stories: list[list[str]], max_chunks: int, batch: int = 256
+                         ) -> tuple[Tensor, Tensor]:
+    """:func:`chunk_features` of many stories, their chunks encoded in batches -> [B, max_chunks, D], [B, S]."""
+    flat = [c for chunks in stories for c in chunks[:max_chunks]]
+    feats = []
+    for a in range(0, len(flat), batch):
+        part = flat[a : a + batch]
+        cond = encoders.encode(part)
+        ids = encoders.tokenize_t5(part)
+        pad = encoders.t5_tokenizer.pad_token_id or 0
+        keep = (ids != pad).unsqueeze(-1).float()
+        t5 = (cond.txt * keep).sum(1) / keep.sum(1).clamp_min(1.0)
+        feats.append(torch.cat([t5, cond.y], dim=-1))
+    allf = torch.cat(feats)
+    out = torch.zeros(len(stories), max_chunks, allf.shape[-1])
+    mask = torch.zeros(len(stories), max_chunks)
+    i = 0
+    for b, chunks in enumerate(stories):
+        n = min(len(chunks), max_chunks)
+        out[b, :n], mask[b, :n] = allf[i : i + n], 1.0
+        i += n
     return out, mask
 
 

@@ -28,7 +28,7 @@ from fluxmusic.adapters import (
     IMAGE_PROCESSOR,
     AdapterConfig,
     MediaAdapters,
-    chunk_features,
+    chunk_features_batch,
     save_adapters,
     split_story,
 )
@@ -147,14 +147,10 @@ def compute_targets(model_dir: Path, rows: list[dict], manifest: Path, seed: int
             audio.append(F.normalize(emb, dim=-1))
     stories, masks = [], []
     for v in range(STORY_VARIANTS):
-        f_all, m_all = [], []
-        for k, r in enumerate(rows):
-            f, m = chunk_features(enc, split_story(make_story(r, pair_seed(seed, k, 1000 + v)), max_chunks),
-                                  max_chunks)
-            f_all.append(f[0])
-            m_all.append(m[0])
-        stories.append(torch.stack(f_all))
-        masks.append(torch.stack(m_all))
+        texts = [split_story(make_story(r, pair_seed(seed, k, 1000 + v)), max_chunks) for k, r in enumerate(rows)]
+        f, m = chunk_features_batch(enc, texts, max_chunks)
+        stories.append(f)
+        masks.append(m)
     return {"y": torch.cat(ys), "txt": torch.cat(txts), "audio": torch.cat(audio), "story": torch.stack(stories),
             "story_mask": torch.stack(masks)}
 
