@@ -178,7 +178,7 @@ class AdapterTask(TrainTask):
         self.txt_var = float(t["txt"][train_idx].var(0).mean())
         clap = _from_pretrained(ClapModel, model_dir / "clap", "CLAP")
         self.text_projection = clap.text_projection
-        self.scale = float(clap.logit_scale_t.exp().clamp(max=100))
+        self.scale = float(clap.logit_scale_t.detach().exp().clamp(max=100))
         self.nce_weight = nce_weight
 
     def build_model(self) -> nn.Module:
