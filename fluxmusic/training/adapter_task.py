@@ -209,7 +209,8 @@ class AdapterTask(TrainTask):
         cos_text = 1.0 - (e * m.joint(batch["y"])).sum(-1).mean()
         nce, acc = info_nce(e, batch["audio"], m.scale)
         total = l_y + l_t + cos_audio + cos_text + self.nce_weight * nce
-        return total, {"y": float(l_y), "txt": float(l_t), "cos_audio": float(cos_audio), "nce": float(nce),
+        return total, {"y": float(l_y.detach()), "txt": float(l_t.detach()), "cos_audio": float(cos_audio.detach()),
+                       "nce": float(nce.detach()),
                        "acc": float(acc)}
 
     def loss(self, model: nn.Module, batch: Any, generator: torch.Generator) -> tuple[Tensor, dict[str, float]]:
