@@ -36,6 +36,8 @@ from fluxmusic.flow import Conditioning
 from fluxmusic.pipeline import FluxMusicPipeline, default_model_dir
 
 ATTRS = ("instrument", "tempo", "register", "mode", "dynamics")
+CONDITIONS = ("text", "image", "story", "shuffled")
+LABELS = {"text": "text (attribute caption)", "image": "image", "story": "story", "shuffled": "shuffled image"}
 
 
 def attribute_caption(row: dict) -> str:
@@ -59,12 +61,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--clips", type=int, default=24, help="held-out clips to generate from (retrieval uses all)")
     p.add_argument("--seed", type=int, default=0, help="the adapter data seed (images, stories)")
     p.add_argument("--steps", type=int, default=None)
-    p.add_argument("--out", default=None, help="JSON results")
+    p.add_argument("--out", default=None, help="JSON results (updated in place: runs of other --parts are kept)")
+    p.add_argument("--parts", nargs="+", default=["retrieval", *CONDITIONS],
+                   choices=["retrieval", *CONDITIONS], help="what to measure (default: everything)")
     args = p.parse_args(argv)
 
     model_dir = Path(args.model) if args.model else default_model_dir()
     pipe = FluxMusicPipeline.from_pretrained(model_dir)
-    enc = pipe.media_encoder()
     entries = load_manifest(args.manifest)
     rows = [{**e.attributes, "caption": e.caption, "path": e.path} for e in entries]
     val = [k for k, r in enumerate(rows) if r.get("split") == "val"]
@@ -84,30 +87,38 @@ def main(argv: list[str] | None = None) -> int:
         with torch.no_grad():
             return proj(y).numpy().astype(np.float64)
 
-    img_y = torch.cat([enc.encode_image(images[k]).y for k in val])
-    story_y = torch.cat([enc.encode_story(stories[k], pipe.encoders).y for k in val])
-    cap_y = pipe.encode_text([rows[k]["caption"] for k in val]).y
-    shuffle = derangement(len(val), 1)
-    results: dict = {"clips_retrieval": len(val), "chance_top1": 1 / len(val), "chance_top5": 5 / len(val)}
-    results["retrieval"] = {
-        "image": retrieval(joint(img_y), audio_emb), "story": retrieval(joint(story_y), audio_emb),
-        "shuffled image": retrieval(joint(img_y[shuffle]), audio_emb),
-        "caption (text encoder)": retrieval(joint(cap_y), audio_emb),
-    }
-    print(json.dumps(results["retrieval"], indent=1), file=sys.stderr)
+    results: dict = json.loads(Path(args.out).read_text()) if args.out and Path(args.out).is_file() else {}
+    if "retrieval" in args.parts:
+        enc = pipe.media_encoder()
+        img_y = torch.cat([enc.encode_image(images[k]).y for k in val])
+        story_y = torch.cat([enc.encode_story(stories[k], pipe.encoders).y for k in val])
+        cap_y = pipe.encode_text([rows[k]["caption"] for k in val]).y
+        shuffle = derangement(len(val), 1)
+        results.update({"clips_retrieval": len(val), "chance_top1": 1 / len(val), "chance_top5": 5 / len(val)})
+        results["retrieval"] = {
+            "image": retrieval(joint(img_y), audio_emb), "story": retrieval(joint(story_y), audio_emb),
+            "shuffled image": retrieval(joint(img_y[shuffle]), audio_emb),
+            "caption (text encoder)": retrieval(joint(cap_y), audio_emb),
+        }
+        print(json.dumps(results["retrieval"], indent=1), file=sys.stderr)
 
     # ---- generation from a subset (every k-th held-out clip, so many works are covered)
     pick = [val[i] for i in np.linspace(0, len(val) - 1, args.clips).round().astype(int)]
     n = len(pick)
     seeds = list(range(n))
     captions = [attribute_caption(rows[k]) for k in pick]
-    conds = {
-        "image": [enc.encode_image(images[k]) for k in pick],
-        "story": [enc.encode_story(stories[k], pipe.encoders) for k in pick],
-        "text (attribute caption)": [pipe.conditioning([c]) for c in captions],
-    }
-    sh = derangement(n, 2)
-    conds["shuffled image"] = [conds["image"][j] for j in sh]
+    conds = {}
+    if "text" in args.parts:
+        conds["text"] = [pipe.conditioning([c]) for c in captions]
+    if {"image", "story", "shuffled"} & set(args.parts):
+        enc = pipe.media_encoder()
+        image_conds = [enc.encode_image(images[k]) for k in pick]
+        if "image" in args.parts:
+            conds["image"] = image_conds
+        if "story" in args.parts:
+            conds["story"] = [enc.encode_story(stories[k], pipe.encoders) for k in pick]
+        if "shuffled" in args.parts:
+            conds["shuffled"] = [image_conds[j] for j in derangement(n, 2)]
     stated = [{a: rows[k][a] for a in ATTRS} for k in pick]
     protos = vocabulary_prototypes(embedder, RENDER)
     caption_emb = embedder.embed_text(captions)
@@ -115,21 +126,26 @@ def main(argv: list[str] | None = None) -> int:
     steps = args.steps or pipe.defaults.get("steps", 16)
     req = pipe.request(["x"] * n, seed=seeds, steps=steps)
     uncond = pipe.conditioning([""] * n)
-    results["generation"] = {"clips": n, "steps": steps, "solver": req.settings.solver}
-    ref = score_audio([waves_ref[val.index(k)] for k in pick], sr, embedder, protos, "reference", False, RENDER)
-    results["generation"]["real clips (estimator ceiling)"] = {
-        **attribute_accuracy(ref, stated, instruments), "clap_score": float(cosine_rows(caption_emb, ref.emb).mean())}
-    for name, cs in conds.items():
+    gen = results.setdefault("generation", {})
+    gen.update({"clips": n, "steps": steps, "solver": req.settings.solver})
+    if "text" in args.parts:
+        ref = score_audio([waves_ref[val.index(k)] for k in pick], sr, embedder, protos, "reference", False, RENDER)
+        gen["real clips (estimator ceiling)"] = {**attribute_accuracy(ref, stated, instruments),
+                                                 "clap_score": float(cosine_rows(caption_emb, ref.emb).mean())}
+    for key, cs in conds.items():
+        name = LABELS[key]
         t0 = time.perf_counter()
         cond = Conditioning(torch.cat([c.txt for c in cs]), torch.cat([c.y for c in cs]))
         lat, _ = pipe.sample_latents(req, cond, uncond)
         waves = decode_full(pipe, lat)
         s = score_audio(waves, sr, embedder, protos, name, False, RENDER)
         acc = attribute_accuracy(s, stated, instruments)
-        results["generation"][name] = {**acc, "clap_score": float(cosine_rows(caption_emb, s.emb).mean()),
-                                       "seconds": time.perf_counter() - t0}
-        print(name, json.dumps(results["generation"][name]), file=sys.stderr)
-        if name == "image":
+        gen[name] = {**acc, "clap_score": float(cosine_rows(caption_emb, s.emb).mean()),
+                     "seconds": time.perf_counter() - t0}
+        print(name, json.dumps(gen[name]), file=sys.stderr)
+        if args.out:
+            Path(args.out).write_text(json.dumps(results, indent=1) + "\n")
+        if key == "image":
             _save_examples(waves[:2], sr, [images[k] for k in pick[:2]], args.out)
     text = json.dumps(results, indent=1)
     print(text)
