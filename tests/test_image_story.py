@@ -220,3 +220,21 @@ def test_onnx_export_of_media(media_dir, tmp_path):
     txt, y = adapter.run(None, {"image_embeds": emb, "image_tokens": tok})
     ref = enc.encode_image(img)
     assert np.abs(y - ref.y.numpy()).max() < 1e-4 and np.abs(txt - ref.txt.numpy()).max() < 1e-4
+
+
+def test_bundled_default_has_trained_adapters():
+    from fluxmusic.data.media import render_image
+    from fluxmusic.pipeline import default_model_dir
+
+    d = default_model_dir()
+    if not (d / ADAPTERS).is_dir():
+        pytest.skip("the bundled default has no adapters")
+    pipe = FluxMusicPipeline.from_pretrained(d)
+    enc = pipe.media_encoder()
+    attrs = {"instrument": "organ", "tempo": "slow", "register": "low", "mode": "minor", "dynamics": "soft",
+             "texture": "four-part"}
+    ci = enc.encode_image(render_image(attrs, 0))
+    cs = enc.encode_story("The church organ played slowly. It rained. It was in a minor key.", pipe.encoders)
+    text = pipe.conditioning(["slow minor church organ"])
+    assert ci.txt.shape == cs.txt.shape == text.txt.shape and ci.y.shape == text.y.shape
+    assert torch.isfinite(ci.txt).all() and torch.isfinite(cs.y).all()
