@@ -28,6 +28,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         help=f"components to export (default: all but the step graph); allowed: {', '.join(ALL_COMPONENTS)}",
     )
     o.add_argument("--fp16", action="store_true", help="also write fp16 transformer graphs (<name>.fp16.onnx)")
+    o.add_argument("--media", action="store_true", help="also export the image tower and the image / story adapters "
+                   "(OUT/media/, docs/image-story.md); the model directory needs adapters/")
     o.add_argument("--step-graph", action="store_true", help="also write euler_step.onnx (one fused Euler CFG step)")
     o.add_argument("--int8", action="store_true", help="also write transformer.int8.onnx (dynamic quantisation, CPU)")
     o.set_defaults(func=_export_onnx)
@@ -75,6 +77,12 @@ def _export_onnx(args: argparse.Namespace) -> int:
     )
     names = [f"{c} ({', '.join(e['variants'])})" for c, e in manifest["components"].items()]
     print(f"wrote {args.out}: {'; '.join(names)}")
+    if getattr(args, "media", False):
+        from fluxmusic.export.media_onnx import MEDIA_DIR, export_media
+
+        media = export_media(_model_dir(args.model), args.out, min(args.opset, 18))
+        print(f"wrote {Path(args.out) / MEDIA_DIR}: " + ", ".join(
+            f"{n} (max-abs vs torch {g['max_abs_vs_torch']:.1e})" for n, g in media["graphs"].items()))
     return 0
 
 

@@ -65,6 +65,24 @@ def add_audio_arguments(g: argparse.ArgumentParser) -> None:
                    f"{DEFAULT_CROSSFADE:g})")
 
 
+def add_media_arguments(g: argparse.ArgumentParser) -> None:
+    """Image and story conditioning (``fluxmusic.adapters``; the model directory needs ``adapters/``)."""
+    m = g.add_argument_group("image and story (mapped into the conditioning space by the model's adapters)")
+    m.add_argument("--image", help="an image file (PNG, JPEG, ...) to make music from; combinable with a prompt")
+    m.add_argument("--story", help="a UTF-8 text file (or - for stdin) with a story to make music from")
+    m.add_argument("--image-weight", type=float, help="weight of the image against the prompt's 1 (default 1)")
+    m.add_argument("--story-weight", type=float, help="weight of the story against the prompt's 1 (default 1)")
+
+
+def media_kwargs(args: argparse.Namespace) -> dict:
+    """The image / story options as ``build_request`` keywords (the story file read and checked)."""
+    from fluxmusic.adapters import read_text_file
+
+    story = getattr(args, "story", None)
+    return {"image": getattr(args, "image", None), "story": read_text_file(story) if story is not None else None,
+            "image_weight": getattr(args, "image_weight", None), "story_weight": getattr(args, "story_weight", None)}
+
+
 def audio_kwargs(args: argparse.Namespace) -> dict:
     """The audio-in and long-form options of parsed arguments as ``build_request`` keywords (None = not given)."""
     return {
@@ -115,6 +133,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--duration", type=float, help="seconds, from one latent frame to 300; beyond the model's window "
                    "(10.24 s) the song is made in windows of continuation (default: the window)")
     add_audio_arguments(g)
+    add_media_arguments(g)
     g.add_argument("--seed", type=int, help="random seed; item i of a batch uses seed + i (default or -1: random)")
     add_sampling_arguments(g)
     g.add_argument("--num-waveforms", type=int, default=1, help="waveforms per prompt")
@@ -186,7 +205,10 @@ def read_prompts_and_sections(args: argparse.Namespace) -> tuple[list[str], list
             return [], sections
         prompts += [line.strip() for line in text.splitlines() if line.strip()]
     if not prompts:
-        raise FluxMusicError("no prompt given; pass a PROMPT or --prompts-file with non-empty lines")
+        if getattr(args, "image", None) is not None or getattr(args, "story", None) is not None:
+            return [""], None  # the image / story alone
+        raise FluxMusicError("no prompt given; pass a PROMPT or --prompts-file with non-empty lines (or --image / "
+                             "--story)")
     return prompts, None
 
 
@@ -200,10 +222,19 @@ def _generate(args: argparse.Namespace) -> int:
     prompts, sections = read_prompts_and_sections(args)
     model_dir = Path(args.model) if args.model else default_model_dir()
     index = read_index(model_dir)
+    media = media_kwargs(args)
     request = build_request(
         index.defaults, index.geometry, prompts or None, num_waveforms=args.num_waveforms, seed=args.seed,
-        duration=args.duration, sections=sections, **sampling_kwargs(args), **audio_kwargs(args),
+        duration=args.duration, sections=sections, **sampling_kwargs(args), **audio_kwargs(args), **media,
     )
+    if request.media is not None:
+        from fluxmusic.adapters import check_media_dirs, has_media
+
+        check_media_dirs(model_dir)
+        if not has_media(model_dir):
+            raise FluxMusicError(f"model directory {model_dir} has no image / story adapters (adapters/, "
+                                 "image_encoder/, image_processor/); --image and --story need them (the bundled "
+                                 "default has them)")
     paths = output_paths(args.output, len(request.items))
     options = {}
     if args.bf16:
@@ -235,6 +266,8 @@ def _run(args: argparse.Namespace, model_dir: Path, request, options: dict):
     say(f"settings: {request.settings.describe()}")
     if request.audio is not None:
         say(f"audio in: {request.audio.describe()}")
+    if request.media is not None:
+        say(f"conditioning: {request.media.describe()}")
     windows = 1
     if request.long_form is not None:
         windows = len(request.long_form.windows(request_geometry(model_dir)))

@@ -8,6 +8,7 @@ clap/ clap_tokenizer/       CLAP (full or text tower) + tokenizer
 vae/                        diffusers AutoencoderKL
 vocoder/                    transformers SpeechT5HifiGan
 null_embeddings.safetensors the "" encodings (txt, y), computed once when the directory is built
+image_encoder/ image_processor/ adapters/   optional: image / story conditioning (fluxmusic.adapters)
 ```
 """
 
@@ -115,7 +116,10 @@ def read_index(model_dir: str | Path, allow_external_links: bool | None = None) 
         missing.append(NULL_EMBEDDINGS)
     if missing:
         raise FluxMusicError(f"model directory {model_dir} is incomplete; missing: {', '.join(missing)}")
-    for c in COMPONENTS:
+    from fluxmusic.adapters import MEDIA_COMPONENTS, check_media_dirs
+
+    check_media_dirs(model_dir)  # optional (image / story), but all three or none
+    for c in COMPONENTS + tuple(m for m in MEDIA_COMPONENTS if (model_dir / m).is_dir()):
         check_json_files(model_dir / c, c)
         check_weight_files(model_dir / c, c)
     check_safetensors_file(model_dir / NULL_EMBEDDINGS)

@@ -124,6 +124,10 @@ class FluxMusicPipeline:
         )
         self._cache: OrderedDict[str, Conditioning] = OrderedDict()
         self._cache_size = cache_size
+        #: image / story conditioning (issue 18): the model directory's adapters, loaded at the first request
+        #: that needs them (None: a directory without adapters/, or a pipeline built without a directory)
+        self.model_dir: Path | None = None
+        self._media = None
 
     @classmethod
     def from_pretrained(
@@ -151,7 +155,9 @@ class FluxMusicPipeline:
 
             return FirstBlockProbe.from_dir(model_dir / "transformer", be.device)
 
-        return cls(be, index, read_null_embeddings(model_dir), tokenizers, probe_loader=probe_loader)
+        pipe = cls(be, index, read_null_embeddings(model_dir), tokenizers, probe_loader=probe_loader)
+        pipe.model_dir = model_dir
+        return pipe
 
     # ------------------------------------------------------------------------------------ conditioning
     @property
@@ -185,6 +191,47 @@ class FluxMusicPipeline:
             self._cache.popitem(last=False)
         return Conditioning(torch.cat([c.txt for c in parts]), torch.cat([c.y for c in parts]))
 
+    def media_encoder(self):
+        """The image / story encoder of this model directory (loaded once); a clear error when it has none."""
+        if self._media is None:
+            from fluxmusic.adapters import MediaEncoder, has_media
+
+            if self.model_dir is None or not has_media(self.model_dir):
+                where = f"model directory {self.model_dir}" if self.model_dir is not None else "this pipeline"
+                raise FluxMusicError(
+                    f"{where} has no image / story adapters (adapters/, image_encoder/, image_processor/); image and "
+                    "story conditioning need a model directory that has them (the bundled default does)"
+                )
+            device = getattr(self.backend, "device", "cpu")
+            self._media = MediaEncoder.from_model_dir(self.model_dir, device)
+        return self._media
+
+    def media_conditioning(self, media) -> list[tuple[Conditioning, float]]:
+        """The request's image / story as weighted conditionings [1, ...] (see :func:`fluxmusic.adapters.mix`)."""
+        enc = self.media_encoder()
+        parts = []
+        if media.image is not None:
+            parts.append((enc.encode_image(media.image), media.image_weight))
+        if media.story is not None:
+            parts.append((enc.encode_story(media.story, self.encoders), media.story_weight))
+        return parts
+
+    def _conditioning(self, prompts: Sequence[str], media_parts: list | None) -> Conditioning:
+        """Prompt conditioning, mixed with the image / story ones when the request has them (an empty prompt
+        then weighs 0: the image / story alone)."""
+        cond = self.conditioning(prompts)
+        if not media_parts:
+            return cond
+        from fluxmusic.adapters import mix
+
+        txt, y = [], []
+        for i, p in enumerate(prompts):
+            parts = ([(Conditioning(cond.txt[i : i + 1], cond.y[i : i + 1]), 1.0)] if p else []) + media_parts
+            c = mix(parts)
+            txt.append(c.txt)
+            y.append(c.y)
+        return Conditioning(torch.cat(txt), torch.cat(y))
+
     # ------------------------------------------------------------------------------------ generation
     def request(self, prompt: str | Sequence[str], **options) -> GenerationRequest:
         """Resolve and validate a request against this model's defaults and geometry
@@ -193,7 +240,7 @@ class FluxMusicPipeline:
 
     def __call__(
         self,
-        prompt: str | Sequence[str],
+        prompt: str | Sequence[str] = "",
         negative_prompt: str | None = None,
         duration: float | None = None,
         steps: int | None = None,
@@ -206,6 +253,10 @@ class FluxMusicPipeline:
         preset: str | None = None,
         guidance_interval: tuple[float, float] | None = None,
         cache_threshold: float | None = None,
+        image: object = None,
+        story: str | None = None,
+        image_weight: float | None = None,
+        story_weight: float | None = None,
         **audio_options,
     ) -> GenerationResult:
         """Generate. Absent values come from the model directory's defaults, or from ``preset``
@@ -213,11 +264,15 @@ class FluxMusicPipeline:
 
         ``audio_options``: continuation / infilling and long form (``audio=``, ``keep=``, ``regenerate=``,
         ``mode=``, ``blend=``, ``resample=``, ``splice=``, ``overlap=``, ``crossfade=``, ``sections=``; see
-        :func:`fluxmusic.sampling.build_request`); ``duration`` may exceed the model's window (long form)."""
+        :func:`fluxmusic.sampling.build_request`); ``duration`` may exceed the model's window (long form).
+
+        ``image`` (path, bytes, PIL image, RGB array) and ``story`` (text) condition through the model's adapters,
+        mixed with ``prompt`` (which may then be "") by ``image_weight`` / ``story_weight`` (the prompt weighs 1)."""
         req = self.request(
             prompt, negative_prompt=negative_prompt, duration=duration, steps=steps, guidance=guidance,
             solver=solver, shift=shift, seed=seed, num_waveforms=num_waveforms_per_prompt, preset=preset,
-            guidance_interval=guidance_interval, cache_threshold=cache_threshold, **audio_options,
+            guidance_interval=guidance_interval, cache_threshold=cache_threshold, image=image, story=story,
+            image_weight=image_weight, story_weight=story_weight, **audio_options,
         )
         return self.generate(req, progress)
 
@@ -232,7 +287,8 @@ class FluxMusicPipeline:
         items, st = request.items, request.settings
         geo = self.geometry
         t0 = time.perf_counter()
-        cond = self.conditioning([it.prompt for it in items])
+        media = self.media_conditioning(request.media) if request.media is not None else None
+        cond = self._conditioning([it.prompt for it in items], media)
         uncond = self.conditioning([it.negative_prompt for it in items])
         t1 = time.perf_counter()
         x, stats = self.sample_latents(request, cond, uncond, progress)
@@ -341,6 +397,7 @@ class FluxMusicPipeline:
         pending: list[np.ndarray] = []  # per item: audio from sample ``emitted`` on, not yet final
         prev_latent: Tensor | None = None
         blend = request.audio.blend if request.audio is not None else DEFAULT_BLEND
+        media = self.media_conditioning(request.media) if request.media is not None else None
         steps_done = 0
         n_steps = st.steps * len(windows)
 
@@ -358,7 +415,7 @@ class FluxMusicPipeline:
                 st, w.frames, request.audio if w.index == 0 else None,
             )
             t0 = time.perf_counter()
-            cond = self.conditioning(prompts)
+            cond = self._conditioning(prompts, media)
             uncond = self.conditioning([it.negative_prompt for it in items])
             t1 = time.perf_counter()
             known = None

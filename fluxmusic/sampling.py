@@ -84,6 +84,11 @@ class Limits:
     max_long_duration: float = 300.0
     max_audio_seconds: float = 300.0
     max_resample: int = 10
+    #: image / story conditioning (``fluxmusic.adapters``): decoded pixels, encoded bytes, story characters
+    max_image_pixels: int = 4096 * 4096
+    max_image_bytes: int = 32 * 2**20
+    max_story_chars: int = 20000
+    max_media_weight: float = 100.0
 
 
 DEFAULT_LIMITS = Limits()
@@ -145,6 +150,26 @@ class GenerationItem:
 
 
 @dataclass(frozen=True)
+class MediaContext:
+    """Image and / or story conditioning of a request (issue 18), decoded and checked: the pipeline maps them into
+    the conditioning space with the model's adapters and mixes them with the text prompt, weighted (the prompt
+    weighs 1; an empty prompt 0)."""
+
+    image: object = None  # RGB uint8 [H, W, 3] (numpy), or None
+    story: str | None = None
+    image_weight: float = 1.0
+    story_weight: float = 1.0
+
+    def describe(self) -> str:
+        parts = []
+        if self.image is not None:
+            parts.append(f"image {self.image.shape[1]} x {self.image.shape[0]} (weight {self.image_weight:g})")
+        if self.story is not None:
+            parts.append(f"story of {len(self.story)} characters (weight {self.story_weight:g})")
+        return ", ".join(parts)
+
+
+@dataclass(frozen=True)
 class GenerationRequest:
     """A resolved, validated request: its waveforms and the settings they share.
 
@@ -158,12 +183,13 @@ class GenerationRequest:
     latent_frames: int
     audio: AudioContext | None = None
     long_form: LongForm | None = None
+    media: MediaContext | None = None
 
     @property
     def batch_key(self) -> tuple:
         extra = ()
-        if self.audio is not None or self.long_form is not None:
-            extra = (id(self),)  # their own given audio / window plan: never batched with another request
+        if self.audio is not None or self.long_form is not None or self.media is not None:
+            extra = (id(self),)  # their own given audio / window plan / image: never batched with another request
         return (*self.settings.batch_key, self.latent_frames, *extra)
 
     def merged(self, others: Sequence[GenerationRequest]) -> GenerationRequest:
@@ -173,7 +199,8 @@ class GenerationRequest:
             if o.batch_key != self.batch_key:
                 raise FluxMusicError(f"cannot batch settings {o.batch_key} with {self.batch_key}")
             items += o.items
-        return GenerationRequest(tuple(items), self.settings, self.latent_frames, self.audio, self.long_form)
+        return GenerationRequest(tuple(items), self.settings, self.latent_frames, self.audio, self.long_form,
+                                 self.media)
 
 
 # ------------------------------------------------------------------------------------------------ checks
@@ -328,6 +355,10 @@ def build_request(
     overlap: float | None = None,
     crossfade: float | None = None,
     sections: Sequence[Section] | None = None,
+    image: object = None,
+    story: str | None = None,
+    image_weight: float | None = None,
+    story_weight: float | None = None,
 ) -> GenerationRequest:
     """Resolve, validate and expand one request (see the module doc). ``geometry`` is the model's
     :class:`fluxmusic.latent.LatentGeometry`; ``guidance`` may be one value per waveform.
@@ -338,7 +369,15 @@ def build_request(
     each seam), ``resample`` (re-noise iterations per step), ``splice`` (put the given audio itself in the kept
     region); a ``duration`` beyond the model's window is generated in windows of ``overlap`` seconds of context
     joined by ``crossfade`` seconds, with ``sections`` [(start, end, prompt)] changing the prompt over time.
+
+    Image and story (:mod:`fluxmusic.adapters`; the model needs ``adapters/``): ``image`` (a path, encoded bytes,
+    a PIL image or an RGB array) and ``story`` (a long text) condition every waveform, mixed with the prompt in
+    the conditioning space with weights ``image_weight`` / ``story_weight`` (default 1; the prompt weighs 1); the
+    prompt may then be empty.
     """
+    media = resolve_media(image, story, image_weight, story_weight, limits)
+    if media is not None and prompt in (None, ""):
+        prompt = ""  # the image / story alone conditions
     if sections:
         if prompt not in (None, "", [], ()):
             raise FluxMusicError("give the prompt or prompt sections, not both (the sections give the prompts)")
@@ -350,7 +389,7 @@ def build_request(
     if not prompts:
         raise invalid("prompt", prompt, "a non-empty string or a non-empty list of them")
     for i, p in enumerate(prompts):
-        check_text("prompt" if len(prompts) == 1 else f"prompt {i}", p, limits, required=True)
+        check_text("prompt" if len(prompts) == 1 else f"prompt {i}", p, limits, required=media is None)
     if not (_is_int(num_waveforms) and 1 <= num_waveforms <= limits.max_waveforms):
         raise invalid("num_waveforms", num_waveforms, f"an integer in [1, {limits.max_waveforms}]")
     per_item_guidance = isinstance(guidance, (list, tuple))
@@ -381,4 +420,25 @@ def build_request(
         limits=limits,
     )
     frames = geometry.max_latent_frames if long_form is not None else geometry.latent_frames(seconds)
-    return GenerationRequest(items, settings, frames, context, long_form)
+    return GenerationRequest(items, settings, frames, context, long_form, media)
+
+
+def resolve_media(image: object, story: object, image_weight: object, story_weight: object,
+                  limits: Limits = DEFAULT_LIMITS) -> MediaContext | None:
+    """Decode and check the image (pixel and byte limits, before decoding the pixels) and the story."""
+    from fluxmusic.adapters import check_story, decode_image
+
+    if image is None and story is None:
+        for name, w in (("image_weight", image_weight), ("story_weight", story_weight)):
+            if w is not None:
+                raise invalid(name, w, "only together with an image / a story")
+        return None
+    if image is None and image_weight is not None:
+        raise invalid("image_weight", image_weight, "only together with an image")
+    if story is None and story_weight is not None:
+        raise invalid("story_weight", story_weight, "only together with a story")
+    weights = [check_number(n, 1.0 if w is None else w, 0.0, limits.max_media_weight)
+               for n, w in (("image_weight", image_weight), ("story_weight", story_weight))]
+    pixels = decode_image(image, limits.max_image_pixels, limits.max_image_bytes) if image is not None else None
+    text = check_story(story, limits.max_story_chars) if story is not None else None
+    return MediaContext(pixels, text, weights[0], weights[1])

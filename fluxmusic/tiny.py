@@ -269,3 +269,29 @@ def build_random_model_dir(out_dir: str | Path, config: str = "small", seed: int
             t5_max_length=256,
             clap_max_length=77,
         )
+
+
+def add_tiny_media(model_dir: str | Path, seed: int = 0, image_size: int = 32) -> Path:
+    """Add random image / story components (``image_encoder/``, ``image_processor/``, ``adapters/``) to a model
+    directory, sized to its text encoders, each saved the way the real ones are and loaded by the real loaders."""
+    from transformers import CLIPVisionModelWithProjection
+
+    from fluxmusic.adapters import ADAPTERS, IMAGE_ENCODER, IMAGE_PROCESSOR, AdapterConfig, MediaAdapters, save_adapters
+    from fluxmusic.components import read_config
+    from fluxmusic.modeldir import read_index
+    from fluxmusic.training.adapter_task import image_processor, image_tower_config
+
+    model_dir = Path(model_dir)
+    index = read_index(model_dir)
+    t5 = read_config(model_dir / "text_encoder", "T5")["d_model"]
+    clap_cfg = read_config(model_dir / "clap", "CLAP")
+    clap = clap_cfg.get("text_config", clap_cfg)["hidden_size"]
+    torch.manual_seed(seed)
+    tower = CLIPVisionModelWithProjection(image_tower_config(image_size, hidden=32, layers=1, heads=2,
+                                                             projection_dim=16, patch=8))
+    tower.save_pretrained(str(model_dir / IMAGE_ENCODER))
+    image_processor(image_size).save_pretrained(str(model_dir / IMAGE_PROCESSOR))
+    cfg = AdapterConfig(image_dim=16, image_token_dim=32, clap_dim=clap, t5_dim=t5, t5_tokens=index.t5_max_length,
+                        hidden=32, heads=2, max_chunks=4)
+    save_adapters(MediaAdapters(cfg), model_dir / ADAPTERS)
+    return model_dir

@@ -85,10 +85,15 @@ def build_request(
     crossfade: float | None = None,
     sections: list[str] | None = None,
     stream: bool = False,
+    image: bytes | str | Path | None = None,
+    story: str | None = None,
+    image_weight: float | None = None,
+    story_weight: float | None = None,
 ):
     """A ``GenerateRequest`` (``GenerateStreamRequest`` with ``stream``: the same fields); None leaves a field
     unset (the server's default). ``shift=1.0`` is no shift. ``audio`` is encoded audio bytes or a path to an
-    audio file (sent as its bytes); ``sections`` are "START:END prompt" strings (docs/continuation.md)."""
+    audio file (sent as its bytes); ``sections`` are "START:END prompt" strings (docs/continuation.md); ``image``
+    is encoded image bytes or a path (sent as its bytes), ``story`` a text (docs/image-story.md)."""
     if encoding not in ENCODING_VALUE:
         raise FluxMusicError(f"encoding {encoding!r} is not supported; allowed: {', '.join(ENCODING_VALUE)}")
     message = pb2.GenerateStreamRequest if stream else pb2.GenerateRequest
@@ -99,13 +104,16 @@ def build_request(
                         ("seed", seed), ("guidance_interval_min", lo), ("guidance_interval_max", hi),
                         ("cache_threshold", cache_threshold), ("keep", keep), ("regenerate", regenerate),
                         ("mode", mode), ("blend", blend), ("resample", resample), ("splice", splice),
-                        ("overlap", overlap), ("crossfade", crossfade)):
+                        ("overlap", overlap), ("crossfade", crossfade), ("story", story),
+                        ("image_weight", image_weight), ("story_weight", story_weight)):
         if value is not None:
             setattr(req, name, value)
     if audio is not None:
         req.audio = audio if isinstance(audio, bytes) else Path(audio).read_bytes()
     if sections:
         req.sections.extend(sections)
+    if image is not None:
+        req.image = image if isinstance(image, bytes) else Path(image).read_bytes()
     return req
 
 

@@ -29,19 +29,20 @@ def _connection_args(p: argparse.ArgumentParser) -> None:
 
 
 def _request_args(p: argparse.ArgumentParser) -> None:
-    from fluxmusic.commands_generate import add_audio_arguments, add_sampling_arguments
+    from fluxmusic.commands_generate import add_audio_arguments, add_media_arguments, add_sampling_arguments
 
     p.add_argument("--duration", type=float, help="seconds (default: the model's window; up to 300: long form)")
     add_sampling_arguments(p)
     add_audio_arguments(p)
+    add_media_arguments(p)
 
 
 def _wire_options(args: argparse.Namespace) -> dict:
     """Sampling options for ``client.build_request`` (the server resolves and validates them)."""
-    from fluxmusic.commands_generate import audio_kwargs, sampling_kwargs
+    from fluxmusic.commands_generate import audio_kwargs, media_kwargs, sampling_kwargs
     from fluxmusic.sampling import invalid
 
-    kw = {**sampling_kwargs(args), **audio_kwargs(args)}  # the audio file is sent as its bytes
+    kw = {**sampling_kwargs(args), **audio_kwargs(args), **media_kwargs(args)}  # files are sent as their bytes
     if isinstance(kw["shift"], str):
         if kw["shift"].lower() != "none":
             raise invalid("shift", kw["shift"], "a number, or 'none' (= 1: no shift)")
@@ -87,7 +88,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     c = sub.add_parser("client", help="talk to a fluxmusic server")
     csub = c.add_subparsers(dest="client_command", required=True, metavar="ACTION")
     g = csub.add_parser("generate", help="generate music on the server and write it to a file")
-    g.add_argument("prompt")
+    g.add_argument("prompt", nargs="?", default="", help="the text prompt (may be empty with --image / --story)")
     g.add_argument("-o", "--output", required=True, help="output .wav/.flac/.ogg; several waveforms get _00, ...")
     _connection_args(g)
     _request_args(g)

@@ -42,6 +42,11 @@ class Limits:
     max_resample: int = _D.max_resample
     #: encoded given audio per request (16 MiB: 300 s of 16 kHz 16-bit mono, or 90 s of 44.1 kHz 16-bit stereo)
     max_audio_bytes: int = 16 * 2**20
+    #: image / story conditioning: encoded image bytes, decoded pixels, story characters, weights
+    max_image_bytes: int = 8 * 2**20
+    max_image_pixels: int = _D.max_image_pixels
+    max_story_chars: int = _D.max_story_chars
+    max_media_weight: float = _D.max_media_weight
 
     @property
     def sampling(self) -> sampling.Limits:
@@ -60,7 +65,8 @@ class Limits:
     def max_request_bytes(self) -> int:
         # two prompts of up to 4 UTF-8 bytes per char, the given audio, and prompt sections (one per 2 s of song)
         sections = math.ceil(self.max_long_duration / 2) * (4 * self.max_prompt_chars + 32)
-        return 2 * 4 * self.max_prompt_chars + self.max_audio_bytes + sections + 64 * 1024
+        media = self.max_image_bytes + 4 * self.max_story_chars
+        return 2 * 4 * self.max_prompt_chars + self.max_audio_bytes + sections + media + 64 * 1024
 
 
 @dataclass
@@ -101,6 +107,8 @@ def parse_request(req, limits: Limits, pipe) -> RequestSpec:
         interval = (sampling.FULL_INTERVAL[0] if lo is None else lo, sampling.FULL_INTERVAL[1] if hi is None else hi)
     if len(req.audio) > limits.max_audio_bytes:
         raise invalid("audio", f"{len(req.audio)} bytes", f"at most {limits.max_audio_bytes} bytes of encoded audio")
+    if len(req.image) > limits.max_image_bytes:
+        raise invalid("image", f"{len(req.image)} bytes", f"at most {limits.max_image_bytes} bytes of encoded image")
     sections = None
     if req.sections:
         from fluxmusic.continuation import parse_prompt_sections
@@ -132,7 +140,16 @@ def parse_request(req, limits: Limits, pipe) -> RequestSpec:
         overlap=_opt(req, "overlap"),
         crossfade=_opt(req, "crossfade"),
         sections=sections,
+        image=bytes(req.image) if req.image else None,
+        story=req.story or None,
+        image_weight=_opt(req, "image_weight"),
+        story_weight=_opt(req, "story_weight"),
     )
+    if request.media is not None:
+        # a model without adapters: INVALID_ARGUMENT now, not an internal error later
+        if not hasattr(pipe, "media_encoder"):
+            raise FluxMusicError("this server's backend cannot condition on an image or a story")
+        pipe.media_encoder()
     return RequestSpec(request, ENCODING_BY_VALUE[req.encoding])
 
 

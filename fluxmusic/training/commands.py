@@ -16,6 +16,7 @@ TASK_BUILDERS: dict[str, str] = {
     "vae": "fluxmusic.training.component_commands:build_vae_task",
     "vocoder": "fluxmusic.training.component_commands:build_vocoder_task",
     "text": "fluxmusic.training.component_commands:build_text_task",
+    "adapter": "fluxmusic.training.adapter_task:build_adapter_task",
 }
 
 _DEFAULTS = TrainConfig()
@@ -56,6 +57,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=_DEFAULTS.seed)
     p.add_argument("--device", default="auto", help="auto, cpu, cuda")
     p.add_argument("--p-uncond", type=float, default=0.1, help="CFG dropout per text encoder")
+    p.add_argument("--model", default=None,
+                   help="adapter task: model directory whose text encoders and CLAP give the targets (default: "
+                   "the bundled model)")
     from fluxmusic.training.recipe import add_arguments
 
     add_arguments(p)
