@@ -218,7 +218,7 @@ def test_phase_dither_replaces_only_quiet_bins_with_a_fixed_table():
     a, b = table.phases(1500, torch.device("cpu")), PhaseTable(321).phases(1500, torch.device("cpu"))
     assert torch.equal(a, b) and a.shape == (321, 1500)  # a fixed table: no RNG state
     assert torch.equal(a[:, 1024:], a[:, : 1500 - 1024])  # period 1024 frames
-    assert 0 <= float(a.min()) and float(a.max()) < 2 * np.pi and abs(float(a.mean()) - np.pi) < 0.05
+    assert float(a.min()) >= 0 and float(a.max()) < 2 * np.pi and abs(float(a.mean()) - np.pi) < 0.05
 
     cfg = dict(hidden_size=16, intermediate_size=16, num_layers=1, phase_advance=True)
     plain = VocosVocoder(VocosConfig(**cfg)).eval()
@@ -238,8 +238,8 @@ def test_phase_dither_replaces_only_quiet_bins_with_a_fixed_table():
 def test_vocos_with_integrated_phase_and_dither_exports_to_onnx_with_parity(tmp_path):
     """A model directory whose vocoder is an integrated-phase, dithered Vocos exports and runs in onnxruntime."""
     import onnxruntime as ort
-
     from fluxmusic.export.onnx_export import export_onnx
+
     from fluxmusic.tiny import build_tiny_model_dir
 
     model_dir = build_tiny_model_dir(tmp_path / "model")
