@@ -144,6 +144,12 @@ class GenerationItem:
     duration: float
 
 
+#: How known latent frames condition a solve (continuation, infilling, long form): "trained" = the model's context
+#: input (models with ``context_channels``) plus the replacement, "replace" = training-free only, "auto" = trained
+#: when the model has it.
+CONDITIONING = ("auto", "trained", "replace")
+
+
 @dataclass(frozen=True)
 class GenerationRequest:
     """A resolved, validated request: its waveforms and the settings they share.
@@ -158,6 +164,9 @@ class GenerationRequest:
     latent_frames: int
     audio: AudioContext | None = None
     long_form: LongForm | None = None
+    #: how known latent frames condition the solve: "auto" (trained when the model takes a context input,
+    #: else replace), "trained" or "replace" (training-free, RePaint-style); see docs/continuation.md
+    conditioning: str = "auto"
 
     @property
     def batch_key(self) -> tuple:
@@ -173,7 +182,8 @@ class GenerationRequest:
             if o.batch_key != self.batch_key:
                 raise FluxMusicError(f"cannot batch settings {o.batch_key} with {self.batch_key}")
             items += o.items
-        return GenerationRequest(tuple(items), self.settings, self.latent_frames, self.audio, self.long_form)
+        return GenerationRequest(tuple(items), self.settings, self.latent_frames, self.audio, self.long_form,
+                                 self.conditioning)
 
 
 # ------------------------------------------------------------------------------------------------ checks
@@ -328,6 +338,7 @@ def build_request(
     overlap: float | None = None,
     crossfade: float | None = None,
     sections: Sequence[Section] | None = None,
+    conditioning: str | None = None,
 ) -> GenerationRequest:
     """Resolve, validate and expand one request (see the module doc). ``geometry`` is the model's
     :class:`fluxmusic.latent.LatentGeometry`; ``guidance`` may be one value per waveform.
@@ -338,6 +349,7 @@ def build_request(
     each seam), ``resample`` (re-noise iterations per step), ``splice`` (put the given audio itself in the kept
     region); a ``duration`` beyond the model's window is generated in windows of ``overlap`` seconds of context
     joined by ``crossfade`` seconds, with ``sections`` [(start, end, prompt)] changing the prompt over time.
+    ``conditioning`` ("auto", "trained", "replace") picks how the known frames condition the solve.
     """
     if sections:
         if prompt not in (None, "", [], ()):
@@ -381,4 +393,9 @@ def build_request(
         limits=limits,
     )
     frames = geometry.max_latent_frames if long_form is not None else geometry.latent_frames(seconds)
-    return GenerationRequest(items, settings, frames, context, long_form)
+    if conditioning is not None:
+        if conditioning not in CONDITIONING:
+            raise invalid("conditioning", conditioning, ", ".join(CONDITIONING))
+        if context is None and long_form is None:
+            raise FluxMusicError("conditioning applies to given audio (audio=, --audio) or long form only")
+    return GenerationRequest(items, settings, frames, context, long_form, conditioning or "auto")
