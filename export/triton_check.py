@@ -25,7 +25,7 @@ from fluxmusic.export.triton_repo import BLS_MODEL, VERSION, read_components
 from fluxmusic.errors import FluxMusicError
 
 #: Items per request the BLS sends to each component (cond and uncond go to the transformer together).
-BLS_BATCH = {"t5": 1, "clap": 1, "transformer": 2, "vae_decoder": 1, "vocoder": 1}
+BLS_BATCH = {"t5": 1, "clap": 1, "transformer": 2, "vae_decoder": 1, "vocoder": 1, "vae_encoder": 1}
 
 
 def check_repository(repo: str | Path) -> list[str]:
@@ -65,7 +65,7 @@ def check_repository(repo: str | Path) -> list[str]:
         if graph is not None:
             problems += _check_against_graph(name, cfg, graph)
             checked.append(f"{name}: tensors agree with its graph")
-        if specs is not None and name in specs:  # the optional encoder is not called by the BLS model
+        if specs is not None and name in specs:
             problems += _check_against_bls(name, cfg, specs[name], lengths)
             checked.append(f"{name}: accepts what the BLS model sends")
     if problems:

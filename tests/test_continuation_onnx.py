@@ -63,12 +63,52 @@ def test_onnx_backend_continues_audio(tiny_model_dir, encoder_dir, one_torch_thr
         onnx.backend.vae_encode(torch.zeros(1, 256, onnx.geometry.mel_bins), sample=True)
 
 
-def test_triton_repository_holds_the_encoder(tiny_model_dir, encoder_dir, tmp_path):
-    from fluxmusic.export.triton_check import check_repository
+@pytest.fixture(scope="module")
+def repo(tiny_model_dir, encoder_dir, tmp_path_factory):
     from fluxmusic.export.triton_repo import build_repository
 
-    repo = build_repository(tiny_model_dir, encoder_dir, tmp_path / "repo")
+    return build_repository(tiny_model_dir, encoder_dir, tmp_path_factory.mktemp("triton") / "repo")
+
+
+def test_triton_repository_holds_the_encoder(repo):
+    from fluxmusic.export.triton_check import check_repository
+
     assert (repo / "vae_encoder" / "config.pbtxt").is_file() and (repo / "vae_encoder" / "1" / "model.onnx").is_file()
-    assert any(c.startswith("vae_encoder: tensors agree") for c in check_repository(repo))
+    checked = check_repository(repo)
+    assert any(c.startswith("vae_encoder: tensors agree") for c in checked)
+    assert any(c.startswith("vae_encoder: accepts what the BLS model sends") for c in checked)
     text = (repo / "vae_encoder" / "config.pbtxt").read_text()
     assert 'name: "mel"' in text and 'name: "latent"' in text
+    bls_cfg = (repo / "fluxmusic" / "config.pbtxt").read_text()
+    assert 'name: "audio"' in bls_cfg and 'name: "keep"' in bls_cfg
+
+
+def test_bls_continues_given_audio_like_the_pipeline(repo, tiny_model_dir, one_torch_thread):
+    from fluxmusic.export.spec import COMPONENT_NAMES
+    from fluxmusic.export.validate import snr_db
+    from fluxmusic.runtime.triton_bls import FluxMusicBls, OnnxRuntimeInfer
+
+    from fluxmusic.errors import FluxMusicError
+    from fluxmusic.pipeline import FluxMusicPipeline
+
+    names = (*COMPONENT_NAMES, "vae_encoder")
+    bls = FluxMusicBls(repo / "fluxmusic" / "1", OnnxRuntimeInfer({c: repo / c / "1" / "model.onnx" for c in names}))
+    assert bls.backend.has_encoder
+    wave = _wave()
+    req = {"prompt": np.array([b"calm piano"], dtype=object), "audio": wave, "keep": np.array([b"0:2"], dtype=object),
+           "duration": np.array([3.84], np.float32), "seed": np.array([0], np.int64), "steps": np.array([2], np.int32)}
+    out = bls.execute(req)
+    ref = FluxMusicPipeline.from_pretrained(tiny_model_dir)("calm piano", audio=wave, keep="0:2", duration=3.84,
+                                                            seed=0, steps=2)
+    assert out["audio"].shape == ref.audio[0].shape and bls.backend.calls["vae_encoder"] == 1
+    assert snr_db(ref.audio[0], out["audio"]) >= 40
+    # the same clip at 8 kHz is resampled to the model's rate
+    out8 = bls.execute({**req, "audio": wave[::2].copy(), "audio_sample_rate": np.array([8000], np.int32)})
+    assert out8["audio"].shape == out["audio"].shape
+    with pytest.raises(FluxMusicError, match="input 'audio' must be a non-empty mono float32 waveform"):
+        bls.execute({**req, "audio": np.zeros((2, 100), np.float32)})
+    with pytest.raises(FluxMusicError, match="keep"):
+        bls.execute({**req, "keep": np.array([b"0:99"], dtype=object)})
+    bls.backend.has_encoder = False
+    with pytest.raises(FluxMusicError, match="needs the vae_encoder model in the Triton repository"):
+        bls.execute(req)
