@@ -267,8 +267,8 @@ def parse_attributes(text: str, space: AttributeSpace = SYNTH) -> dict[str, str]
 
 
 # Temperley's (Kostka-Payne) key profiles, C major / C minor, rotated to every tonic. On 40 held-out clips of
-# the rendered corpus they name the manifest's key 45 % of the time against 33 % for Krumhansl-Kessler's (most
-# misses are the dominant or the relative key): short, sparse clips are hard, so consistency across windows
+# the rendered corpus they name the manifest's key 45 % of the time against 33 % for Krumhansl-Kessler's (many
+# misses are a fifth away or the relative key): short, sparse clips are hard, so consistency across windows
 # also reports the correlation of the windows' chroma (:func:`mean_chroma`), which needs no key label.
 _KEY_MAJOR = np.array([5.0, 2.0, 3.5, 2.0, 4.5, 4.0, 2.0, 4.5, 2.0, 3.5, 1.5, 4.0])
 _KEY_MINOR = np.array([5.0, 2.0, 3.5, 4.5, 2.0, 4.0, 2.0, 4.5, 3.5, 2.0, 1.5, 4.0])
