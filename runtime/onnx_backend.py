@@ -273,6 +273,7 @@ class OnnxBackend:
             return self._torch_module(ENCODER_NAME)(mel.float().to(self.device))
         return self.graphs[ENCODER_NAME].run((b, g.latent_channels, frames, g.latent_width), mel=mel.float())
 
+    @torch.no_grad()
     def vocode(self, mel: Tensor) -> Tensor:
         if "vocoder" not in self.graphs:
             return self._torch_module("vocoder")(mel.float().to(self.device))
