@@ -52,7 +52,16 @@ BLS_INPUTS = (
     BlsTensor("guidance_interval_min", "TYPE_FP32", (1,), optional=True),
     BlsTensor("guidance_interval_max", "TYPE_FP32", (1,), optional=True),
     BlsTensor("cache_threshold", "TYPE_FP32", (1,), optional=True),
+    # Audio in (continuation, infilling; needs the vae_encoder model in the repository): a mono float32
+    # waveform, its sample rate (default: the model's; other rates are resampled) and the mask as in the CLI.
+    BlsTensor("audio", "TYPE_FP32", (-1,), optional=True),
+    BlsTensor("audio_sample_rate", "TYPE_INT32", (1,), optional=True),
+    BlsTensor("keep", "TYPE_STRING", (1,), optional=True),
+    BlsTensor("regenerate", "TYPE_STRING", (1,), optional=True),
+    BlsTensor("mode", "TYPE_STRING", (1,), optional=True),
 )
+#: Inputs that carry an array, not one value.
+BLS_ARRAY_INPUTS = ("audio",)
 #: Outputs: the waveform, the seed used (random when none was given) and its sample rate. In decoupled mode
 #: progress responses carry only ``step`` and ``total_steps``; the final response carries the rest.
 BLS_OUTPUTS = (
@@ -73,5 +82,5 @@ def read_version_dir(version_dir: str | Path) -> tuple[ModelIndex, FluxMusicConf
     index = ModelIndex.from_dict(json.loads((version_dir / INDEX).read_text()), str(version_dir / INDEX))
     cfg = FluxMusicConfig.load(version_dir / TRANSFORMER_CONFIG)
     null = read_null_embeddings(version_dir)
-    specs = component_specs(cfg, index.geometry, int(null.txt.shape[-1]), int(null.y.shape[-1]))
+    specs = component_specs(cfg, index.geometry, int(null.txt.shape[-1]), int(null.y.shape[-1]), include_encoder=True)
     return index, cfg, specs

@@ -31,6 +31,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     o.add_argument("--media", action="store_true", help="also export the image tower and the image / story adapters "
                    "(OUT/media/, docs/image-story.md); the model directory needs adapters/")
     o.add_argument("--step-graph", action="store_true", help="also write euler_step.onnx (one fused Euler CFG step)")
+    o.add_argument("--encoder", action="store_true", help="also write vae_encoder.onnx (the VAE encoder: audio in "
+                                                         "for continuation and infilling)")
     o.add_argument("--int8", action="store_true", help="also write transformer.int8.onnx (dynamic quantisation, CPU)")
     o.set_defaults(func=_export_onnx)
 
@@ -73,7 +75,8 @@ def _export_onnx(args: argparse.Namespace) -> int:
     from fluxmusic.export.onnx_export import export_onnx
 
     manifest = export_onnx(
-        _model_dir(args.model), args.out, args.components, args.opset, args.fp16, args.step_graph, args.int8
+        _model_dir(args.model), args.out, args.components, args.opset, args.fp16, args.step_graph, args.int8,
+        encoder=args.encoder,
     )
     names = [f"{c} ({', '.join(e['variants'])})" for c, e in manifest["components"].items()]
     print(f"wrote {args.out}: {'; '.join(names)}")

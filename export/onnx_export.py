@@ -37,7 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from fluxmusic.export.spec import COMPONENT_NAMES, STEP_NAME, ComponentSpec, component_specs
+from fluxmusic.export.spec import COMPONENT_NAMES, ENCODER_NAME, STEP_NAME, ComponentSpec, component_specs
 from torch import Tensor, nn
 
 from fluxmusic.checkpoint import atomic_write_text, read_json
@@ -56,7 +56,7 @@ MIN_OPSET = 17
 MAX_OPSET = 23
 #: Above this many bytes of weights a model is saved with external data (protobuf's limit is 2 GiB).
 EXTERNAL_DATA_BYTES = 1_800_000_000
-ALL_COMPONENTS = (*COMPONENT_NAMES, STEP_NAME)
+ALL_COMPONENTS = (*COMPONENT_NAMES, STEP_NAME, ENCODER_NAME)
 #: Model-directory folder each exported component comes from (its source hash is taken over it).
 SOURCE_DIRS = {
     "t5": "text_encoder",
@@ -65,7 +65,10 @@ SOURCE_DIRS = {
     "vae_decoder": "vae",
     "vocoder": "vocoder",
     STEP_NAME: "transformer",
+    ENCODER_NAME: "vae",
 }
+#: Components exported only when asked for (the default export is COMPONENT_NAMES).
+OPTIONAL_COMPONENTS = (STEP_NAME, ENCODER_NAME)
 #: Variants a component may have beside its fp32 graph.
 VARIANTS = ("fp32", "fp16", "int8")
 META_PREFIX = "fluxmusic."
@@ -181,6 +184,19 @@ class VaeDecoderGraph(nn.Module):
         return self.vae.decode(latent / self.scaling_factor).sample.squeeze(1)
 
 
+class VaeEncoderGraph(nn.Module):
+    """Log-mel [B, frames, mels] -> scaled latent [B, C, H, W]: the posterior mean times the scaling factor (the
+    given audio's latent of continuation and infilling)."""
+
+    def __init__(self, vae: nn.Module) -> None:
+        super().__init__()
+        self.vae = vae
+        self.scaling_factor = float(vae.config.scaling_factor)
+
+    def forward(self, mel: Tensor) -> Tensor:
+        return self.vae.encode(mel.unsqueeze(1)).latent_dist.mode() * self.scaling_factor
+
+
 class VocoderGraph(nn.Module):
     def __init__(self, vocoder: nn.Module) -> None:
         super().__init__()
@@ -212,7 +228,7 @@ def _load_context(model_dir: Path) -> ExportContext:
     clap_cfg = component_config(model_dir, "clap")
     clap_width = int(clap_cfg.get("text_config", clap_cfg).get("hidden_size", 768))
     null = read_null_embeddings(model_dir)
-    specs = component_specs(cfg, index.geometry, t5_width, clap_width, include_step=True)
+    specs = component_specs(cfg, index.geometry, t5_width, clap_width, include_step=True, include_encoder=True)
     return ExportContext(model_dir, index, specs, t5_width, clap_width, null.txt, null.y)
 
 
@@ -252,7 +268,7 @@ def example_inputs(ctx: ExportContext, component: str, batch: int = 2, seed: int
         }
     if component == "vae_decoder":
         return {"latent": torch.randn(batch, g.latent_channels, frames, g.latent_width, generator=gen)}
-    if component == "vocoder":
+    if component in ("vocoder", ENCODER_NAME):
         return {"mel": torch.randn(batch, frames * g.vae_downsample, g.mel_bins, generator=gen) * 2.0 - 5.0}
     raise FluxMusicError(f"unknown component {component!r}; allowed: {', '.join(ALL_COMPONENTS)}")
 
@@ -282,6 +298,8 @@ def load_graph_module(model_dir: Path, component: str, dtype: torch.dtype = torc
         return VaeDecoderGraph(load_vae(model_dir / "vae")).eval()
     if component == "vocoder":
         return VocoderGraph(load_vocoder(model_dir / "vocoder")).eval()
+    if component == ENCODER_NAME:
+        return VaeEncoderGraph(load_vae(model_dir / "vae")).eval()
     raise FluxMusicError(f"unknown component {component!r}; allowed: {', '.join(ALL_COMPONENTS)}")
 
 
@@ -478,7 +496,7 @@ def _write_manifest(out_dir: Path, manifest: dict) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- driver
-def parse_components(names: Sequence[str] | None, step_graph: bool) -> list[str]:
+def parse_components(names: Sequence[str] | None, step_graph: bool, encoder: bool = False) -> list[str]:
     if not names:
         chosen = list(COMPONENT_NAMES)
     else:
@@ -492,6 +510,8 @@ def parse_components(names: Sequence[str] | None, step_graph: bool) -> list[str]
                     chosen.append(part)
     if step_graph and STEP_NAME not in chosen:
         chosen.append(STEP_NAME)
+    if encoder and ENCODER_NAME not in chosen:
+        chosen.append(ENCODER_NAME)
     return chosen
 
 
@@ -514,19 +534,21 @@ def export_onnx(
     step_graph: bool = False,
     int8: bool = False,
     progress: ProgressFn | None = _stderr_progress,
+    encoder: bool = False,
 ) -> dict:
     """Export the chosen components of ``model_dir`` into ``out_dir``; returns the manifest.
 
     Re-exporting into an existing export directory of the same model replaces the chosen components and
     keeps the others. ``fp16`` adds ``<name>.fp16.onnx`` for the transformer (and the step graph): fp16
     weights and math, fp32 I/O; the VAE and vocoder stay fp32. ``int8`` adds ``transformer.int8.onnx``.
+    ``encoder`` adds ``vae_encoder.onnx`` (audio in for the onnx backend and the Triton repository).
     """
     import onnx
 
     model_dir = Path(model_dir)
     out_dir = Path(out_dir)
     opset = check_opset(opset)
-    chosen = parse_components(components, step_graph)
+    chosen = parse_components(components, step_graph, encoder)
     ctx = _load_context(model_dir)
     say = progress or (lambda _m: None)
     if out_dir.exists() and not out_dir.is_dir():

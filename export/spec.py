@@ -46,6 +46,8 @@ class ComponentSpec:
 COMPONENT_NAMES = ("t5", "clap", "transformer", "vae_decoder", "vocoder")
 #: The optional fused sampling step (CFG concat + combine + Euler update inside the graph).
 STEP_NAME = "euler_step"
+#: The optional VAE encoder (audio in: continuation, infilling): log-mel -> scaled posterior-mean latent.
+ENCODER_NAME = "vae_encoder"
 
 
 def component_specs(
@@ -54,6 +56,7 @@ def component_specs(
     t5_width: int,
     clap_width: int,
     include_step: bool = False,
+    include_encoder: bool = False,
 ) -> dict[str, ComponentSpec]:
     """Concrete specs for one model directory."""
     f32, i64 = "float32", "int64"
@@ -109,5 +112,12 @@ def component_specs(
                 TensorSpec("guidance", f32, ("batch",)),
             ),
             (TensorSpec("x_next", f32, ("batch", "music_len", patch_ch)),),
+        )
+    if include_encoder:
+        specs[ENCODER_NAME] = ComponentSpec(
+            ENCODER_NAME,
+            # Log-mel in, the posterior mean times the scaling factor out (what the sampler's known region uses).
+            (TensorSpec("mel", f32, ("batch", "mel_frames", g.mel_bins)),),
+            (TensorSpec("latent", f32, ("batch", g.latent_channels, "latent_frames", g.latent_width)),),
         )
     return specs

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from fluxmusic.export.spec import COMPONENT_NAMES, ComponentSpec
+from fluxmusic.export.spec import COMPONENT_NAMES, ENCODER_NAME, ComponentSpec
 from fluxmusic.export.triton_config import (
     MODEL_FILES,
     NUMPY_TO_TRITON,
@@ -25,7 +25,7 @@ from fluxmusic.export.triton_repo import BLS_MODEL, VERSION, read_components
 from fluxmusic.errors import FluxMusicError
 
 #: Items per request the BLS sends to each component (cond and uncond go to the transformer together).
-BLS_BATCH = {"t5": 1, "clap": 1, "transformer": 2, "vae_decoder": 1, "vocoder": 1}
+BLS_BATCH = {"t5": 1, "clap": 1, "transformer": 2, "vae_decoder": 1, "vocoder": 1, "vae_encoder": 1}
 
 
 def check_repository(repo: str | Path) -> list[str]:
@@ -57,7 +57,7 @@ def check_repository(repo: str | Path) -> list[str]:
         recorded = read_components(repo)
     else:
         specs, lengths, recorded = None, {}, {}
-    for name in COMPONENT_NAMES:
+    for name in (*COMPONENT_NAMES, ENCODER_NAME):
         if name not in configs:
             continue
         cfg = configs[name]
@@ -65,7 +65,7 @@ def check_repository(repo: str | Path) -> list[str]:
         if graph is not None:
             problems += _check_against_graph(name, cfg, graph)
             checked.append(f"{name}: tensors agree with its graph")
-        if specs is not None:
+        if specs is not None and name in specs:
             problems += _check_against_bls(name, cfg, specs[name], lengths)
             checked.append(f"{name}: accepts what the BLS model sends")
     if problems:

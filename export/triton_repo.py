@@ -20,7 +20,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from fluxmusic.export.spec import COMPONENT_NAMES
+from fluxmusic.export.spec import COMPONENT_NAMES, ENCODER_NAME
 from fluxmusic.export.triton_config import (
     INSTANCE_KINDS,
     MODEL_FILES,
@@ -110,7 +110,11 @@ def build_repository(
     if not onnx_dir.is_dir():
         raise FluxMusicError(f"ONNX directory {onnx_dir} does not exist (make it with `fluxmusic export onnx`)")
     _check_same_model(model_dir, onnx_dir)
-    sources = {c: onnx_dir / f"{c}.onnx" for c in COMPONENT_NAMES}
+    names = list(COMPONENT_NAMES)
+    if engines_dir is None and (onnx_dir / f"{ENCODER_NAME}.onnx").is_file():
+        # the optional VAE encoder (``export onnx --encoder``): audio in, servable on its own (log-mel -> latent)
+        names.append(ENCODER_NAME)
+    sources = {c: onnx_dir / f"{c}.onnx" for c in names}
     missing = [str(p) for p in sources.values() if not p.is_file()]
     engines: dict[str, Path] = {}
     if engines_dir is not None:
@@ -133,7 +137,7 @@ def build_repository(
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
     try:
         components = {}
-        for c in COMPONENT_NAMES:
+        for c in names:
             io = onnx_graph_io(sources[c])
             platform = PLATFORMS["plan" if engines_dir is not None else "onnx"]
             kind = options.instance_kind or ("KIND_GPU" if engines_dir is not None else "KIND_AUTO")

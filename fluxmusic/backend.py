@@ -216,11 +216,18 @@ class TorchBackend:
         out = self.clap(input_ids=input_ids.to(self.device), attention_mask=attention_mask.to(self.device))
         return out.pooler_output.float()
 
+    @property
+    def takes_context(self) -> bool:
+        """Whether the transformer has trained masked conditioning (its config's ``context_channels``)."""
+        return self.transformer.takes_context
+
     @torch.no_grad()
-    def velocity(self, x: Tensor, t: Tensor, txt: Tensor, y: Tensor, rope: Tensor) -> Tensor:
+    def velocity(self, x: Tensor, t: Tensor, txt: Tensor, y: Tensor, rope: Tensor,
+                 context: Tensor | None = None) -> Tensor:
         dt = self.dtype
         with self._autocast():
-            v = self.transformer(x.to(dt), t.to(dt), txt.to(dt), y.to(dt), rope)
+            v = self.transformer(x.to(dt), t.to(dt), txt.to(dt), y.to(dt), rope,
+                                 context=None if context is None else context.to(dt))
         return v.float()
 
     def rope(self, txt_len: int, grid_h: int, grid_w: int) -> Tensor:

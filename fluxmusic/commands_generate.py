@@ -59,6 +59,10 @@ def add_audio_arguments(g: argparse.ArgumentParser) -> None:
                    "default 0)")
     a.add_argument("--no-splice", action="store_true", help="keep the model's decoding of the kept region instead of "
                    "the given audio itself")
+    a.add_argument("--conditioning", choices=("auto", "trained", "replace"),
+                   help="how known audio conditions the solve: trained (the transformer's context input; models "
+                        "fine-tuned for it), replace (training-free, any model) or auto (trained when the model "
+                        "has it; default)")
     a.add_argument("--overlap", type=float, help=f"long form: seconds of the previous window kept as context "
                    f"(default {DEFAULT_OVERLAP:g})")
     a.add_argument("--crossfade", type=float, help=f"long form: crossfade seconds at each seam (default "
@@ -91,6 +95,7 @@ def audio_kwargs(args: argparse.Namespace) -> dict:
         "blend": getattr(args, "blend", None), "resample": getattr(args, "resample", None),
         "splice": False if getattr(args, "no_splice", False) else None,
         "overlap": getattr(args, "overlap", None), "crossfade": getattr(args, "crossfade", None),
+        "conditioning": getattr(args, "conditioning", None),
     }
 
 

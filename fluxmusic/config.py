@@ -36,6 +36,9 @@ class FluxMusicConfig:
     theta: int = 10000
     qkv_bias: bool = True
     guidance_embed: bool = True
+    #: Trained masked conditioning (MusicFlow-style continuation / infilling): 0 = off (the official models);
+    #: 2 x in_channels = the model also takes, per token, [masked clean latent, mask] (see ``context_in``).
+    context_channels: int = 0
     extra: dict = field(default_factory=dict, compare=False, hash=False)
 
     def __post_init__(self) -> None:
@@ -55,6 +58,11 @@ class FluxMusicConfig:
         axes = self.axes_dim
         if not (isinstance(axes, (list, tuple)) and axes and all(_pos_int(a) for a in axes)):
             bad.append(f"axes_dim = {axes!r} (a list of positive integers)")
+        cc = self.context_channels
+        if not (isinstance(cc, int) and not isinstance(cc, bool) and cc in (0, 2 * self.in_channels)):
+            bad.append(f"context_channels = {cc!r} (0: no context input, or 2 x in_channels = "
+                       f"{2 * self.in_channels if _pos_int(self.in_channels) else 'in_channels * 2'}: the masked "
+                       "clean latent and its mask)")
         if bad:
             raise FluxMusicError("transformer config is invalid: " + "; ".join(bad))
         object.__setattr__(self, "axes_dim", tuple(self.axes_dim))
@@ -77,6 +85,8 @@ class FluxMusicConfig:
         d = dataclasses.asdict(self)
         d["axes_dim"] = list(self.axes_dim)
         d.pop("extra")
+        if not d["context_channels"]:  # absent = off: configs without it read and write as before
+            d.pop("context_channels")
         return d
 
     @classmethod

@@ -163,6 +163,14 @@ class FluxMusicTransformer(nn.Module):
         self.double_blocks = nn.ModuleList(DoubleStreamBlock(cfg) for _ in range(cfg.depth))
         self.single_blocks = nn.ModuleList(SingleStreamBlock(cfg) for _ in range(cfg.depth_single_blocks))
         self.final_layer = LastLayer(d, cfg.in_channels)
+        # Trained masked conditioning: [masked clean latent, mask] per token, projected and added to the noisy
+        # latent's projection (the same as one input projection over the concatenation, while img_in keeps its
+        # official name and shape). Zero-initialised, so a model extended from a plain checkpoint starts out
+        # exactly equal to it.
+        self.context_in = nn.Linear(cfg.context_channels, d) if cfg.context_channels else None
+        if self.context_in is not None:
+            nn.init.zeros_(self.context_in.weight)
+            nn.init.zeros_(self.context_in.bias)
         self.ops: OpSet = REFERENCE_OPS
         self.rope_cache = RopeCache(cfg.axes_dim, cfg.theta)
 
@@ -179,11 +187,14 @@ class FluxMusicTransformer(nn.Module):
         rope: Tensor | None = None,
         img_ids: Tensor | None = None,
         txt_ids: Tensor | None = None,
+        context: Tensor | None = None,
     ) -> Tensor:
         """Predict the velocity.
 
         Either ``rope`` (a table from :meth:`rope_for`, the fast path) or both position-id tensors
-        (the official calling convention, tables computed in this call) must be given.
+        (the official calling convention, tables computed in this call) must be given. ``context``
+        [B, L_music, context_channels] (:func:`masked_context`) is for models with ``context_channels``;
+        None there means no known audio (plain text-to-music), the same as an all-zero context.
         """
         if rope is None:
             if img_ids is None or txt_ids is None:
@@ -191,6 +202,10 @@ class FluxMusicTransformer(nn.Module):
             rope = rope_table(torch.cat((txt_ids, img_ids), dim=1), self.config.axes_dim, self.config.theta)
         ops = self.ops
         img = self.img_in(x)
+        if self.context_in is not None:
+            img = img + (self.context_in.bias if context is None else self.context_in(context.to(img.dtype)))
+        elif context is not None:
+            raise ValueError("this transformer has no context input (context_channels 0); pass context=None")
         vec = self.time_in(timestep_embedding(t, 256).to(img.dtype)) + self.vector_in(y)
         txt_h = self.txt_in(txt)
         for block in self.double_blocks:
@@ -200,5 +215,35 @@ class FluxMusicTransformer(nn.Module):
             h = block(ops, h, vec, rope)
         return self.final_layer(ops, h[:, txt_h.shape[1] :], vec)
 
+    @property
+    def takes_context(self) -> bool:
+        """Whether the model was built for trained masked conditioning (``context_channels`` > 0)."""
+        return self.context_in is not None
+
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
+
+
+def masked_context(x0: Tensor, mask: Tensor) -> Tensor:
+    """The context input of trained masked conditioning: [x0 * mask, mask] per token, from patchified clean
+    latents ``x0`` [B, L, C] and a mask broadcastable to them (1 = known, 0 = to generate) -> [B, L, 2C]."""
+    m = mask.to(x0.dtype).expand_as(x0)
+    return torch.cat((x0 * m, m), dim=-1)
+
+
+def add_context_input(model: FluxMusicTransformer) -> FluxMusicTransformer:
+    """A copy of a plain transformer extended with the (zero-initialised) context input: it computes exactly what
+    ``model`` computes until the new weights are trained."""
+    import dataclasses
+
+    if model.takes_context:
+        raise ValueError("the transformer already takes a context input")
+    cfg = dataclasses.replace(model.config, context_channels=2 * model.config.in_channels)
+    new = FluxMusicTransformer(cfg)
+    p = next(model.parameters())
+    new = new.to(p.device, p.dtype)
+    missing, unexpected = new.load_state_dict(model.state_dict(), strict=False)
+    if unexpected or set(missing) != {"context_in.weight", "context_in.bias"}:
+        raise ValueError(f"unexpected state dict difference: missing {missing}, unexpected {unexpected}")
+    new.ops = model.ops
+    return new

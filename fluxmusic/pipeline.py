@@ -412,7 +412,7 @@ class FluxMusicPipeline:
             sub = GenerationRequest(
                 tuple(GenerationItem(p, it.negative_prompt, it.guidance, window_seed(it.seed, w.index),
                                      w.frames * geo.seconds_per_latent_frame) for p, it in zip(prompts, items)),
-                st, w.frames, request.audio if w.index == 0 else None,
+                st, w.frames, request.audio if w.index == 0 else None, conditioning=request.conditioning,
             )
             t0 = time.perf_counter()
             cond = self._conditioning(prompts, media)
@@ -485,13 +485,31 @@ class FluxMusicPipeline:
         rope = self.backend.rope(cond.txt.shape[1], grid_h, grid_w)
         cond = Conditioning(cond.txt.to(device), cond.y.to(device))
         uncond = Conditioning(uncond.txt.to(device), uncond.y.to(device))
-        velocity = GuidedVelocity(self.backend.velocity, cond, uncond, guidance, rope, st.guidance_interval)
+        region = None
+        if known is None and request.audio is not None:
+            known = self.context_latent(request.audio, request.latent_frames)
+        if known is not None:
+            resample = request.audio.resample if request.audio is not None else 0
+            region = self._known_region(x, known[0], known[1], items, resample)
+        context = self.trained_context(request, region)
+        model_fn = self.backend.velocity
+        if context is not None:
+            def model_fn(xx: Tensor, tt: Tensor, txt: Tensor, y: Tensor, rope_: Tensor) -> Tensor:
+                # CFG runs [cond; uncond] as one batch: both halves see the same known audio.
+                c = context if xx.shape[0] == context.shape[0] else context.repeat(xx.shape[0] // context.shape[0],
+                                                                                 1, 1)
+                return self.backend.velocity(xx, tt, txt, y, rope_, context=c)
+        velocity = GuidedVelocity(model_fn, cond, uncond, guidance, rope, st.guidance_interval)
         cb = (lambda i, n, _x: progress(i, n)) if progress else None
         step_fn, cache, fn = None, None, velocity
         if st.cache_threshold > 0:
+            if context is not None:
+                raise FluxMusicError("step caching (cache_threshold > 0) does not combine with trained "
+                                     "conditioning; use cache_threshold 0 or conditioning 'replace'")
             probe = self.cache_probe()
             cache = fn = StepCache(velocity, lambda xx, tt: probe(xx, tt, cond.y), st.cache_threshold)
-        elif st.solver == "euler" and velocity.full and fused_step(self.backend) is not None:
+        elif (st.solver == "euler" and velocity.full and context is None
+              and fused_step(self.backend) is not None):
             # The fused step graph runs a whole Euler CFG step in one call: the same update, one graph.
             def step_fn(xx: Tensor, tt: Tensor, dt: Tensor) -> Tensor:
                 velocity.batch_sizes.append(2 * xx.shape[0])
@@ -500,12 +518,6 @@ class FluxMusicPipeline:
                     guidance=guidance, rope=rope,
                 )
 
-        region = None
-        if known is None and request.audio is not None:
-            known = self.context_latent(request.audio, request.latent_frames)
-        if known is not None:
-            resample = request.audio.resample if request.audio is not None else 0
-            region = self._known_region(x, known[0], known[1], items, resample)
         x = sample(fn, x, st.steps, solver=st.solver, shift=st.shift, callback=cb, step_fn=step_fn, known=region)
         n = len(items)
         if cache is not None:
@@ -513,6 +525,28 @@ class FluxMusicPipeline:
         else:
             stats = {"evaluations": float(len(velocity.batch_sizes)), "cache_skipped": 0.0}
         return unpatchify(x, grid_h, grid_w), stats
+
+    @property
+    def takes_context(self) -> bool:
+        """Whether this model has trained masked conditioning (a transformer with ``context_channels``)."""
+        return bool(getattr(self.backend, "takes_context", False))
+
+    def trained_context(self, request: GenerationRequest, region: KnownRegion | None) -> Tensor | None:
+        """The context input [B, L, 2C] of a solve with known frames when it uses trained conditioning
+        (``request.conditioning`` "trained", or "auto" on a model that has it), else None (replace only)."""
+        if region is None or request.conditioning == "replace":
+            return None
+        if not self.takes_context:
+            if request.conditioning == "trained":
+                raise FluxMusicError("conditioning 'trained' needs a transformer with trained masked "
+                                     "conditioning (context_channels in its config.json); this model has none: "
+                                     "use 'replace' or 'auto'")
+            return None
+        from fluxmusic.model import masked_context
+
+        # The soft seam ramp belongs to the replacement; the model is told which frames are known (>= half).
+        hard = (region.mask >= 0.5).to(region.x0.dtype)
+        return masked_context(region.x0, hard)
 
     def cache_probe(self):
         """The step cache's probe (the first block's modulated input), built once: the live transformer's

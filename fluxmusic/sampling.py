@@ -149,6 +149,12 @@ class GenerationItem:
     duration: float
 
 
+#: How known latent frames condition a solve (continuation, infilling, long form): "trained" = the model's context
+#: input (models with ``context_channels``) plus the replacement, "replace" = training-free only, "auto" = trained
+#: when the model has it.
+CONDITIONING = ("auto", "trained", "replace")
+
+
 @dataclass(frozen=True)
 class MediaContext:
     """Image and / or story conditioning of a request (issue 18), decoded and checked: the pipeline maps them into
@@ -184,6 +190,9 @@ class GenerationRequest:
     audio: AudioContext | None = None
     long_form: LongForm | None = None
     media: MediaContext | None = None
+    #: how known latent frames condition the solve: "auto" (trained when the model takes a context input,
+    #: else replace), "trained" or "replace" (training-free, RePaint-style); see docs/continuation.md
+    conditioning: str = "auto"
 
     @property
     def batch_key(self) -> tuple:
@@ -200,7 +209,7 @@ class GenerationRequest:
                 raise FluxMusicError(f"cannot batch settings {o.batch_key} with {self.batch_key}")
             items += o.items
         return GenerationRequest(tuple(items), self.settings, self.latent_frames, self.audio, self.long_form,
-                                 self.media)
+                                 self.media, self.conditioning)
 
 
 # ------------------------------------------------------------------------------------------------ checks
@@ -359,6 +368,7 @@ def build_request(
     story: str | None = None,
     image_weight: float | None = None,
     story_weight: float | None = None,
+    conditioning: str | None = None,
 ) -> GenerationRequest:
     """Resolve, validate and expand one request (see the module doc). ``geometry`` is the model's
     :class:`fluxmusic.latent.LatentGeometry`; ``guidance`` may be one value per waveform.
@@ -374,6 +384,7 @@ def build_request(
     a PIL image or an RGB array) and ``story`` (a long text) condition every waveform, mixed with the prompt in
     the conditioning space with weights ``image_weight`` / ``story_weight`` (default 1; the prompt weighs 1); the
     prompt may then be empty.
+    ``conditioning`` ("auto", "trained", "replace") picks how the known frames condition the solve.
     """
     media = resolve_media(image, story, image_weight, story_weight, limits)
     if media is not None and prompt in (None, ""):
@@ -420,7 +431,12 @@ def build_request(
         limits=limits,
     )
     frames = geometry.max_latent_frames if long_form is not None else geometry.latent_frames(seconds)
-    return GenerationRequest(items, settings, frames, context, long_form, media)
+    if conditioning is not None:
+        if conditioning not in CONDITIONING:
+            raise invalid("conditioning", conditioning, ", ".join(CONDITIONING))
+        if context is None and long_form is None:
+            raise FluxMusicError("conditioning applies to given audio (audio=, --audio) or long form only")
+    return GenerationRequest(items, settings, frames, context, long_form, media, conditioning or "auto")
 
 
 def resolve_media(image: object, story: object, image_weight: object, story_weight: object,

@@ -154,7 +154,7 @@ class OnnxBackend:
             read_manifest,
             verify_file_entry,
         )
-        from fluxmusic.export.spec import STEP_NAME, component_specs
+        from fluxmusic.export.spec import ENCODER_NAME, STEP_NAME, component_specs
 
         if unknown:
             raise FluxMusicError(f"unknown onnx backend options {sorted(unknown)}")
@@ -174,7 +174,8 @@ class OnnxBackend:
         t5_width = int(component_config(model_dir, "t5")["d_model"])
         clap_cfg = component_config(model_dir, "clap")
         clap_width = int(clap_cfg.get("text_config", clap_cfg).get("hidden_size", 768))
-        self.specs = component_specs(self.transformer_config, index.geometry, t5_width, clap_width, include_step=True)
+        self.specs = component_specs(self.transformer_config, index.geometry, t5_width, clap_width, include_step=True,
+                                     include_encoder=True)
         if providers is None:
             providers = default_providers()
             if self.device.type == "cpu":
@@ -195,7 +196,7 @@ class OnnxBackend:
                 )
             path = onnx_dir / fname
             if not entry or not path.is_file():
-                if comp != STEP_NAME:
+                if comp not in (STEP_NAME, ENCODER_NAME):  # optional graphs (the encoder falls back quietly)
                     self.fallback.append(comp)
                 continue
             verify_file_entry(onnx_dir, entry.get(want if want in entry else "fp32", {}))
@@ -259,6 +260,20 @@ class OnnxBackend:
         g = self.index.geometry
         b, _, frames, _ = latent.shape
         return self.graphs["vae_decoder"].run((b, frames * g.vae_downsample, g.mel_bins), latent=latent)
+
+    @torch.no_grad()
+    def vae_encode(self, mel: Tensor, sample: bool = False, generator: torch.Generator | None = None) -> Tensor:
+        """Log-mel [B, frames, n_mels] -> scaled latent (posterior mean): ``vae_encoder.onnx`` when exported
+        (``fluxmusic export onnx --encoder``), else the torch VAE encoder. Audio in needs no sampling."""
+        from fluxmusic.export.spec import ENCODER_NAME
+
+        if sample:
+            raise FluxMusicError("the onnx backend's VAE encoder gives the posterior mean only (sample=False)")
+        g = self.index.geometry
+        b, frames = mel.shape[0], mel.shape[1] // g.vae_downsample
+        if ENCODER_NAME not in self.graphs:
+            return self._torch_module(ENCODER_NAME)(mel.float().to(self.device))
+        return self.graphs[ENCODER_NAME].run((b, g.latent_channels, frames, g.latent_width), mel=mel.float())
 
     @torch.no_grad()
     def vocode(self, mel: Tensor) -> Tensor:

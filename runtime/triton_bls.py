@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from fluxmusic.export.bls_contract import (  # noqa: F401  (re-exported: model.py imports them from here)
+    BLS_ARRAY_INPUTS,
     BLS_INPUTS,
     BLS_OUTPUTS,
     CLAP_TOKENIZER_DIR,
@@ -32,7 +33,7 @@ from fluxmusic.export.bls_contract import (  # noqa: F401  (re-exported: model.p
     BlsTensor,
     read_version_dir,
 )
-from fluxmusic.export.spec import COMPONENT_NAMES, ComponentSpec
+from fluxmusic.export.spec import COMPONENT_NAMES, ENCODER_NAME, ComponentSpec
 from torch import Tensor
 
 from fluxmusic.config import FluxMusicConfig
@@ -62,6 +63,11 @@ class BlsRequest:
     guidance_interval_min: float | None = None
     guidance_interval_max: float | None = None
     cache_threshold: float | None = None
+    audio: np.ndarray | None = None
+    audio_sample_rate: int | None = None
+    keep: str | None = None
+    regenerate: str | None = None
+    mode: str | None = None
 
     def options(self) -> dict:
         """Keywords for ``fluxmusic.sampling.build_request`` (the one resolution and validation)."""
@@ -76,7 +82,20 @@ class BlsRequest:
             "negative_prompt": self.negative_prompt, "duration": self.duration, "steps": self.steps,
             "guidance": self.guidance, "seed": self.seed, "solver": self.solver, "shift": self.shift,
             "preset": self.preset, "guidance_interval": interval, "cache_threshold": self.cache_threshold,
+            **self.audio_options(),
         }
+
+    def audio_options(self) -> dict:
+        """Audio-in keywords (only those given: absent ones stay absent, so build_request's checks apply)."""
+        out: dict = {}
+        if self.audio is not None:
+            out["audio"] = self.audio if self.audio_sample_rate is None else (self.audio, self.audio_sample_rate)
+        elif self.audio_sample_rate is not None:
+            raise FluxMusicError("input 'audio_sample_rate' is given without 'audio'")
+        for k in ("keep", "regenerate", "mode"):
+            if getattr(self, k) is not None:
+                out[k] = getattr(self, k)
+        return out
 
 
 def parse_request(inputs: Mapping[str, np.ndarray | None]) -> BlsRequest:
@@ -93,6 +112,12 @@ def parse_request(inputs: Mapping[str, np.ndarray | None]) -> BlsRequest:
                 raise FluxMusicError(f"input {spec.name!r} is required")
             continue
         arr = np.asarray(arr)
+        if spec.name in BLS_ARRAY_INPUTS:
+            if arr.dtype.kind != "f" or arr.ndim > 2 or (arr.ndim == 2 and arr.shape[0] != 1) or arr.size == 0:
+                raise FluxMusicError(f"input {spec.name!r} must be a non-empty mono float32 waveform [samples]; got "
+                                     f"{arr.dtype} of shape {list(arr.shape)}")
+            values[spec.name] = np.ascontiguousarray(arr.reshape(-1), dtype=np.float32)
+            continue
         if arr.size != 1:
             raise FluxMusicError(f"input {spec.name!r} must hold exactly one value; got shape {list(arr.shape)}")
         values[spec.name] = _scalar(spec, arr.reshape(-1)[0])
@@ -134,6 +159,7 @@ class InferBackend:
         self.device = torch.device("cpu")
         self._rope = RopeCache(transformer_config.axes_dim, transformer_config.theta)
         self.calls: dict[str, int] = dict.fromkeys(COMPONENT_NAMES, 0)  # per model, for tests and metrics
+        self.has_encoder = False  # the repository holds the vae_encoder model (audio in)
 
     def call(self, component: str, **inputs: Tensor) -> Tensor:
         """Send exactly the contract's inputs (cast to its dtypes) and return its single output as fp32."""
@@ -141,7 +167,7 @@ class InferBackend:
         arrays = {
             t.name: np.ascontiguousarray(inputs[t.name].detach().cpu().numpy(), dtype=t.dtype) for t in spec.inputs
         }
-        self.calls[component] += 1
+        self.calls[component] = self.calls.get(component, 0) + 1
         out = self.infer(component, arrays)
         name = spec.outputs[0].name
         if name not in out:
@@ -167,6 +193,15 @@ class InferBackend:
     def vocode(self, mel: Tensor) -> Tensor:
         return self.call("vocoder", mel=mel)
 
+    def vae_encode(self, mel: Tensor, sample: bool = False, generator: torch.Generator | None = None) -> Tensor:
+        """Log-mel -> scaled posterior-mean latent through the repository's ``vae_encoder`` model."""
+        if not self.has_encoder:
+            raise FluxMusicError("audio in needs the vae_encoder model in the Triton repository: export it with "
+                                 "`fluxmusic export onnx --encoder` and rebuild the repository")
+        if sample:
+            raise FluxMusicError("the BLS VAE encoder gives the posterior mean only (sample=False)")
+        return self.call(ENCODER_NAME, mel=mel)
+
 
 class FluxMusicBls:
     """Generate one waveform per request through component-model calls."""
@@ -177,6 +212,7 @@ class FluxMusicBls:
         version_dir = Path(version_dir)
         index, cfg, specs = read_version_dir(version_dir)
         self.backend = InferBackend(infer, cfg, specs)
+        self.backend.has_encoder = ENCODER_NAME in specs and _repository_has(version_dir, ENCODER_NAME)
         tokenizers = (
             load_tokenizer(version_dir / TOKENIZER_DIR, "T5 tokenizer"),
             load_tokenizer(version_dir / CLAP_TOKENIZER_DIR, "CLAP tokenizer"),
@@ -207,6 +243,16 @@ class FluxMusicBls:
             "seed_used": np.array([seed], dtype=np.int64),
             "sample_rate": np.array([self.sample_rate], dtype=np.int32),
         }
+
+
+def _repository_has(version_dir: Path, component: str) -> bool:
+    """Whether the BLS version directory's components.json lists ``component`` (written by the repo builder)."""
+    import json
+
+    path = version_dir / "components.json"
+    if not path.is_file():
+        return False
+    return component in json.loads(path.read_text()).get("components", {})
 
 
 def progress_tensors(step: int, total: int) -> dict[str, np.ndarray]:

@@ -32,9 +32,16 @@ def build_inputs(
     preset: str | None = None,
     guidance_interval: tuple[float, float] | None = None,
     cache_threshold: float | None = None,
+    audio: np.ndarray | None = None,
+    audio_sample_rate: int | None = None,
+    keep: str | None = None,
+    regenerate: str | None = None,
+    mode: str | None = None,
 ) -> list[grpcclient.InferInput]:
     """Request tensors of the ``fluxmusic`` model; an omitted setting takes the model's default (or the preset's).
-    ``shift=1`` is no time shift; ``preset="official"`` is the official sampler."""
+    ``shift=1`` is no time shift; ``preset="official"`` is the official sampler. ``audio`` (mono float32 samples at
+    ``audio_sample_rate``, default the model's) with ``keep`` / ``regenerate`` ("0:6", "4:6") or ``mode``
+    continues or infills it (the repository needs the vae_encoder model)."""
 
     def text(v: str | None):
         return None if v is None else np.array([v.encode()], np.object_)
@@ -59,6 +66,11 @@ def build_inputs(
         "guidance_interval_min": (fp32(lo), "FP32"),
         "guidance_interval_max": (fp32(hi), "FP32"),
         "cache_threshold": (fp32(cache_threshold), "FP32"),
+        "audio": (None if audio is None else np.ascontiguousarray(np.asarray(audio, np.float32).reshape(-1)), "FP32"),
+        "audio_sample_rate": (None if audio_sample_rate is None else np.array([audio_sample_rate], np.int32), "INT32"),
+        "keep": (text(keep), "BYTES"),
+        "regenerate": (text(regenerate), "BYTES"),
+        "mode": (text(mode), "BYTES"),
     }
     inputs = []
     for name, (array, datatype) in values.items():

@@ -264,3 +264,47 @@ def parse_attributes(text: str, space: AttributeSpace = SYNTH) -> dict[str, str]
         if m:
             found["tempo"] = str(space.tempo_class(float(m.group(1))))
     return found
+
+
+# Temperley's (Kostka-Payne) key profiles, C major / C minor, rotated to every tonic. On 40 held-out clips of
+# the rendered corpus they name the manifest's key 45 % of the time against 33 % for Krumhansl-Kessler's (many
+# misses are a fifth away or the relative key): short, sparse clips are hard, so consistency across windows
+# also reports the correlation of the windows' chroma (:func:`mean_chroma`), which needs no key label.
+_KEY_MAJOR = np.array([5.0, 2.0, 3.5, 2.0, 4.5, 4.0, 2.0, 4.5, 2.0, 3.5, 1.5, 4.0])
+_KEY_MINOR = np.array([5.0, 2.0, 3.5, 4.5, 2.0, 4.0, 2.0, 4.5, 3.5, 2.0, 1.5, 4.0])
+PITCH_CLASSES = ("C", "C#", "D", "Eb", "E", "F", "F#", "G", "Ab", "A", "Bb", "B")
+_PC_ALIASES = {"Db": "C#", "D#": "Eb", "Gb": "F#", "G#": "Ab", "A#": "Bb", "Cb": "B", "B#": "C", "E#": "F",
+               "Fb": "E"}
+
+
+def mean_chroma(wave: np.ndarray, sr: int) -> np.ndarray | None:
+    """The clip's mean CQT chroma [12] (C first); None for silence."""
+    import librosa
+
+    wave = np.asarray(wave, dtype=np.float32)
+    if not np.any(wave):
+        return None
+    chroma = librosa.feature.chroma_cqt(y=wave, sr=sr, hop_length=512).mean(axis=1)
+    return chroma if np.any(chroma) else None
+
+
+def estimate_key(wave: np.ndarray, sr: int, chroma: np.ndarray | None = None) -> str | None:
+    """The key of a clip as "D major" / "F# minor": the clip's mean CQT chroma (or ``chroma``) correlated with
+    the key profiles of all 24 keys (the best correlation wins); None for silence."""
+    chroma = mean_chroma(wave, sr) if chroma is None else chroma
+    if chroma is None:
+        return None
+    best, name = -np.inf, None
+    for mode, prof in (("major", _KEY_MAJOR), ("minor", _KEY_MINOR)):
+        for tonic in range(12):
+            r = float(np.corrcoef(chroma, np.roll(prof, tonic))[0, 1])
+            if r > best:
+                best, name = r, f"{PITCH_CLASSES[tonic]} {mode}"
+    return name
+
+
+def key_name(tonic: str, mode: str) -> str:
+    """A manifest's ``key`` and ``mode`` fields in :func:`estimate_key`'s spelling ("Db", "major" -> "C# major")."""
+    t = tonic.strip().replace("-", "b")
+    t = t[:1].upper() + t[1:]
+    return f"{_PC_ALIASES.get(t, t)} {mode.strip().lower()}"

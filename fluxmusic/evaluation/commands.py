@@ -13,6 +13,9 @@ from fluxmusic.errors import FluxMusicError
 
 #: --quick: prompt and reference counts that keep a run within minutes on 2 shared CPU cores.
 QUICK = {"prompts": 32, "reference": 32, "sweep_prompts": 4}
+#: --task: held-out clips, reference clips (FAD of generated spans), long-form songs and their seconds.
+TASK_FULL = {"clips": 24, "reference": 64, "long_clips": 4, "long_duration": 60.0}
+TASK_QUICK = {"clips": 6, "reference": 24, "long_clips": 1, "long_duration": 30.0}
 FULL_SWEEP_PROMPTS = 8
 
 
@@ -22,7 +25,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     e = sub.add_parser("eval", help="quality metrics (FAD, CLAP score, KL, IS, attribute accuracy) with baselines")
     e.add_argument("--model", help="model directory (default: the bundled default model)")
-    e.add_argument("--prompts", required=True, help="prompts: a text file (one per line) or JSONL (a corpus manifest)")
+    e.add_argument("--prompts", help="prompts: a text file (one per line) or JSONL (a corpus manifest); required "
+                                     "without --task")
     e.add_argument("--reference", required=True, help="reference clips: a manifest, a corpus dir or a dir of audio")
     e.add_argument("--embedder", help="a transformers ClapModel directory (default: the model directory's CLAP)")
     e.add_argument("--out", default="eval_results.json", help="results JSON (default: eval_results.json)")
@@ -56,6 +60,25 @@ def register(sub: argparse._SubParsersAction) -> None:
     e.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES,
                    help="transformer and encoder dtype, as for generate (auto: bf16 where native, else float32)")
     e.add_argument("--quiet", action="store_true", help="no progress bars")
+    t = e.add_argument_group("continuation, infilling and long form (--task; docs/continuation.md)")
+    t.add_argument("--task", help="continue, infill, long or a comma-separated list: measure them on the "
+                                  "--reference clips (their captions are the prompts)")
+    t.add_argument("--clips", type=int, help=f"held-out clips given as audio (default {TASK_FULL['clips']}, "
+                                             f"--quick {TASK_QUICK['clips']}); the reference is the clips after them")
+    t.add_argument("--seam", type=float, default=6.0, help="continue / long: keep 0:SEAM seconds (default 6)")
+    t.add_argument("--regenerate", default="4:6", help="infill: the span regenerated, A:B seconds (default 4:6)")
+    t.add_argument("--long-duration", type=float, help=f"long: seconds per song (default "
+                   f"{TASK_FULL['long_duration']:g}, --quick {TASK_QUICK['long_duration']:g})")
+    t.add_argument("--blend", type=float, help="seam blend seconds of the requests with given audio (default: the "
+                                               "generator's)")
+    t.add_argument("--resample", type=int, help="RePaint re-noise iterations of the requests with given audio")
+    t.add_argument("--conditioning", choices=("auto", "trained", "replace"),
+                   help="trained (the transformer's context input) or replace (training-free); auto: trained when "
+                        "the model has it")
+    t.add_argument("--save-audio", help="write the first clips' original / continued audio and a long-form song "
+                                        "(WAV) into this directory")
+    t.add_argument("--long-clips", type=int, help=f"long: songs (default {TASK_FULL['long_clips']}, --quick "
+                                                  f"{TASK_QUICK['long_clips']})")
     e.set_defaults(func=run)
 
 
@@ -89,6 +112,11 @@ def _steps_list(text: str, target: int) -> list[int]:
 
 def run(args: argparse.Namespace) -> int:
     import torch
+
+    if args.task:
+        return run_tasks(args)
+    if not args.prompts:
+        raise FluxMusicError("--prompts is required (a prompts file or a JSONL manifest), unless --task is given")
 
     from fluxmusic.checkpoint import atomic_write_text
     from fluxmusic.evaluation.data import load_prompts, load_reference
@@ -175,3 +203,103 @@ def _json_default(o):
     if isinstance(o, Path):
         return str(o)
     raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+
+def _tasks(text: str) -> list[str]:
+    from fluxmusic.evaluation.continuation_eval import TASKS
+
+    tasks = [t.strip() for t in text.split(",") if t.strip()]
+    bad = [t for t in tasks if t not in TASKS]
+    if not tasks or bad:
+        raise FluxMusicError(f"--task {text!r}: allowed: {', '.join(TASKS)} or a comma-separated list of them")
+    return list(dict.fromkeys(tasks))
+
+
+def _span_arg(text: str) -> tuple[float, float]:
+    try:
+        a, b = (float(v) for v in text.split(":"))
+    except ValueError:
+        raise FluxMusicError(f"--regenerate {text!r} must be A:B in seconds, e.g. 4:6") from None
+    if not 0 < a < b:
+        raise FluxMusicError(f"--regenerate {text!r} must be A:B with 0 < A < B (kept audio on both sides)")
+    return a, b
+
+
+def run_tasks(args: argparse.Namespace) -> int:
+    """``--task``: continuation, infilling and long form on held-out clips (fluxmusic.evaluation.continuation_eval)."""
+    import torch
+
+    from fluxmusic.checkpoint import atomic_write_text
+    from fluxmusic.evaluation.continuation_eval import ContinuationEval, continuation_table, key_accuracy
+    from fluxmusic.evaluation.data import Reference, load_reference
+    from fluxmusic.evaluation.embedders import model_dir_embedder
+    from fluxmusic.pipeline import FluxMusicPipeline, default_model_dir
+    from fluxmusic.sampling import invalid
+
+    tasks = _tasks(args.task)
+    out = _out_path(args.out, ".json")
+    for name in ("threads", "clips", "reference_limit", "long_clips"):
+        _positive("--" + name.replace("_", "-"), getattr(args, name))
+    if not 0 <= args.seed <= 2**63 - 1:
+        raise invalid("seed", args.seed, "an integer in [0, 2**63 - 1]")
+    size = TASK_QUICK if args.quick else TASK_FULL
+    n_clips = args.clips or size["clips"]
+    n_ref = args.reference_limit or size["reference"]
+    long_clips = args.long_clips or size["long_clips"]
+    long_duration = args.long_duration or size["long_duration"]
+    regen = _span_arg(args.regenerate)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    model_dir = Path(args.model) if args.model else default_model_dir()
+    t0 = time.perf_counter()
+    pipe = FluxMusicPipeline.from_pretrained(model_dir)
+    geo = pipe.geometry
+    if not 0 < args.seam < geo.max_duration:
+        raise invalid("--seam", args.seam, f"seconds in (0, {geo.max_duration:g})")
+    if regen[1] >= geo.max_duration:
+        raise invalid("--regenerate", args.regenerate, f"A:B with B < {geo.max_duration:g} s (the window)")
+    if "long" in tasks and not geo.max_duration < long_duration <= 300:
+        raise invalid("--long-duration", long_duration, f"seconds in ({geo.max_duration:g}, 300]")
+    allr = load_reference(args.reference, geo.sample_rate, geo.max_duration, n_clips + n_ref, args.split,
+                          args.vocabulary)
+    if len(allr.waves) < n_clips + 4:
+        raise FluxMusicError(f"--reference {args.reference} has {len(allr.waves)} clips; --clips {n_clips} needs at "
+                             f"least {n_clips + 4} (the held-out clips plus 4 reference clips)")
+    if any(not c for c in allr.captions[:n_clips]):
+        raise FluxMusicError("--task needs captions for the held-out clips: give a manifest as --reference")
+
+    def part(sl: slice) -> Reference:
+        return Reference(allr.waves[sl], allr.captions[sl], allr.attributes[sl], allr.paths[sl], allr.space,
+                         allr.extra[sl])
+
+    clips, ref = part(slice(0, n_clips)), part(slice(n_clips, None))
+    options = {k: v for k, v in (("steps", args.steps), ("solver", args.solver), ("guidance", args.guidance),
+                                 ("shift", args.shift)) if v is not None}
+    audio_options = {k: v for k, v in (("blend", args.blend), ("resample", args.resample),
+                                       ("conditioning", args.conditioning)) if v is not None}
+    if args.conditioning == "trained" and not pipe.takes_context:
+        raise FluxMusicError(f"--conditioning trained: the transformer of {model_dir} has no trained masked "
+                             "conditioning (context_channels in its config.json); use replace or auto")
+    pipe.request("x", audio=clips.waves[0], keep=f"0:{args.seam:g}", **options, **audio_options)  # fail early
+    ev = ContinuationEval(pipe, clips, ref, model_dir_embedder(model_dir, args.embedder), seed=args.seed,
+                          seam=args.seam, regenerate=regen, long_duration=long_duration, long_clips=long_clips,
+                          options=options, audio_options=audio_options, save_audio=args.save_audio,
+                          progress=not args.quiet)
+    results = ev.run(tasks)
+    results["key_estimator_accuracy"] = key_accuracy(allr, geo.sample_rate)
+    results["config"] = {
+        "model": str(model_dir), "reference": str(args.reference), "split": args.split, "tasks": tasks,
+        "clips": len(clips.waves), "reference_clips": len(ref.waves), "seam": args.seam,
+        "regenerate": list(regen), "long_duration": long_duration, "long_clips": long_clips, "seed": args.seed,
+        "audio_options": audio_options, "conditioning_used": (
+            "trained" if pipe.takes_context and audio_options.get("conditioning", "auto") != "replace" else "replace"),
+        "settings": pipe.request("x", **options).settings.describe(), "quick": bool(args.quick),
+        "threads": torch.get_num_threads(), "argv": sys.argv[1:],
+    }
+    results["timing"] = {"total_s": time.perf_counter() - t0}
+    atomic_write_text(out, json.dumps(results, indent=2, default=_json_default) + "\n")
+    print(continuation_table(results))
+    print(f"key estimator accuracy on the reference clips: {results['key_estimator_accuracy']}")
+    print(f"results: {out}")
+    return 0

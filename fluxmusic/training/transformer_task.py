@@ -19,6 +19,50 @@ from fluxmusic.training.task import Dataset, TrainTask
 
 #: Published CFG dropout: each encoder's caption is replaced by "" independently with this probability.
 P_UNCOND = 0.1
+#: Trained masked conditioning (models with ``context_channels``): the mix of training masks, MusicFlow-style:
+#: full generation (nothing known), prefix (continuation: the first frames known) and middle (infilling: a span
+#: regenerated, both sides known).
+MASK_MIX = {"full": 0.3, "prefix": 0.4, "middle": 0.3}
+
+
+def sample_frame_masks(batch: int, frames: int, generator: torch.Generator,
+                       mix: dict[str, float] = MASK_MIX) -> Tensor:
+    """Known-frame masks [B, frames] (1 = known, 0 = to generate) drawn from ``mix``: full generation (all 0),
+    prefix (the first k frames known, k uniform in [10 %, 90 %] of the frames) or middle (a span of 10 % to 50 %
+    of the frames regenerated at a uniform position, the rest known)."""
+    kinds = list(mix)
+    probs = torch.tensor([mix[k] for k in kinds], dtype=torch.float64)
+    if probs.min() < 0 or probs.sum() <= 0:
+        raise FluxMusicError(f"mask mix {mix} needs non-negative weights with a positive sum")
+    choice = torch.multinomial(probs / probs.sum(), batch, replacement=True, generator=generator)
+    u = torch.rand(batch, 2, generator=generator, dtype=torch.float64)
+    lo, hi = max(1, round(0.1 * frames)), max(1, round(0.9 * frames))
+    m = torch.zeros(batch, frames)
+    for i in range(batch):
+        kind = kinds[int(choice[i])]
+        if kind == "prefix":
+            m[i, : lo + int(u[i, 0] * (hi - lo + 1))] = 1.0
+        elif kind == "middle":
+            length = max(1, round((0.1 + 0.4 * float(u[i, 0])) * frames))
+            start = 1 + int(u[i, 1] * max(1, frames - length - 1))  # known audio on both sides
+            m[i] = 1.0
+            m[i, start : start + length] = 0.0
+        elif kind != "full":
+            raise FluxMusicError(f"unknown mask kind {kind!r}; allowed: full, prefix, middle")
+    return m
+
+
+def masked_flow_loss(model: Callable[..., Tensor], x0: Tensor, noise: Tensor, t: Tensor, mask: Tensor) -> Tensor:
+    """The flow loss of trained masked conditioning: the model sees z_t everywhere plus the context
+    [x0 * mask, mask] (:func:`fluxmusic.model.masked_context`), and the MSE to eps - x0 counts only the
+    frames to generate (every frame when nothing is known). ``mask`` is per token and channel like ``x0``."""
+    from fluxmusic.flow import interpolate
+    from fluxmusic.model import masked_context
+
+    pred = model(interpolate(x0, noise, t), t, masked_context(x0, mask))
+    err = (pred.float() - (noise - x0).float()) ** 2
+    w = (1.0 - mask).float()
+    return (err * w).sum() / w.sum().clamp_min(1.0)
 
 
 def cfg_dropout(
@@ -102,8 +146,14 @@ class TransformerTask(TrainTask):
         t = sample_t(b, generator, generator.device).to(x0)
         noise = torch.randn(x0.shape, generator=generator, device=generator.device).to(x0)
         rope = unwrap(model).rope_for(txt.shape[1], h // PATCH, w // PATCH)
+        stats = {"drop_txt": float(drop_txt.float().mean()), "drop_y": float(drop_y.float().mean())}
+        if unwrap(model).takes_context:
+            frames = sample_frame_masks(b, h, generator).to(x0)
+            mask = patchify(frames[:, None, :, None].expand(b, latent.shape[1], h, w).contiguous())
+            loss = masked_flow_loss(lambda x, tt, c: model(x, tt, txt, y, rope, context=c), x0, noise, t, mask)
+            return loss, {**stats, "known": float(frames.mean())}
         loss = flow_loss(lambda x, tt: model(x, tt, txt, y, rope), x0, noise, t)
-        return loss, {"drop_txt": float(drop_txt.float().mean()), "drop_y": float(drop_y.float().mean())}
+        return loss, stats
 
     def sample(self, model: nn.Module, out_dir: Path, step: int) -> dict[str, float] | None:
         """Euler + CFG from the first validation (else training) items' conditioning; saves latents (+ WAVs)."""

@@ -1,0 +1,208 @@
+"""Trained masked conditioning (MusicFlow-style): the config flag, the zero-initialised context input (step 0 equals
+the plain model), the training masks and loss, the fine-tune, and the sampler's choice of route."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from fluxmusic.config import CONFIGS, FluxMusicConfig
+from fluxmusic.errors import FluxMusicError
+from fluxmusic.model import FluxMusicTransformer, add_context_input, masked_context
+from fluxmusic.training.transformer_task import masked_flow_loss, sample_frame_masks
+
+SR = 16000
+
+
+def _tiny_cfg(**kw) -> FluxMusicConfig:
+    return FluxMusicConfig(in_channels=32, vec_in_dim=16, context_in_dim=24, hidden_size=32, num_heads=2, depth=1,
+                           depth_single_blocks=1, axes_dim=(4, 6, 6), **kw)
+
+
+def _inputs(b: int = 2, g: int = 0):
+    gen = torch.Generator().manual_seed(g)
+    model_x = torch.randn(b, 8, 32, generator=gen)
+    return model_x, torch.rand(b, generator=gen), torch.randn(b, 5, 24, generator=gen), torch.randn(b, 16,
+                                                                                                   generator=gen)
+
+
+def test_config_flag_absent_is_off_and_round_trips():
+    plain = _tiny_cfg()
+    assert plain.context_channels == 0 and "context_channels" not in plain.to_dict()
+    for cfg in CONFIGS.values():  # the official configs read and write exactly as before
+        assert "context_channels" not in cfg.to_dict()
+        assert FluxMusicConfig.from_dict(cfg.to_dict()) == cfg
+    ctx = _tiny_cfg(context_channels=64)
+    assert ctx.to_dict()["context_channels"] == 64 and FluxMusicConfig.from_dict(ctx.to_dict()) == ctx
+    with pytest.raises(FluxMusicError, match=r"context_channels = 10 \(0: no context input, or 2 x in_channels = 64"):
+        _tiny_cfg(context_channels=10)
+    assert not FluxMusicTransformer(plain).takes_context and FluxMusicTransformer(ctx).takes_context
+
+
+def test_step_zero_equals_the_plain_model_exactly_and_training_moves_it():
+    torch.manual_seed(0)
+    plain = FluxMusicTransformer(_tiny_cfg()).eval()
+    ext = add_context_input(plain).eval()
+    x, t, txt, y = _inputs()
+    rope = plain.rope_for(txt.shape[1], 4, 2)
+    mask = torch.zeros(2, 8, 1)
+    mask[:, :3] = 1
+    ctx = masked_context(torch.randn_like(x), mask)
+    with torch.no_grad():
+        ref = plain(x, t, txt, y, rope)
+        assert torch.equal(ext(x, t, txt, y, rope, context=ctx), ref)
+        assert torch.equal(ext(x, t, txt, y, rope), ref)
+        ext.context_in.weight.add_(0.01)
+        assert not torch.allclose(ext(x, t, txt, y, rope, context=ctx), ref)
+    with pytest.raises(ValueError, match="no context input"):
+        plain(x, t, txt, y, rope, context=ctx)
+    with pytest.raises(ValueError, match="already"):
+        add_context_input(ext)
+
+
+def test_training_masks_mix_full_prefix_and_middle():
+    m = sample_frame_masks(400, 40, torch.Generator().manual_seed(0))
+    full = (m.sum(1) == 0).float().mean()
+    prefix = ((m[:, 0] == 1) & (m[:, -1] == 0)).float().mean()
+    middle = ((m[:, 0] == 1) & (m[:, -1] == 1)).float().mean()
+    assert abs(full - 0.3) < 0.08 and abs(prefix - 0.4) < 0.08 and abs(middle - 0.3) < 0.08
+    assert float(full + prefix + middle) == 1.0
+    pre = m[(m[:, 0] == 1) & (m[:, -1] == 0)]
+    assert torch.all(pre[:, :-1] >= pre[:, 1:])  # a prefix: ones, then zeros
+    assert pre.sum(1).min() >= 4 and pre.sum(1).max() <= 36
+    with pytest.raises(FluxMusicError, match="unknown mask kind 'suffix'"):
+        sample_frame_masks(4, 10, torch.Generator().manual_seed(0), {"suffix": 1.0})
+
+
+def test_masked_loss_counts_only_generated_frames():
+    x0, noise = torch.randn(1, 6, 4), torch.randn(1, 6, 4)
+    mask = torch.zeros(1, 6, 4)
+    mask[:, :3] = 1
+    target = noise - x0
+
+    def model(x, t, c):
+        out = target.clone()
+        out[:, :3] += 5.0  # wrong only where the frames are known: not counted
+        return out
+
+    assert float(masked_flow_loss(model, x0, noise, torch.tensor([0.5]), mask)) == 0.0
+
+    def model2(x, t, c):
+        assert torch.equal(c[..., :4], x0 * mask) and torch.equal(c[..., 4:], mask)
+        return target + 1.0
+
+    assert float(masked_flow_loss(model2, x0, noise, torch.tensor([0.5]), mask)) == pytest.approx(1.0)
+
+
+@pytest.fixture(scope="module")
+def tiny_cache(tmp_path_factory, tiny_model_dir):
+    """A tiny embedding cache on the tiny model's latent grid (train and val items)."""
+    from fluxmusic.pipeline import FluxMusicPipeline
+    from fluxmusic.training.cache import write_cache
+
+    pipe = FluxMusicPipeline.from_pretrained(tiny_model_dir)
+    geo = pipe.geometry
+    cond = pipe.conditioning(["calm piano", "fast organ"])
+    null = pipe.conditioning([""])
+    g = torch.Generator().manual_seed(0)
+    items = [{"latent": torch.randn(geo.latent_channels, geo.max_latent_frames, geo.latent_width, generator=g),
+              "txt": cond.txt[i % 2], "y": cond.y[i % 2], "caption": "x", "split": "val" if i % 4 == 0 else "train"}
+             for i in range(8)]
+    return write_cache(tmp_path_factory.mktemp("cache") / "c", items, null_txt=null.txt[0], null_y=null.y[0])
+
+
+def test_finetune_writes_a_new_transformer_that_starts_from_the_plain_one(tiny_model_dir, tiny_cache, tmp_path,
+                                                                          one_torch_thread):
+    from fluxmusic.training.masked_finetune import finetune_masked
+    from fluxmusic.transformer_io import load_transformer
+
+    out = tmp_path / "tr"
+    summary = finetune_masked(tiny_model_dir / "transformer", tiny_cache, out, steps=3, batch_size=2, log=lambda s: 0)
+    assert summary["steps"] == 3 and summary["train_items"] == 6 and summary["val_items"] == 2
+    model = load_transformer(out)
+    assert model.takes_context and model.config.context_channels == 2 * model.config.in_channels
+    assert float(model.context_in.weight.detach().abs().sum()) > 0  # the new input was trained
+    assert json.loads((out / "finetune.json").read_text())["steps"] == 3
+    assert not (tmp_path / "tr.partial").exists()
+    with pytest.raises(FluxMusicError, match="exists"):
+        finetune_masked(tiny_model_dir / "transformer", tiny_cache, out, steps=1)
+
+
+@pytest.fixture(scope="module")
+def context_model_dir(tiny_model_dir, tmp_path_factory):
+    """The tiny model directory with its transformer extended by a (slightly trained-looking) context input."""
+    import shutil
+
+    from fluxmusic.transformer_io import load_transformer, save_transformer
+
+    d = tmp_path_factory.mktemp("ctx") / "model"
+    shutil.copytree(tiny_model_dir, d)
+    ext = add_context_input(load_transformer(tiny_model_dir / "transformer"))
+    with torch.no_grad():
+        ext.context_in.weight.normal_(0, 0.5)
+    shutil.rmtree(d / "transformer")
+    save_transformer(ext, d / "transformer")
+    return d
+
+
+def test_sampler_uses_trained_conditioning_when_the_model_has_it(context_model_dir, tiny_pipe, monkeypatch,
+                                                                 one_torch_thread):
+    from fluxmusic.pipeline import FluxMusicPipeline
+
+    pipe = FluxMusicPipeline.from_pretrained(context_model_dir)
+    assert pipe.takes_context and not tiny_pipe.takes_context
+    wave = (0.3 * np.sin(2 * np.pi * 220 * np.arange(3 * SR) / SR)).astype(np.float32)
+    seen = []
+    real = pipe.backend.velocity
+
+    def spy(x, t, txt, y, rope, context=None):
+        seen.append(None if context is None else tuple(context.shape))
+        return real(x, t, txt, y, rope, context=context)
+
+    monkeypatch.setattr(pipe.backend, "velocity", spy)
+    auto = pipe("calm piano", audio=wave, keep="0:1", duration=2.56, seed=0)
+    assert seen and all(s is not None and s[-1] == 2 * 32 and s[0] == 2 for s in seen)  # [cond; uncond] rows
+    seen.clear()
+    trained = pipe("calm piano", audio=wave, keep="0:1", duration=2.56, seed=0, conditioning="trained")
+    np.testing.assert_array_equal(auto.audio[0], trained.audio[0])
+    seen.clear()
+    replace = pipe("calm piano", audio=wave, keep="0:1", duration=2.56, seed=0, conditioning="replace")
+    assert seen and all(s is None for s in seen)
+    assert not np.array_equal(replace.audio[0], trained.audio[0])
+    seen.clear()
+    pipe("calm piano", duration=2.56, seed=0)  # text-to-music: no context
+    assert all(s is None for s in seen)
+    seen.clear()
+    long = pipe("calm piano", duration=12.0, overlap=2.56, seed=0)  # long form: windows after the first get context
+    assert long.windows >= 2 and any(s is None for s in seen) and any(s is not None for s in seen)
+    with pytest.raises(FluxMusicError, match="step caching"):
+        pipe("calm piano", audio=wave, keep="0:1", duration=2.56, seed=0, cache_threshold=0.1)
+
+
+def test_conditioning_option_errors(tiny_pipe):
+    wave = np.zeros(SR, dtype=np.float32) + 0.1
+    with pytest.raises(FluxMusicError, match="needs a transformer with trained masked conditioning"):
+        tiny_pipe("calm piano", audio=wave, keep="0:0.5", duration=2.56, seed=0, conditioning="trained")
+    with pytest.raises(FluxMusicError, match="conditioning 'soft'.*auto, trained, replace"):
+        tiny_pipe.request("calm piano", audio=wave, keep="0:0.5", duration=2.56, conditioning="soft")
+    with pytest.raises(FluxMusicError, match="given audio .* or long form only"):
+        tiny_pipe.request("calm piano", conditioning="replace")
+
+
+def test_cli_conditioning_flag(context_model_dir, tmp_path, capsys, one_torch_thread):
+    import soundfile as sf
+
+    from fluxmusic.cli import main
+
+    wav = tmp_path / "in.wav"
+    sf.write(wav, (0.3 * np.sin(2 * np.pi * 220 * np.arange(2 * SR) / SR)).astype(np.float32), SR)
+    base = ["generate", "calm piano", "--model", str(context_model_dir), "--audio", str(wav), "--keep", "0:1",
+            "--duration", "2.56", "--seed", "0"]
+    assert main(base + ["--conditioning", "replace", "-o", str(tmp_path / "a.wav")]) == 0
+    assert main(base + ["--conditioning", "trained", "-o", str(tmp_path / "b.wav")]) == 0
+    a, b = sf.read(tmp_path / "a.wav")[0], sf.read(tmp_path / "b.wav")[0]
+    assert a.shape == b.shape and not np.array_equal(a, b)
+    with pytest.raises(SystemExit) as e:
+        main(base + ["--conditioning", "nope", "-o", str(tmp_path / "c.wav")])
+    assert e.value.code == 2 and "invalid choice: 'nope'" in capsys.readouterr().err
