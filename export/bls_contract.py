@@ -52,6 +52,7 @@ BLS_INPUTS = (
     BlsTensor("guidance_interval_min", "TYPE_FP32", (1,), optional=True),
     BlsTensor("guidance_interval_max", "TYPE_FP32", (1,), optional=True),
     BlsTensor("cache_threshold", "TYPE_FP32", (1,), optional=True),
+    BlsTensor("guidance_schedule", "TYPE_STRING", (1,), optional=True),
 )
 #: Outputs: the waveform, the seed used (random when none was given) and its sample rate. In decoupled mode
 #: progress responses carry only ``step`` and ``total_steps``; the final response carries the rest.

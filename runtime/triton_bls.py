@@ -62,6 +62,7 @@ class BlsRequest:
     guidance_interval_min: float | None = None
     guidance_interval_max: float | None = None
     cache_threshold: float | None = None
+    guidance_schedule: str | None = None
 
     def options(self) -> dict:
         """Keywords for ``fluxmusic.sampling.build_request`` (the one resolution and validation)."""
@@ -76,6 +77,7 @@ class BlsRequest:
             "negative_prompt": self.negative_prompt, "duration": self.duration, "steps": self.steps,
             "guidance": self.guidance, "seed": self.seed, "solver": self.solver, "shift": self.shift,
             "preset": self.preset, "guidance_interval": interval, "cache_threshold": self.cache_threshold,
+            "guidance_schedule": self.guidance_schedule,
         }
 
 

@@ -77,7 +77,8 @@ def test_repository_configs_parse_with_triton_schema(setup):
     assert bls.backend == "python" and bls.max_batch_size == 0 and not bls.model_transaction_policy.decoupled
     inputs = {e.name: e for e in bls.input}
     assert list(inputs) == ["prompt", "negative_prompt", "duration", "steps", "guidance", "seed", "solver", "shift",
-                            "preset", "guidance_interval_min", "guidance_interval_max", "cache_threshold"]
+                            "preset", "guidance_interval_min", "guidance_interval_max", "cache_threshold",
+                            "guidance_schedule"]
     assert not inputs["prompt"].optional and all(inputs[n].optional for n in list(inputs)[1:])
     version = repo / "fluxmusic" / "1"
     for f in ("model.py", "model_index.json", "null_embeddings.safetensors", "transformer_config.json",
@@ -302,7 +303,7 @@ def test_client_example_sends_what_the_bls_model_declares():
     spec = importlib.util.spec_from_file_location("client_example", path)
     client = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(client)
-    inputs = client.build_inputs(PROMPT, "", 2.0, 4, 3.0, 5, "ab2", 1.0, "official", (0.0, 0.75), 0.1)
+    inputs = client.build_inputs(PROMPT, "", 2.0, 4, 3.0, 5, "ab2", 1.0, "official", (0.0, 0.75), 0.1, "cosine")
     sent = {i.name(): (i.datatype(), i.shape()) for i in inputs}
     declared = {
         t.name: (t.data_type.removeprefix("TYPE_").replace("STRING", "BYTES"), list(t.dims)) for t in BLS_INPUTS

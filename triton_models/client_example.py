@@ -32,6 +32,7 @@ def build_inputs(
     preset: str | None = None,
     guidance_interval: tuple[float, float] | None = None,
     cache_threshold: float | None = None,
+    guidance_schedule: str | None = None,
 ) -> list[grpcclient.InferInput]:
     """Request tensors of the ``fluxmusic`` model; an omitted setting takes the model's default (or the preset's).
     ``shift=1`` is no time shift; ``preset="official"`` is the official sampler."""
@@ -59,6 +60,7 @@ def build_inputs(
         "guidance_interval_min": (fp32(lo), "FP32"),
         "guidance_interval_max": (fp32(hi), "FP32"),
         "cache_threshold": (fp32(cache_threshold), "FP32"),
+        "guidance_schedule": (text(guidance_schedule), "BYTES"),
     }
     inputs = []
     for name, (array, datatype) in values.items():
