@@ -236,7 +236,7 @@ def test_eval_cli_end_to_end(eval_model_dir, tiny_corpus, tmp_path, capsys):
 
     # Deterministic: the same seeds give the same metrics (without the sweep and baseline, to stay fast).
     again = tmp_path / "again.json"
-    assert main(base + ["--out", str(again), "--no-untrained"]) == 0
+    assert main(base + ["--out", str(again), "--no-untrained", "--steps", "4"]) == 0
     assert json.loads(again.read_text())["systems"]["model"] == systems["model"]
 
 
