@@ -79,6 +79,9 @@ def main() -> None:
     ap.add_argument("--unguided", type=float, default=0, help="cond-only evaluations per clip (guidance interval)")
     ap.add_argument("--from-sweep", help="fluxmusic eval --sweep results JSON: our setting is its cheapest match")
     ap.add_argument("--fp32", action="store_true", help="also time our batched forward in fp32")
+    ap.add_argument("--all-parts", action="store_true",
+                    help="time the cond-only forward and the cache probe even when our setting needs neither (their "
+                         "seconds let another setting's per-clip cost be computed from the same run)")
     args = ap.parse_args()
     ours = our_setting(args)
     cfg, model, x, t, cond, null, g, gh, gw = real_shape_inputs(args, t=0.7)
@@ -98,13 +101,13 @@ def main() -> None:
         variants["ours fp32 (B=2, cached RoPE)"] = (lambda: ours32(x, t), ours["guided"], "fp32", 2)
     variants["ours bf16 + blocked attention, guided (B=2)"] = (lambda: ours_bf(xb, tb).float(), ours["guided"],
                                                               "bf16", 2)
-    if ours["unguided"]:
+    if ours["unguided"] or args.all_parts:
         cb = Conditioning(cond.txt.to(bf), cond.y.to(bf))
         variants["ours bf16 + blocked attention, cond only (B=1)"] = (
             lambda: fast(xb, tb, cb.txt, cb.y, rope).float(), ours["unguided"], "bf16", 1)
     probe = FirstBlockProbe.from_transformer(fast)
     yb = cond.y.to(bf)
-    probe_fn = (lambda: probe(xb, tb, yb)) if ours["probes"] else None
+    probe_fn = (lambda: probe(xb, tb, yb)) if ours["probes"] or args.all_parts else None
     tokens = 2 * (gh * gw + args.txt_len)
     a32, w32 = torch.randn(tokens, cfg.hidden_size), torch.randn(cfg.mlp_hidden_dim, cfg.hidden_size)
     abf, wbf = a32.bfloat16(), w32.bfloat16()
@@ -163,7 +166,9 @@ def main() -> None:
     ours_clip = sum(statistics.median(times[n]) * variants[n][1] for n in names if n.startswith("ours bf16"))
     probe_clip = statistics.median(probe_s) * ours["probes"] if probe_s else 0.0
     ours_clip += probe_clip
-    probes = f" + {ours['probes']} probes" if probe_s else ""
+    probes = f" + {ours['probes']} probes" if ours["probes"] else ""
+    if probe_s:
+        print(f"cache probe: {1000 * statistics.median(probe_s):.2f} ms per call")
     print(f"| **ours, whole procedure ({ours['label']})** | | {ours['guided']:g} guided + {ours['unguided']:g} "
           f"cond-only{probes} "
           f"| {ours_clip:.1f} | **{base / ours_clip:.2f}x** | | | |")

@@ -37,6 +37,7 @@ class Limits:
     max_prompt_chars: int = _D.max_prompt_chars
     max_cache_threshold: float = _D.max_cache_threshold
     solvers: tuple[str, ...] = field(default=_D.solvers)
+    guidance_schedules: tuple[str, ...] = field(default=_D.guidance_schedules)
     max_long_duration: float = _D.max_long_duration
     max_audio_seconds: float = _D.max_audio_seconds
     max_resample: int = _D.max_resample
