@@ -55,8 +55,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     e.add_argument("--sweep-reference-steps", type=int, default=200,
                    help="Heun steps of the reference solution latent distances are measured to (default 200)")
     e.add_argument("--sweep-score-all", action=argparse.BooleanOptionalAction, default=True,
-                   help="decode and score FAD/CLAP for every sweep row (--no-sweep-score-all: only the rows whose "
-                        "latent distance matches the target's, the only ones that can match both ways)")
+                   help="decode and score FAD/CLAP for every sweep row (--no-sweep-score-all: only the target and "
+                        "the rows matching it by latent distance, cheapest first, until one matches both ways)")
     e.add_argument("--plot", help="steps-sweep PNG (default: next to --out, *_steps.png)")
     e.add_argument("--quick", action="store_true",
                    help=f"at most {QUICK['prompts']} prompts, {QUICK['reference']} reference clips, "

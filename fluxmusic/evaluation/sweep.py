@@ -76,9 +76,10 @@ def steps_sweep(pipe: FluxMusicPipeline, prompts: Sequence[str], text_emb: np.nd
     """One row per setting; ``text_emb`` are the prompts' CLAP text embeddings, ``ref_emb`` the reference
     clips' audio embeddings (FAD here is the generated subset against all of them: biased by the small N, but
     the same N for every row, so rows compare). ``base`` (solver, steps, shift): the model's current default,
-    the first setting the options are tried on. ``score_all`` False decodes and scores (FAD, CLAP) only the rows
-    whose latent distance matches the target's (the others cannot match both ways; their metrics are None):
-    the decoder and CLAP are most of a sweep's time on a small CPU."""
+    the first setting the options are tried on. ``score_all`` False decodes and scores (FAD, CLAP) only what the
+    answer needs: the target, and the rows that match it by latent distance, cheapest first, until one matches
+    by the metrics too (the others' metrics are None); the decoder and CLAP are most of a sweep's time on a
+    small CPU."""
     seeds = [seed + i for i in range(len(prompts))]
     grid = [_setting(s, n, sh) for sh in shifts for s in solvers for n in steps]
     if not any((g["solver"], g["steps"], g["shift"]) == ("euler", target_steps, None) for g in grid):
