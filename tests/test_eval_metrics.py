@@ -272,6 +272,51 @@ def test_fewest_matching_needs_both_criteria_within_the_measured_noise():
     assert fewest_matching(rows[1:] + [_row("euler", 50, None, 0.2, 1.0, 0.5, cache_threshold=0.1)], 50) == {}
 
 
+class _SpectrumEmbedder:
+    """A cheap deterministic embedder (normalised coarse magnitude spectrum) that counts the clips it embeds."""
+
+    name = "spectrum"
+
+    def __init__(self) -> None:
+        self.clips = 0
+
+    def embed_audio(self, waves, sr):
+        self.clips += len(waves)
+        out = [np.abs(np.fft.rfft(w))[:64] + 1e-9 for w in waves]
+        return np.stack([e / np.linalg.norm(e) for e in out])
+
+    def embed_text(self, texts):
+        return np.stack([np.roll(np.eye(64)[0], len(t) % 64) for t in texts])
+
+
+def test_lazy_sweep_scores_only_what_the_answer_needs(eval_model_dir):
+    from fluxmusic.evaluation.sweep import steps_sweep
+    from fluxmusic.pipeline import FluxMusicPipeline
+
+    pipe = FluxMusicPipeline.from_pretrained(eval_model_dir)
+    prompts = ["a fast piano melody", "a slow organ tune"]
+    emb = _SpectrumEmbedder()
+    text = emb.embed_text(prompts)
+    ref_emb = np.random.default_rng(0).normal(size=(6, 64))
+    kw = dict(guidance=3.0, steps=(1, 2, 3), shifts=(None,), solvers=("euler", "ab2"), intervals=((0.5, 1.0),),
+              cache_thresholds=(), schedules=(), base={"solver": "euler", "steps": 3, "shift": None},
+              target_steps=3, reference_steps=6, progress=False)
+    lazy = steps_sweep(pipe, prompts, text, ref_emb, emb, score_all=False, **kw)
+    scored = [r for r in lazy["rows"] if r["fad"] is not None]
+    target = next(r for r in lazy["rows"] if (r["solver"], r["steps"]) == ("euler", 3) and r["kind"] == "grid")
+    assert target in scored
+    # every scored row matches the target by latent distance; rows farther away are never decoded
+    assert all(r["latent_distance"] <= target["latent_distance"] for r in scored)
+    assert any(r["fad"] is None for r in lazy["rows"])
+    # decoded: the scored rows, the target's second seed set, the reference solution (2 clips each)
+    assert emb.clips == 2 * (len(scored) + 2)
+    both = lazy["fewest"]["both"]
+    assert both is not None and both["cost"] <= target["cost"]
+    full = steps_sweep(pipe, prompts, text, ref_emb, emb, score_all=True, **kw)
+    assert all(r["fad"] is not None for r in full["rows"])
+    assert full["fewest"]["both"]["label"] == both["label"]  # the lazy answer is the full sweep's answer
+
+
 def test_eval_cli_rejects_bad_input_with_one_message(eval_model_dir, tiny_corpus, tmp_path, capsys):
     from fluxmusic.cli import main
 
