@@ -16,7 +16,8 @@ Files are deleted afterwards unless ``--keep``. Each config is skipped, with a m
 available memory is below 1.3x its weights + 1 GiB, so this never pushes a shared machine into the OOM killer.
 
     python benchmarks/bench_memory.py --configs tiny small base --dtypes float32 bfloat16 --old
-    python benchmarks/bench_memory.py --configs giant biggiant --dtypes bfloat16 --disk-dtype bfloat16
+    python benchmarks/bench_memory.py --configs giant biggiant --dtypes bfloat16 --disk-dtype bfloat16 \
+        --forward 64 16 --workdir /tmp/fluxmusic-mem
 """
 
 from __future__ import annotations
@@ -60,7 +61,26 @@ else:
 secs = time.perf_counter() - t0
 weights = sum(p.numel() * p.element_size() for p in model.parameters())
 peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-print(json.dumps({"weights": weights, "base": base, "peak": peak, "after": rss(), "seconds": secs}))
+res = {"weights": weights, "base": base, "peak": peak, "after": rss(), "seconds": secs}
+if spec.get("forward"):
+    # generation: one batched CFG evaluation at a short shape (music tokens on the real 8-column grid)
+    from fluxmusic.flow import Conditioning, cfg_velocity
+    cfg, (music, txt) = model.config, spec["forward"]
+    gh, gw = max(music // 8, 1), 8
+    torch.manual_seed(0)
+    def rand(*shape):
+        return torch.randn(*shape, dtype=dtype)
+    x = rand(1, gh * gw, cfg.in_channels)
+    cond = Conditioning(rand(1, txt, cfg.context_in_dim), rand(1, cfg.vec_in_dim))
+    null = Conditioning(rand(1, txt, cfg.context_in_dim), rand(1, cfg.vec_in_dim))
+    velocity = cfg_velocity(model, cond, null, torch.tensor([4.0]), model.rope_for(txt, gh, gw))
+    t1 = time.perf_counter()
+    with torch.no_grad():
+        v = velocity(x, torch.full((1,), 0.7, dtype=dtype))
+    res.update(forward_seconds=time.perf_counter() - t1, forward_finite=bool(torch.isfinite(v).all()),
+               peak_forward=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+               forward_tokens=[gh * gw, txt])
+print(json.dumps(res))
 """
 
 
@@ -109,7 +129,12 @@ def main() -> None:
     ap.add_argument("--disk-dtype", default="float32", help="dtype of the written files (official: float32)")
     ap.add_argument("--old", action="store_true", help="also measure the previous whole-file loader")
     ap.add_argument("--workdir", default=None, help="where the random model files go (default: a temp dir)")
-    ap.add_argument("--keep", action="store_true")
+    ap.add_argument("--keep", action="store_true",
+                    help="keep the written files (and write them even when the load must be skipped for memory, "
+                         "so a later run with the same --workdir only loads)")
+    ap.add_argument("--forward", type=int, nargs=2, metavar=("MUSIC_TOKENS", "TEXT_TOKENS"),
+                    help="after the load, one batched CFG evaluation at this short shape (e.g. 64 16): the peak "
+                         "RSS of loading and generating")
     args = ap.parse_args()
     from fluxmusic.config import get_config
 
@@ -127,7 +152,7 @@ def main() -> None:
                     elsize = 2 if dtype in ("bfloat16", "bf16", "float16", "fp16") else 4
                     est = _param_count(get_config(name)) * elsize
                     need = 1.3 * est + gib if loader == "streamed" else 3.2 * est + gib
-                    if available_bytes() < need:
+                    if available_bytes() < need and not args.keep:
                         print(f"| {name} | | | {dtype} | {loader} | skipped: {available_bytes() / gib:.1f} GiB "
                               f"available, needs {need / gib:.1f} | | | | |", flush=True)
                         continue
@@ -135,7 +160,13 @@ def main() -> None:
                         size = write_random_transformer(name, cfg_dir, args.disk_dtype)
                     else:
                         size = (cfg_dir / "model.safetensors").stat().st_size
-                    spec = json.dumps({"dir": str(cfg_dir), "dtype": dtype, "old": loader == "old"})
+                    if available_bytes() < need:  # again: writing a large file takes minutes on a shared machine
+                        print(f"| {name} | | | {dtype} | {loader} | skipped after writing: "
+                              f"{available_bytes() / gib:.1f} GiB available, needs {need / gib:.1f} | | | | |",
+                              flush=True)
+                        continue
+                    spec = json.dumps({"dir": str(cfg_dir), "dtype": dtype, "old": loader == "old",
+                                       "forward": args.forward})
                     out = subprocess.run([sys.executable, "-c", CHILD, spec], capture_output=True, text=True)
                     if out.returncode != 0:
                         print(f"| {name} | | | {dtype} | {loader} | failed: {out.stderr.strip()[-300:]} |", flush=True)
@@ -146,6 +177,12 @@ def main() -> None:
                     print(f"| {name} | {params / 1e6:.1f} M | {size / gib:.2f} GiB {args.disk_dtype} | {dtype} "
                           f"| {loader} | {r['weights'] / gib:.3f} | {r['base'] / gib:.2f} | {r['peak'] / gib:.2f} "
                           f"| {ratio:.2f} | {r['seconds']:.1f} |", flush=True)
+                    if "peak_forward" in r:
+                        m, t = r["forward_tokens"]
+                        print(f"|   + one CFG evaluation ({m} music + {t} text tokens, finite: "
+                              f"{r['forward_finite']}) | | | | | | | {r['peak_forward'] / gib:.2f} "
+                              f"| {(r['peak_forward'] - r['base']) / r['weights']:.2f} "
+                              f"| {r['forward_seconds']:.1f} |", flush=True)
             if not args.keep:
                 shutil.rmtree(cfg_dir, ignore_errors=True)
     finally:

@@ -59,6 +59,7 @@ BLS_INPUTS = (
     BlsTensor("keep", "TYPE_STRING", (1,), optional=True),
     BlsTensor("regenerate", "TYPE_STRING", (1,), optional=True),
     BlsTensor("mode", "TYPE_STRING", (1,), optional=True),
+    BlsTensor("guidance_schedule", "TYPE_STRING", (1,), optional=True),
 )
 #: Inputs that carry an array, not one value.
 BLS_ARRAY_INPUTS = ("audio",)

@@ -40,6 +40,10 @@ def add_sampling_arguments(g: argparse.ArgumentParser) -> None:
     g.add_argument("--cache-threshold", type=float,
                    help="step caching in [0, 1]: reuse the last velocity while the first block's modulated input "
                    "changed (accumulated relative L1) less than this; 0 = off (default: the model's, normally 0)")
+    g.add_argument("--guidance-schedule", metavar="NAME",
+                   help="per-step guidance scale: constant, linear (g * 2 (1 - t)) or cosine (g * (1 + cos(pi t))); "
+                   "the ramps rise from 0 at the noise end to 2 g at the data end, mean g (default: the model's, "
+                   "normally constant)")
 
 
 def add_audio_arguments(g: argparse.ArgumentParser) -> None:
@@ -115,6 +119,7 @@ def sampling_kwargs(args: argparse.Namespace) -> dict:
         "negative_prompt": args.negative_prompt, "preset": preset,
         "guidance_interval": tuple(args.guidance_interval) if args.guidance_interval else None,
         "cache_threshold": args.cache_threshold,
+        "guidance_schedule": getattr(args, "guidance_schedule", None),
     }
 
 

@@ -30,6 +30,24 @@ SHIFT_RANGE = (0.01, 100.0)
 
 SOLVERS = ("euler", "heun", "ab2")
 
+#: Per-step guidance schedules: the scale at time t is g * w(t). constant: w = 1 (the official sampler);
+#: linear: w = 2 (1 - t); cosine: w = 1 + cos(pi t). Both ramps rise from 0 at the noise end (t = 1) to 2 at
+#: the data end (t = 0) and average 1 over t in [0, 1], so g keeps its meaning as the mean scale. Rising
+#: schedules are the ones Wang et al. (2024, "Analysis of classifier-free guidance weight schedulers") found
+#: to help: little guidance while the layout forms, more while details form.
+GUIDANCE_SCHEDULES = ("constant", "linear", "cosine")
+
+
+def guidance_weight(schedule: str, t: float) -> float:
+    """w(t) of a guidance schedule (see :data:`GUIDANCE_SCHEDULES`); t in [0, 1]."""
+    if schedule == "constant":
+        return 1.0
+    if schedule == "linear":
+        return 2.0 * (1.0 - t)
+    if schedule == "cosine":
+        return 1.0 + math.cos(math.pi * t)
+    raise FluxMusicError(f"unknown guidance schedule {schedule!r}; allowed: {', '.join(GUIDANCE_SCHEDULES)}")
+
 
 # --------------------------------------------------------------------------------------------- training
 def sample_t(batch: int, generator: torch.Generator | None = None, device: torch.device | str = "cpu") -> Tensor:
@@ -91,7 +109,8 @@ class GuidedVelocity:
 
     ``model(x, t, txt, y, rope)`` is the transformer. Inside the guidance interval ``[t_min, t_max]`` the
     batch is [cond; uncond] (2B rows) and combined with :func:`cfg_combine`; outside it only the conditional
-    half runs (B rows) and v = v_cond. ``rows`` evaluates a subset of the batch (used by :class:`StepCache`).
+    half runs (B rows) and v = v_cond. ``schedule`` scales the guidance per step (:func:`guidance_weight`; the
+    only place a schedule is applied). ``rows`` evaluates a subset of the batch (used by :class:`StepCache`).
     ``batch_sizes`` records the rows of every model call (tests and cost accounting).
     """
 
@@ -103,10 +122,15 @@ class GuidedVelocity:
         guidance: Tensor,
         rope: Tensor,
         interval: tuple[float, float] = (0.0, 1.0),
+        schedule: str = "constant",
     ) -> None:
         self.model, self.cond, self.uncond, self.guidance, self.rope = model, cond, uncond, guidance, rope
         self.interval = interval
         self.full = interval[0] <= 0.0 and interval[1] >= 1.0
+        guidance_weight(schedule, 1.0)  # validates the name
+        self.schedule = schedule
+        #: full-interval constant guidance: what a fused CFG step graph computes
+        self.plain = self.full and schedule == "constant"
         self._both = (torch.cat((cond.txt, uncond.txt)), torch.cat((cond.y, uncond.y)))
         self.batch_sizes: list[int] = []
 
@@ -116,6 +140,8 @@ class GuidedVelocity:
 
     def __call__(self, x: Tensor, t: Tensor, rows: Tensor | None = None) -> Tensor:
         cond, uncond, g = self.cond, self.uncond, self.guidance
+        if self.schedule != "constant":
+            g = g * guidance_weight(self.schedule, float(t[0]))
         if rows is not None:
             cond = Conditioning(cond.txt[rows], cond.y[rows])
             uncond = Conditioning(uncond.txt[rows], uncond.y[rows])
@@ -140,9 +166,10 @@ def cfg_velocity(
     guidance: Tensor,
     rope: Tensor,
     interval: tuple[float, float] = (0.0, 1.0),
+    schedule: str = "constant",
 ) -> GuidedVelocity:
     """The batched CFG velocity (see :class:`GuidedVelocity`)."""
-    return GuidedVelocity(model, cond, uncond, guidance, rope, interval)
+    return GuidedVelocity(model, cond, uncond, guidance, rope, interval, schedule)
 
 
 # --------------------------------------------------------------------------------------------- step caching

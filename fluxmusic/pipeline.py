@@ -49,6 +49,9 @@ class GenerationResult:
     #: model evaluations per waveform actually run, and those the step cache answered instead
     evaluations: float = 0.0
     cache_skipped: float = 0.0
+    #: transformer rows run per waveform in units of one batched cond+uncond evaluation (an evaluation
+    #: outside the guidance interval counts 0.5): the cost of a clip in evaluations
+    cfg_evaluations: float = 0.0
     #: given audio (continuation / infilling): per waveform, the SNR in dB of the output's kept region against
     #: the given audio, and of the model's own decoding of it (what the output holds without splicing)
     kept_snr_db: list[float] | None = None
@@ -257,6 +260,7 @@ class FluxMusicPipeline:
         story: str | None = None,
         image_weight: float | None = None,
         story_weight: float | None = None,
+        guidance_schedule: str | None = None,
         **audio_options,
     ) -> GenerationResult:
         """Generate. Absent values come from the model directory's defaults, or from ``preset``
@@ -271,8 +275,8 @@ class FluxMusicPipeline:
         req = self.request(
             prompt, negative_prompt=negative_prompt, duration=duration, steps=steps, guidance=guidance,
             solver=solver, shift=shift, seed=seed, num_waveforms=num_waveforms_per_prompt, preset=preset,
-            guidance_interval=guidance_interval, cache_threshold=cache_threshold, image=image, story=story,
-            image_weight=image_weight, story_weight=story_weight, **audio_options,
+            guidance_interval=guidance_interval, cache_threshold=cache_threshold, guidance_schedule=guidance_schedule,
+            image=image, story=story, image_weight=image_weight, story_weight=story_weight, **audio_options,
         )
         return self.generate(req, progress)
 
@@ -499,7 +503,8 @@ class FluxMusicPipeline:
                 c = context if xx.shape[0] == context.shape[0] else context.repeat(xx.shape[0] // context.shape[0],
                                                                                  1, 1)
                 return self.backend.velocity(xx, tt, txt, y, rope_, context=c)
-        velocity = GuidedVelocity(model_fn, cond, uncond, guidance, rope, st.guidance_interval)
+        velocity = GuidedVelocity(model_fn, cond, uncond, guidance, rope, st.guidance_interval,
+                                  st.guidance_schedule)
         cb = (lambda i, n, _x: progress(i, n)) if progress else None
         step_fn, cache, fn = None, None, velocity
         if st.cache_threshold > 0:
@@ -508,7 +513,7 @@ class FluxMusicPipeline:
                                      "conditioning; use cache_threshold 0 or conditioning 'replace'")
             probe = self.cache_probe()
             cache = fn = StepCache(velocity, lambda xx, tt: probe(xx, tt, cond.y), st.cache_threshold)
-        elif (st.solver == "euler" and velocity.full and context is None
+        elif (st.solver == "euler" and velocity.plain and context is None
               and fused_step(self.backend) is not None):
             # The fused step graph runs a whole Euler CFG step in one call: the same update, one graph.
             def step_fn(xx: Tensor, tt: Tensor, dt: Tensor) -> Tensor:
@@ -524,6 +529,9 @@ class FluxMusicPipeline:
             stats = {"evaluations": cache.evaluated / n, "cache_skipped": cache.skipped / n}
         else:
             stats = {"evaluations": float(len(velocity.batch_sizes)), "cache_skipped": 0.0}
+        # Transformer rows run, per waveform, in units of one batched cond+uncond evaluation (2 rows): what a
+        # clip costs once the guidance interval (B-row calls) and the cache (row subsets) are counted.
+        stats["cfg_evaluations"] = sum(velocity.batch_sizes) / (2 * n)
         return unpatchify(x, grid_h, grid_w), stats
 
     @property

@@ -36,7 +36,7 @@ from fluxmusic.continuation import (
     resolve_long_form,
 )
 from fluxmusic.errors import FluxMusicError
-from fluxmusic.flow import SHIFT_RANGE, SOLVERS, function_evaluations
+from fluxmusic.flow import GUIDANCE_SCHEDULES, SHIFT_RANGE, SOLVERS, function_evaluations
 
 MAX_SEED = 2**63 - 1
 #: The seed that asks for a random one (as does leaving the seed out), on every front end.
@@ -57,6 +57,7 @@ OFFICIAL = {
     "negative_prompt": OFFICIAL_NEGATIVE_PROMPT,
     "guidance_interval": FULL_INTERVAL,
     "cache_threshold": 0.0,
+    "guidance_schedule": "constant",
 }
 PRESETS: dict[str, dict] = {"official": OFFICIAL}
 
@@ -80,6 +81,7 @@ class Limits:
     max_prompt_chars: int = 2000
     max_cache_threshold: float = 1.0
     solvers: tuple[str, ...] = field(default=SOLVERS)
+    guidance_schedules: tuple[str, ...] = field(default=GUIDANCE_SCHEDULES)
     #: long form (windowed continuation): the longest output, and the longest given audio, in seconds
     max_long_duration: float = 300.0
     max_audio_seconds: float = 300.0
@@ -109,6 +111,7 @@ class SamplingSettings:
     negative_prompt: str
     guidance_interval: tuple[float, float] = FULL_INTERVAL
     cache_threshold: float = 0.0
+    guidance_schedule: str = "constant"
     preset: str | None = None
 
     @property
@@ -119,7 +122,8 @@ class SamplingSettings:
     @property
     def batch_key(self) -> tuple:
         """Requests whose settings have equal keys can share one batched solve."""
-        return (self.steps, self.solver, self.shift, self.guidance_interval, self.cache_threshold)
+        return (self.steps, self.solver, self.shift, self.guidance_interval, self.cache_threshold,
+                self.guidance_schedule)
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -135,6 +139,8 @@ class SamplingSettings:
             parts.append(f"guidance interval t in [{self.guidance_interval[0]:g}, {self.guidance_interval[1]:g}]")
         if self.cache_threshold:
             parts.append(f"step cache {self.cache_threshold:g}")
+        if self.guidance_schedule != "constant":
+            parts.append(f"{self.guidance_schedule} guidance schedule")
         return ", ".join(parts) + (f" (preset {self.preset})" if self.preset else "")
 
 
@@ -274,6 +280,10 @@ def _check_field(name: str, v: object, limits: Limits, label: str = "") -> objec
         return (float(v[0]), float(v[1]))
     if name == "cache_threshold":
         return check_number(what, v, 0.0, limits.max_cache_threshold)
+    if name == "guidance_schedule":
+        if v not in limits.guidance_schedules:
+            raise invalid(what, v, ", ".join(limits.guidance_schedules))
+        return v
     raise FluxMusicError(f"unknown sampling setting {name!r}; known: {', '.join(FIELDS)}")
 
 
@@ -353,6 +363,7 @@ def build_request(
     shift: float | str | None = None,
     guidance_interval: tuple[float, float] | None = None,
     cache_threshold: float | None = None,
+    guidance_schedule: str | None = None,
     limits: Limits = DEFAULT_LIMITS,
     audio: AudioInput | None = None,
     keep: object = None,
@@ -407,7 +418,7 @@ def build_request(
     settings = resolve_settings(
         defaults, preset, limits, steps=steps, guidance=None if per_item_guidance else guidance, solver=solver,
         shift=shift, negative_prompt=negative_prompt, guidance_interval=guidance_interval,
-        cache_threshold=cache_threshold,
+        cache_threshold=cache_threshold, guidance_schedule=guidance_schedule,
     )
     expanded = [p for p in prompts for _ in range(num_waveforms)]
     n = len(expanded)

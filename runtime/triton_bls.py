@@ -68,6 +68,7 @@ class BlsRequest:
     keep: str | None = None
     regenerate: str | None = None
     mode: str | None = None
+    guidance_schedule: str | None = None
 
     def options(self) -> dict:
         """Keywords for ``fluxmusic.sampling.build_request`` (the one resolution and validation)."""
@@ -83,6 +84,7 @@ class BlsRequest:
             "guidance": self.guidance, "seed": self.seed, "solver": self.solver, "shift": self.shift,
             "preset": self.preset, "guidance_interval": interval, "cache_threshold": self.cache_threshold,
             **self.audio_options(),
+            "guidance_schedule": self.guidance_schedule,
         }
 
     def audio_options(self) -> dict:

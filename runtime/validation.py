@@ -37,6 +37,7 @@ class Limits:
     max_prompt_chars: int = _D.max_prompt_chars
     max_cache_threshold: float = _D.max_cache_threshold
     solvers: tuple[str, ...] = field(default=_D.solvers)
+    guidance_schedules: tuple[str, ...] = field(default=_D.guidance_schedules)
     max_long_duration: float = _D.max_long_duration
     max_audio_seconds: float = _D.max_audio_seconds
     max_resample: int = _D.max_resample
@@ -129,6 +130,7 @@ def parse_request(req, limits: Limits, pipe) -> RequestSpec:
         shift=_opt(req, "shift"),
         guidance_interval=interval,
         cache_threshold=_opt(req, "cache_threshold"),
+        guidance_schedule=req.guidance_schedule or None,
         limits=limits.sampling,
         audio=bytes(req.audio) if req.audio else None,
         keep=req.keep or None,

@@ -191,8 +191,9 @@ def test_eval_cli_end_to_end(eval_model_dir, tiny_corpus, tmp_path, capsys):
     base = ["eval", "--model", str(eval_model_dir), "--prompts", str(tiny_corpus), "--reference",
             str(tiny_corpus.parent), "--quiet", "--steps", "1"]
     sweep_args = ["--sweep", "--sweep-prompts", "2", "--sweep-steps", "1,2,4", "--sweep-target", "4",
-                  "--sweep-reference-steps", "8", "--sweep-shift", "3"]
-    assert main(base + ["--out", str(out)] + sweep_args) == 0
+                  "--sweep-reference-steps", "8", "--sweep-shift", "3", "--sweep-intervals", "0.5:1",
+                  "--sweep-caches", "0.2", "--sweep-schedules", "linear"]
+    assert main(base + ["--out", str(out)] + sweep_args + ["--steps", "4"]) == 0
     res = json.loads(out.read_text())
     assert res["paired"] and res["n_prompts"] == 4 and res["half_sizes"] == [2, 2]
     systems = res["systems"]
@@ -207,18 +208,113 @@ def test_eval_cli_end_to_end(eval_model_dir, tiny_corpus, tmp_path, capsys):
     assert systems["model"]["comb_check"]["fraction_within"] is not None
     assert {"comb", "note_density"} <= set(res["per_prompt"][0]["measured"])
     sweep = res["steps_sweep"]
-    assert len(sweep["rows"]) == 2 * 2 * 3  # schedules x solvers x steps
-    by = {(r["solver"], r["steps"], r["shift"]): r for r in sweep["rows"]}
+    grid = [r for r in sweep["rows"] if r["kind"] == "grid"]
+    assert len(grid) == 2 * 3 * 3  # time schedules x solvers (euler, heun, ab2) x steps
+    by = {(r["solver"], r["steps"], r["shift"]): r for r in grid}
     assert by[("heun", 4, None)]["latent_distance"] < by[("euler", 1, None)]["latent_distance"]
-    assert sweep["fewest"]["target"]["steps"] == 4 and sweep["fewest"]["latent"] is not None
+    assert by[("ab2", 4, None)]["latent_distance"] < by[("euler", 4, None)]["latent_distance"]
+    assert by[("heun", 4, None)]["cost"] == 7 and by[("ab2", 4, None)]["cost"] == 4
+    # the options, each alone on the evaluated setting (euler 4, uniform) and on the cheapest grid setting that
+    # matches: interval, cache, schedule
+    options = [r for r in sweep["rows"] if r["kind"] == "option"]
+    assert sweep["bases"][0] == "euler 4, uniform" and len(options) == 3 * len(sweep["bases"])
+    on_default = {r["label"]: r for r in options if r["label"].startswith("euler 4, uniform")}
+    iv = on_default["euler 4, uniform, interval [0.5, 1]"]
+    assert (iv["nfe"], iv["cost"]) == (4, 3.5)  # t = 0.25 runs the cond half only: half an evaluation
+    assert iv["latent_distance"] != by[("euler", 4, None)]["latent_distance"]
+    cache = on_default["euler 4, uniform, cache 0.2"]
+    assert cache["nfe"] == cache["cost"] <= 4
+    linear = on_default["euler 4, uniform, linear guidance"]
+    assert linear["latent_distance"] != by[("euler", 4, None)]["latent_distance"]
+    assert set(sweep["noise"]) >= {"fad", "clap_score"}
+    fewest = sweep["fewest"]
+    assert fewest["target"]["steps"] == 4 and fewest["latent"] is not None
+    assert fewest["both"] is None or fewest["both"]["cost"] >= max(fewest["latent"]["cost"], fewest["metrics"]["cost"])
     assert Path(sweep["plot"]).stat().st_size > 10_000
     printed = capsys.readouterr().out
-    assert "| model |" in printed and "fewest steps matching 4-step Euler" in printed
+    assert "| model |" in printed and "fewest steps matching 4-step Euler (both)" in printed
 
     # Deterministic: the same seeds give the same metrics (without the sweep and baseline, to stay fast).
     again = tmp_path / "again.json"
-    assert main(base + ["--out", str(again), "--no-untrained"]) == 0
+    assert main(base + ["--out", str(again), "--no-untrained", "--steps", "4"]) == 0
     assert json.loads(again.read_text())["systems"]["model"] == systems["model"]
+
+
+def _row(solver, steps, shift, dist, fad, clap, cost=None, **options):
+    from fluxmusic.evaluation.generation import PLAIN_OPTIONS
+    from fluxmusic.evaluation.sweep import setting_label
+
+    r = {"solver": solver, "steps": steps, "shift": shift, **{**PLAIN_OPTIONS, **options}}
+    nfe = 2 * steps - 1 if solver == "heun" else steps
+    return {**r, "label": setting_label(r), "nfe": nfe, "cost": nfe if cost is None else cost,
+            "latent_distance": dist, "fad": fad, "clap_score": clap}
+
+
+def test_fewest_matching_needs_both_criteria_within_the_measured_noise():
+    from fluxmusic.evaluation.sweep import fewest_matching
+
+    rows = [
+        _row("euler", 50, None, 0.20, 1.00, 0.500),
+        _row("ab2", 4, 3.0, 0.30, 0.90, 0.600),  # cheapest by the metrics, too far by latent distance
+        _row("ab2", 8, 3.0, 0.10, 1.08, 0.495),  # close enough in latents; FAD worse by 0.08
+        _row("heun", 8, 3.0, 0.05, None, None),  # matches in latents, never scored (lazy sweep): no metric match
+        _row("ab2", 12, 3.0, 0.08, 1.01, 0.499),
+        _row("ab2", 12, 3.0, 0.09, 1.02, 0.500, cost=9.5, guidance_interval=(0.3, 1.0)),
+    ]
+    quiet = fewest_matching(rows, 50, {"fad": 0.01, "clap_score": 0.001})
+    assert quiet["tolerance"] == {"fad": 0.05, "clap_score": 0.005}  # the floors: the measured noise is smaller
+    assert quiet["latent"]["label"] == "ab2 8, shift 3"
+    assert quiet["metrics"]["label"] == "ab2 4, shift 3"
+    assert quiet["both"]["label"] == "ab2 12, shift 3, interval [0.3, 1]" and quiet["both"]["cost"] == 9.5
+    noisy = fewest_matching(rows, 50, {"fad": 0.1, "clap_score": 0.02})  # FAD +0.08 is within this noise
+    assert noisy["tolerance"]["fad"] == 0.1 and noisy["both"]["label"] == "ab2 8, shift 3"
+    # the target is the plain official sampler: an optioned Euler-50 row is not it
+    assert fewest_matching(rows[1:] + [_row("euler", 50, None, 0.2, 1.0, 0.5, cache_threshold=0.1)], 50) == {}
+
+
+class _SpectrumEmbedder:
+    """A cheap deterministic embedder (normalised coarse magnitude spectrum) that counts the clips it embeds."""
+
+    name = "spectrum"
+
+    def __init__(self) -> None:
+        self.clips = 0
+
+    def embed_audio(self, waves, sr):
+        self.clips += len(waves)
+        out = [np.abs(np.fft.rfft(w))[:64] + 1e-9 for w in waves]
+        return np.stack([e / np.linalg.norm(e) for e in out])
+
+    def embed_text(self, texts):
+        return np.stack([np.roll(np.eye(64)[0], len(t) % 64) for t in texts])
+
+
+def test_lazy_sweep_scores_only_what_the_answer_needs(eval_model_dir):
+    from fluxmusic.evaluation.sweep import steps_sweep
+    from fluxmusic.pipeline import FluxMusicPipeline
+
+    pipe = FluxMusicPipeline.from_pretrained(eval_model_dir)
+    prompts = ["a fast piano melody", "a slow organ tune"]
+    emb = _SpectrumEmbedder()
+    text = emb.embed_text(prompts)
+    ref_emb = np.random.default_rng(0).normal(size=(6, 64))
+    kw = dict(guidance=3.0, steps=(1, 2, 3), shifts=(None,), solvers=("euler", "ab2"), intervals=((0.5, 1.0),),
+              cache_thresholds=(), schedules=(), base={"solver": "euler", "steps": 3, "shift": None},
+              target_steps=3, reference_steps=6, progress=False)
+    lazy = steps_sweep(pipe, prompts, text, ref_emb, emb, score_all=False, **kw)
+    scored = [r for r in lazy["rows"] if r["fad"] is not None]
+    target = next(r for r in lazy["rows"] if (r["solver"], r["steps"]) == ("euler", 3) and r["kind"] == "grid")
+    assert target in scored
+    # every scored row matches the target by latent distance; rows farther away are never decoded
+    assert all(r["latent_distance"] <= target["latent_distance"] for r in scored)
+    assert any(r["fad"] is None for r in lazy["rows"])
+    # decoded: the scored rows, the target's second seed set, the reference solution (2 clips each)
+    assert emb.clips == 2 * (len(scored) + 2)
+    both = lazy["fewest"]["both"]
+    assert both is not None and both["cost"] <= target["cost"]
+    full = steps_sweep(pipe, prompts, text, ref_emb, emb, score_all=True, **kw)
+    assert all(r["fad"] is not None for r in full["rows"])
+    assert full["fewest"]["both"]["label"] == both["label"]  # the lazy answer is the full sweep's answer
 
 
 def test_eval_cli_rejects_bad_input_with_one_message(eval_model_dir, tiny_corpus, tmp_path, capsys):
@@ -231,4 +327,12 @@ def test_eval_cli_rejects_bad_input_with_one_message(eval_model_dir, tiny_corpus
     assert "at least 2 are needed" in capsys.readouterr().err
     assert main(base + ["--prompts", str(tiny_corpus), "--out", str(tmp_path / "r.txt")]) == 2
     assert "must end in .json" in capsys.readouterr().err
+    sweep = base + ["--prompts", str(tiny_corpus), "--out", str(tmp_path / "r.json"), "--sweep"]
+    for extra, message in ((["--sweep-caches", "2"], "--sweep-caches: cache_threshold 2.0 is invalid"),
+                           (["--sweep-schedules", "exp"], "--sweep-schedules: guidance_schedule 'exp' is invalid"),
+                           (["--sweep-intervals", "0.5"], "--sweep-intervals '0.5' must be T_MIN:T_MAX"),
+                           (["--sweep-intervals", "0.6:0.2"], "guidance_interval (0.6, 0.2) is invalid"),
+                           (["--sweep-solvers", "rk4"], "--sweep-solvers: solver 'rk4' is invalid")):
+        assert main(sweep + extra) == 2
+        assert message in capsys.readouterr().err
     assert not (tmp_path / "r.json").exists()

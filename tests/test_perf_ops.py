@@ -99,3 +99,34 @@ def test_auto_dtype_is_bf16_exactly_where_the_device_has_it_natively():
     assert parse_dtype("fp32", "cpu") == torch.float32
     with pytest.raises(FluxMusicError, match="'int4' is not supported; allowed: auto"):
         parse_dtype("int4")
+
+
+def test_bench_procedure_takes_our_setting_from_a_sweep(tmp_path):
+    """benchmarks/bench_procedure.py at tiny shapes: our setting (evaluation counts, probes) comes from a sweep's
+    cheapest match, and the whole-procedure row adds its guided, cond-only and probe costs (no timing asserted)."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    best = {"solver": "ab2", "steps": 8, "shift": 3.0, "guidance_interval": [0.2, 1.0], "cache_threshold": 0.1,
+            "guidance_schedule": "constant", "label": "ab2 8, shift 3, interval [0.2, 1], cache 0.1", "nfe": 6.0,
+            "cost": 5.5}
+    sweep = tmp_path / "sweep.json"
+    sweep.write_text(json.dumps({"steps_sweep": {"fewest": {"both": best}}}))
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_procedure.py"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    out = subprocess.run([sys.executable, str(script), "--config", "tiny", "--music-tokens", "16", "--txt-len", "8",
+                          "--repeats", "1", "--threads", "1", "--from-sweep", str(sweep)],
+                         capture_output=True, text=True, env=env, timeout=600)
+    assert out.returncode == 0, out.stderr
+    assert "ours: ab2 8, shift 3, interval [0.2, 1], cache 0.1 from" in out.stdout
+    # nfe 6, cost 5.5: 5 guided (B=2) + 1 cond-only (B=1) evaluations; the probe runs at all 8 steps
+    assert "| ours bf16 + blocked attention, guided (B=2) |" in out.stdout
+    assert "| ours bf16 + blocked attention, cond only (B=1) |" in out.stdout
+    assert "5 guided + 1 cond-only + 8 probes" in out.stdout
+    sweep.write_text(json.dumps({"steps_sweep": {"fewest": {"both": None}}}))
+    bad = subprocess.run([sys.executable, str(script), "--config", "tiny", "--from-sweep", str(sweep)],
+                         capture_output=True, text=True, env=env, timeout=600)
+    assert bad.returncode != 0 and "no setting matched the target both ways" in bad.stderr

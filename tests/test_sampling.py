@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import shutil
 from pathlib import Path
 
@@ -22,7 +23,7 @@ import torch
 
 from fluxmusic.cli import main
 from fluxmusic.errors import FluxMusicError
-from fluxmusic.flow import GuidedVelocity, StepCache, sample
+from fluxmusic.flow import Conditioning, GuidedVelocity, StepCache, guidance_weight, sample
 from fluxmusic.latent import LatentGeometry
 from fluxmusic.pipeline import FluxMusicPipeline
 from fluxmusic.sampling import (
@@ -103,6 +104,7 @@ def test_model_negative_prompt_is_read(odd_pipe):
         ({"guidance_interval": (0.7, 0.2)}, "guidance_interval (0.7, 0.2) is invalid; allowed: two times"),
         ({"guidance_interval": (0.0, 1.5)}, "guidance_interval (0.0, 1.5) is invalid"),
         ({"cache_threshold": 2.0}, "cache_threshold 2.0 is invalid; allowed: a number in [0, 1]"),
+        ({"guidance_schedule": "exp"}, "guidance_schedule 'exp' is invalid; allowed: constant, linear, cosine"),
     ],
 )
 def test_one_validation_clear_messages(kw, message):
@@ -203,10 +205,11 @@ def front_ends(odd_model_dir, tmp_path_factory):
 #: (Python keywords, CLI arguments): a custom request, the official preset, and one with step caching.
 REQUESTS = {
     "custom": ({"negative_prompt": "low quality", "duration": 1.0, "steps": 3, "guidance": 4.5, "solver": "ab2",
-                "shift": 2.0, "seed": 7, "guidance_interval": (0.0, 0.75), "cache_threshold": 0.0},
+                "shift": 2.0, "seed": 7, "guidance_interval": (0.0, 0.75), "cache_threshold": 0.0,
+                "guidance_schedule": "linear"},
                ["--negative-prompt", "low quality", "--duration", "1.0", "--steps", "3", "--guidance", "4.5",
                 "--solver", "ab2", "--shift", "2", "--seed", "7", "--guidance-interval", "0", "0.75",
-                "--cache-threshold", "0"]),
+                "--cache-threshold", "0", "--guidance-schedule", "linear"]),
     "official": ({"preset": "official", "duration": 0.5, "seed": 3},
                  ["--official", "--duration", "0.5", "--seed", "3"]),
     "model_defaults_with_cache": ({"duration": 0.5, "seed": 11}, ["--duration", "0.5", "--seed", "11"]),
@@ -266,6 +269,7 @@ BAD = [
     ({"preset": "fast"}, None),
     ({"guidance_interval": (0.5, 0.25)}, ["--guidance-interval", "0.5", "0.25"]),
     ({"cache_threshold": 1.5}, ["--cache-threshold", "1.5"]),
+    ({"guidance_schedule": "exp"}, ["--guidance-schedule", "exp"]),
 ]
 
 
@@ -446,3 +450,47 @@ def test_guided_velocity_rows_equal_the_full_batch(tiny_pipe):
     full = gv(x, t)
     one = gv(x[1:], t[1:], rows=torch.tensor([1]))
     assert torch.allclose(full[1:], one, atol=1e-5)
+
+
+def test_guidance_schedule_scales_the_guidance_per_step():
+    """g(t) = g w(t): one recorded CFG combine per step, with the scale the schedule gives at that step's t."""
+    seen = []
+
+    def model(x, t, txt, y, rope):  # cond rows return 1, uncond rows 0: v = g(t) exactly
+        return (txt[:, :1, :1] * 0 + (y[:, :1, None] > 0).float()).expand_as(x) + 0 * t.view(-1, 1, 1)
+
+    cond = Conditioning(torch.zeros(1, 1, 1), torch.ones(1, 1))
+    null = Conditioning(torch.zeros(1, 1, 1), -torch.ones(1, 1))
+    x = torch.zeros(1, 2, 3)
+    for schedule, w in (("constant", lambda t: 1.0), ("linear", lambda t: 2 * (1 - t)),
+                        ("cosine", lambda t: 1 + math.cos(math.pi * t))):
+        gv = GuidedVelocity(model, cond, null, torch.tensor([3.0]), torch.zeros(1), schedule=schedule)
+        seen.clear()
+
+        def velocity(xx, tt, gv=gv):
+            v = gv(xx, tt)
+            seen.append((float(tt[0]), v[0, 0, 0].item()))
+            return v
+
+        sample(velocity, x, 4)
+        assert [v for _, v in seen] == pytest.approx([3.0 * w(t) for t, _ in seen], abs=1e-6), schedule
+        assert gv.plain == (schedule == "constant")
+    # the ramps average the constant scale over t in [0, 1]
+    for schedule in ("linear", "cosine"):
+        ts = np.linspace(0, 1, 100_001)
+        assert np.mean([guidance_weight(schedule, t) for t in ts[::100]]) == pytest.approx(1.0, abs=2e-3)
+    with pytest.raises(FluxMusicError, match="unknown guidance schedule 'exp'"):
+        GuidedVelocity(model, cond, null, torch.tensor([3.0]), torch.zeros(1), schedule="exp")
+
+
+def test_guidance_schedule_reaches_the_pipeline_and_is_reported(tiny_pipe):
+    kw = dict(duration=0.5, steps=6, seed=2, solver="euler", shift=1)
+    constant = tiny_pipe(PROMPT, **kw)
+    linear = tiny_pipe(PROMPT, guidance_schedule="linear", **kw)
+    assert linear.settings.guidance_schedule == "linear" and "linear guidance schedule" in linear.settings.describe()
+    assert constant.settings.guidance_schedule == "constant"
+    assert np.abs(linear.audio[0] - constant.audio[0]).max() > 1e-3 * np.abs(constant.audio[0]).max()
+    assert linear.settings.batch_key != constant.settings.batch_key  # not batched together
+    again = tiny_pipe(PROMPT, guidance_schedule="linear", **kw)
+    assert np.array_equal(again.audio[0], linear.audio[0])
+    assert tiny_pipe(PROMPT, preset="official", duration=0.5, steps=2).settings.guidance_schedule == "constant"

@@ -37,6 +37,7 @@ def build_inputs(
     keep: str | None = None,
     regenerate: str | None = None,
     mode: str | None = None,
+    guidance_schedule: str | None = None,
 ) -> list[grpcclient.InferInput]:
     """Request tensors of the ``fluxmusic`` model; an omitted setting takes the model's default (or the preset's).
     ``shift=1`` is no time shift; ``preset="official"`` is the official sampler. ``audio`` (mono float32 samples at
@@ -71,6 +72,7 @@ def build_inputs(
         "keep": (text(keep), "BYTES"),
         "regenerate": (text(regenerate), "BYTES"),
         "mode": (text(mode), "BYTES"),
+        "guidance_schedule": (text(guidance_schedule), "BYTES"),
     }
     inputs = []
     for name, (array, datatype) in values.items():

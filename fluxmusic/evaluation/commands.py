@@ -46,11 +46,22 @@ def register(sub: argparse._SubParsersAction) -> None:
     e.add_argument("--no-untrained", action="store_true", help="skip the untrained-transformer baseline")
     e.add_argument("--sweep", action="store_true", help="also run the steps-versus-quality sweep")
     e.add_argument("--sweep-prompts", type=int, help=f"prompts in the sweep (default {FULL_SWEEP_PROMPTS})")
-    e.add_argument("--sweep-steps", default="4,6,8,12,16,25,50", help="comma-separated step counts")
+    e.add_argument("--sweep-steps", default="4,6,8,12,16,25,50",
+                   help="comma-separated step counts of the grid (the target, uniform Euler, always runs)")
     e.add_argument("--sweep-shift", type=float, default=3.0, help="time-shift schedule also swept (0: none)")
+    e.add_argument("--sweep-solvers", default="euler,heun,ab2", help="comma-separated solvers of the grid")
+    e.add_argument("--sweep-intervals", default="0.1:1,0.2:1,0.3:1",
+                   help="guidance intervals tried on the base settings, T_MIN:T_MAX,... ('none': skip)")
+    e.add_argument("--sweep-caches", default="0.05,0.1,0.2",
+                   help="step-cache thresholds tried on the base settings ('none': skip)")
+    e.add_argument("--sweep-schedules", default="linear,cosine",
+                   help="guidance schedules tried on the base settings ('none': skip)")
     e.add_argument("--sweep-target", type=int, default=50, help="match this many uniform Euler steps (default 50)")
     e.add_argument("--sweep-reference-steps", type=int, default=200,
                    help="Heun steps of the reference solution latent distances are measured to (default 200)")
+    e.add_argument("--sweep-score-all", action=argparse.BooleanOptionalAction, default=True,
+                   help="decode and score FAD/CLAP for every sweep row (--no-sweep-score-all: only the target and "
+                        "the rows matching it by latent distance, cheapest first, until one matches both ways)")
     e.add_argument("--plot", help="steps-sweep PNG (default: next to --out, *_steps.png)")
     e.add_argument("--quick", action="store_true",
                    help=f"at most {QUICK['prompts']} prompts, {QUICK['reference']} reference clips, "
@@ -98,16 +109,56 @@ def _out_path(path: str, suffix: str) -> Path:
     return p
 
 
-def _steps_list(text: str, target: int) -> list[int]:
+def _steps_list(text: str) -> list[int]:
     try:
         steps = [int(s) for s in text.split(",") if s.strip()]
     except ValueError:
         raise FluxMusicError(f"--sweep-steps {text!r} must be comma-separated integers") from None
     if not steps or min(steps) < 1:
         raise FluxMusicError(f"--sweep-steps {text!r} must list integers >= 1")
-    if target not in steps:
-        raise FluxMusicError(f"--sweep-steps {text!r} must include the --sweep-target {target} it matches against")
-    return sorted(set(steps))
+    return sorted(set(steps))  # the target (uniform Euler) is run whether listed or not
+
+
+def _sweep_options(args: argparse.Namespace) -> dict:
+    """The sweep's solvers, intervals, cache thresholds and schedules, each checked by the sampling validation
+    (one error naming the option and the bad value) before anything loads."""
+    from fluxmusic.sampling import resolve_settings
+
+    def items(flag: str, text: str) -> list[str]:
+        parts = [p.strip() for p in text.split(",") if p.strip()]
+        if not parts:
+            raise FluxMusicError(f"{flag} {text!r} must list at least one value (or 'none')")
+        return [] if parts == ["none"] else parts
+
+    def check(flag: str, **kw) -> None:
+        try:
+            resolve_settings(None, **kw)
+        except FluxMusicError as e:
+            raise FluxMusicError(f"{flag}: {e}") from None
+
+    out: dict = {"solvers": items("--sweep-solvers", args.sweep_solvers), "intervals": [], "cache_thresholds": [],
+                 "schedules": items("--sweep-schedules", args.sweep_schedules)}
+    if not out["solvers"]:
+        raise FluxMusicError("--sweep-solvers must name at least one solver")
+    for s in out["solvers"]:
+        check("--sweep-solvers", solver=s)
+    for s in out["schedules"]:
+        check("--sweep-schedules", guidance_schedule=s)
+    for iv in items("--sweep-intervals", args.sweep_intervals):
+        try:
+            lo, hi = (float(v) for v in iv.split(":"))
+        except ValueError:
+            raise FluxMusicError(f"--sweep-intervals {iv!r} must be T_MIN:T_MAX") from None
+        check("--sweep-intervals", guidance_interval=(lo, hi))
+        out["intervals"].append((lo, hi))
+    for c in items("--sweep-caches", args.sweep_caches):
+        try:
+            value = float(c)
+        except ValueError:
+            raise FluxMusicError(f"--sweep-caches {c!r} must be a number") from None
+        check("--sweep-caches", cache_threshold=value)
+        out["cache_thresholds"].append(value)
+    return out
 
 
 def run(args: argparse.Namespace) -> int:
@@ -133,7 +184,8 @@ def run(args: argparse.Namespace) -> int:
         _positive("--" + name.replace("_", "-"), getattr(args, name))
     if not 0 <= args.seed <= 2**63 - 1:
         raise invalid("seed", args.seed, "an integer in [0, 2**63 - 1]")
-    sweep_steps = _steps_list(args.sweep_steps, args.sweep_target) if args.sweep else None
+    sweep_steps = _steps_list(args.sweep_steps) if args.sweep else None
+    sweep_options = _sweep_options(args) if args.sweep else {}
     if args.sweep_shift < 0:
         raise FluxMusicError(f"--sweep-shift {args.sweep_shift} must be > 0 (or 0 for none)")
     limit, ref_limit = args.limit, args.reference_limit
@@ -153,6 +205,9 @@ def run(args: argparse.Namespace) -> int:
     d = pipe.defaults
     st = resolve_settings(d, steps=args.steps, solver=args.solver, guidance=args.guidance, shift=args.shift)
     steps, solver, guidance, shift = st.steps, st.solver, st.guidance, st.shift
+    # the model row samples as the model does by default (interval, cache, schedule included)
+    options = {"guidance_interval": st.guidance_interval, "cache_threshold": st.cache_threshold,
+               "guidance_schedule": st.guidance_schedule}
     geo = pipe.geometry
     ref = load_reference(args.reference, geo.sample_rate, geo.max_duration, ref_limit, args.split, args.vocabulary)
     prompts = load_prompts(args.prompts, ref.space, args.split)[:limit]
@@ -162,7 +217,7 @@ def run(args: argparse.Namespace) -> int:
 
     results = evaluate(pipe, prompts, ref, embedder, steps=steps, solver=solver, guidance=guidance, shift=shift,
                        seed=args.seed, batch_size=args.batch_size, untrained=not args.no_untrained,
-                       progress=progress)
+                       progress=progress, options=options)
     scored = results.pop("_scored")
     if args.sweep:
         from fluxmusic.evaluation.sweep import steps_sweep
@@ -173,14 +228,15 @@ def run(args: argparse.Namespace) -> int:
             guidance=guidance, seed=args.seed, steps=sweep_steps,
             shifts=(None, args.sweep_shift) if args.sweep_shift else (None,), target_steps=args.sweep_target,
             reference_steps=args.sweep_reference_steps, batch_size=args.batch_size,
-            progress=progress,
+            progress=progress, base={"solver": solver, "steps": steps, "shift": shift}, **sweep_options,
+            score_all=args.sweep_score_all,
         )
         results["steps_sweep"]["plot"] = str(plot_sweep(results["steps_sweep"], plot))
         results["steps_sweep"]["model_defaults"] = dict(d)
     results["config"] = {
         "model": str(model_dir), "prompts": str(args.prompts), "reference": str(args.reference),
         "embedder": embedder.name, "split": args.split, "vocabulary": ref.space.name,
-        "steps": steps, "solver": solver, "guidance": guidance, "shift": shift,
+        "steps": steps, "solver": solver, "guidance": guidance, "shift": shift, **options,
         "seed": args.seed, "quick": bool(args.quick), "threads": torch.get_num_threads(), "argv": sys.argv[1:],
     }
     results["timing"]["total_s"] = time.perf_counter() - t0

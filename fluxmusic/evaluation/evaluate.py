@@ -132,15 +132,17 @@ def pairing(prompts: Sequence[Prompt], ref: Reference) -> np.ndarray | None:
 
 
 def generate(pipe: FluxMusicPipeline, prompts: Sequence[str], seed: int, steps: int, solver: str,
-             shift: float | None, guidance: float, batch_size: int, desc: str, progress: bool) -> list[np.ndarray]:
-    """Full-length audio for every prompt; prompt i uses seed + i whatever the batching."""
+             shift: float | None, guidance: float, batch_size: int, desc: str, progress: bool,
+             options: dict | None = None) -> list[np.ndarray]:
+    """Full-length audio for every prompt; prompt i uses seed + i whatever the batching. ``options``: guidance
+    interval, step cache, guidance schedule (:data:`fluxmusic.evaluation.generation.PLAIN_OPTIONS`)."""
     bar = tqdm(total=len(prompts) * steps, desc=desc, unit="step", disable=not progress)
     waves: list[np.ndarray] = []
     for i in range(0, len(prompts), batch_size):
         chunk = list(prompts[i : i + batch_size])
         seeds = [seed + i + j for j in range(len(chunk))]
         lat = solve_latents(pipe, chunk, seeds, steps, solver, shift, guidance,
-                            on_step=partial(bar.update, len(chunk)))
+                            on_step=partial(bar.update, len(chunk)), **(options or {}))
         waves += decode_full(pipe, lat)
     bar.close()
     return waves
@@ -148,8 +150,9 @@ def generate(pipe: FluxMusicPipeline, prompts: Sequence[str], seed: int, steps: 
 
 def evaluate(pipe: FluxMusicPipeline, prompts: Sequence[Prompt], ref: Reference, embedder: Embedder, *,
              steps: int, solver: str, guidance: float, shift: float | None, seed: int = 0, batch_size: int = 4,
-             untrained: bool = True, progress: bool = True) -> dict:
-    """All metrics for the model and the baselines; see docs/quality.md for their definitions."""
+             untrained: bool = True, progress: bool = True, options: dict | None = None) -> dict:
+    """All metrics for the model and the baselines; see docs/quality.md for their definitions. ``options``: the
+    sampling options beyond steps, solver, guidance and shift (guidance interval, step cache, schedule)."""
     sr = pipe.sample_rate
     space = ref.space
     instruments = list(space.vocabularies["instrument"])
@@ -168,7 +171,7 @@ def evaluate(pipe: FluxMusicPipeline, prompts: Sequence[Prompt], ref: Reference,
     def system(pipe_: FluxMusicPipeline, name: str) -> tuple[dict, Scored]:
         t = time.perf_counter()
         waves = generate(pipe_, texts, seed, steps, solver, shift, guidance, batch_size, f"generate {name}",
-                         progress)
+                         progress, options)
         timing[f"generate_{name}_s"] = time.perf_counter() - t
         s = score_audio(waves, sr, embedder, protos, name, progress, space)
         if pair is not None:  # generated half for the captions of one reference half vs the other half

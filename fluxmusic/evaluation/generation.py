@@ -11,30 +11,39 @@ import torch
 from torch import Tensor
 
 from fluxmusic.errors import FluxMusicError
-from fluxmusic.flow import Conditioning, cfg_velocity, sample
-from fluxmusic.latent import patchify, unpatchify
-from fluxmusic.pipeline import FluxMusicPipeline, noise_for
+from fluxmusic.pipeline import FluxMusicPipeline
+
+#: Sampling options beyond (steps, solver, shift, guidance), with their "off" values.
+PLAIN_OPTIONS = {"guidance_interval": (0.0, 1.0), "cache_threshold": 0.0, "guidance_schedule": "constant"}
 
 
 @torch.no_grad()
+def solve_with_stats(pipe: FluxMusicPipeline, prompts: Sequence[str], seeds: Sequence[int], steps: int, solver: str,
+                     shift: float | None, guidance: float, on_step: Callable[[], None] | None = None,
+                     **options) -> tuple[Tensor, dict[str, float]]:
+    """Final scaled latents [B, C, H, W] of a full-length generation through the pipeline's own solve
+    (:meth:`FluxMusicPipeline.sample_latents`: same noise per seed, batched CFG with the "" null condition), and
+    its per-waveform counts (``evaluations``, ``cache_skipped``, ``cfg_evaluations``). ``shift`` None is the
+    uniform schedule; ``options`` are ``guidance_interval``, ``cache_threshold``, ``guidance_schedule`` (absent:
+    off, never the model's defaults)."""
+    unknown = set(options) - set(PLAIN_OPTIONS)
+    if unknown:
+        raise FluxMusicError(f"unknown sampling option(s) {', '.join(sorted(unknown))}; "
+                             f"known: {', '.join(PLAIN_OPTIONS)}")
+    req = pipe.request(list(prompts), seed=list(seeds), steps=steps, solver=solver,
+                       shift=1.0 if shift is None else shift, guidance=float(guidance), negative_prompt="",
+                       **{**PLAIN_OPTIONS, **options})
+    cond = pipe.conditioning([it.prompt for it in req.items])
+    uncond = pipe.conditioning([""] * len(req.items))
+    x, stats = pipe.sample_latents(req, cond, uncond, (lambda i, n: on_step()) if on_step else None)
+    return x.cpu(), stats
+
+
 def solve_latents(pipe: FluxMusicPipeline, prompts: Sequence[str], seeds: Sequence[int], steps: int, solver: str,
-                  shift: float | None, guidance: float, on_step: Callable[[], None] | None = None) -> Tensor:
-    """Final scaled latents [B, C, H, W] of a full-length generation, exactly as ``generate_items`` computes
-    them (same noise per seed, batched CFG with the "" null condition); ``decode_full`` turns them into audio."""
-    geo = pipe.geometry
-    shape = geo.latent_shape(geo.max_duration)
-    grid_h, grid_w = geo.grid(shape[1])
-    cond = pipe.conditioning(list(prompts))
-    uncond = pipe.conditioning([""] * len(prompts))
-    device = getattr(pipe.backend, "device", torch.device("cpu"))
-    x = patchify(torch.stack([noise_for(s, shape) for s in seeds])).to(device)
-    g = torch.full((len(prompts),), float(guidance), dtype=torch.float32, device=device)
-    velocity = cfg_velocity(pipe.backend.velocity, Conditioning(cond.txt.to(device), cond.y.to(device)),
-                            Conditioning(uncond.txt.to(device), uncond.y.to(device)), g,
-                            pipe.backend.rope(cond.txt.shape[1], grid_h, grid_w))
-    cb = (lambda i, n, _x: on_step()) if on_step else None
-    x = sample(velocity, x, steps, solver=solver, shift=shift, callback=cb)
-    return unpatchify(x, grid_h, grid_w).cpu()
+                  shift: float | None, guidance: float, on_step: Callable[[], None] | None = None,
+                  **options) -> Tensor:
+    """The latents of :func:`solve_with_stats`; ``decode_full`` turns them into audio."""
+    return solve_with_stats(pipe, prompts, seeds, steps, solver, shift, guidance, on_step, **options)[0]
 
 
 @torch.no_grad()
@@ -67,4 +76,5 @@ def untrained_twin(pipe: FluxMusicPipeline, seed: int) -> FluxMusicPipeline:
     twin_backend.transformer = fresh
     twin = copy.copy(pipe)
     twin.backend = twin_backend
+    twin._probe = None  # the step cache's probe must read the twin's first block, not the trained one's
     return twin

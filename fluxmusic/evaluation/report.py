@@ -52,28 +52,47 @@ def metrics_table(results: dict) -> str:
     return "\n".join(lines)
 
 
+def _label(r: dict) -> str:
+    from fluxmusic.evaluation.sweep import setting_label
+
+    return r.get("label") or setting_label(r)
+
+
 def steps_table(sweep: dict) -> str:
+    """Markdown table of the sweep's rows (grid first, then the options), with each row's cost per clip."""
     ref = sweep["reference_solver"]["steps"]
-    lines = [f"| solver | schedule | steps | NFE | latent dist. to Heun-{ref} | FAD | CLAP score |",
-             "|---|---|---|---|---|---|---|"]
+    lines = [f"| setting | model calls | cost (CFG evaluations) | latent dist. to Heun-{ref} | FAD | CLAP score |",
+             "|---|---|---|---|---|---|"]
     for r in sweep["rows"]:
-        sched = "uniform" if r["shift"] is None else f"shift {r['shift']:g}"
-        lines.append(f"| {r['solver']} | {sched} | {r['steps']} | {r['nfe']} | {r['latent_distance']:.4f} | "
-                     f"{r['fad']:.4f} | {r['clap_score']:.3f} |")
+        nfe = r["nfe"]
+        lines.append(f"| {_label(r)} | {nfe:g} | {r.get('cost', nfe):g} | {r['latent_distance']:.4f} | "
+                     f"{_f(r['fad'], '.4f')} | {_f(r['clap_score'])} |")
+    noise = sweep.get("noise")
+    if noise:
+        lines.append(f"\nmetric noise (the target from other seeds): FAD {noise['fad']:.4f}, "
+                     f"CLAP score {noise['clap_score']:.4f}")
     return "\n".join(lines)
 
 
 def describe_fewest(sweep: dict) -> str:
+    fewest = sweep.get("fewest", {})
+    n = (fewest.get("target") or {}).get("steps")
+    tol = fewest.get("tolerance") or {}
+    metric = "FAD and CLAP within tolerance"
+    if tol:
+        metric = f"FAD within +{tol['fad']:.4f} and CLAP score within -{tol['clap_score']:.4f}"
     out = []
-    n = (sweep.get("fewest", {}).get("target") or {}).get("steps")
-    for crit, label in (("latent", f"latent distance <= Euler-{n}'s"), ("metrics", "FAD and CLAP within tolerance")):
-        r = sweep.get("fewest", {}).get(crit)
+    for crit, label in (("latent", f"latent distance <= Euler-{n}'s"), ("metrics", metric),
+                        ("both", "both")):
+        r = fewest.get(crit)
+        if crit not in fewest and crit == "both":
+            continue
         if r is None:
             out.append(f"fewest steps matching {n}-step Euler ({label}): none")
         else:
-            sched = "uniform" if r["shift"] is None else f"shift {r['shift']:g}"
-            out.append(f"fewest steps matching {n}-step Euler ({label}): {r['solver']} {r['steps']} steps, {sched} "
-                       f"({r['nfe']} model evaluations)")
+            cost = r.get("cost", r.get("nfe"))
+            out.append(f"fewest steps matching {n}-step Euler ({label}): {_label(r)} "
+                       f"({cost:g} model evaluations)")
     return "\n".join(out)
 
 
@@ -86,7 +105,8 @@ def plot_sweep(sweep: dict, path: str | Path) -> Path:
     import matplotlib.pyplot as plt
 
     path = Path(path)
-    rows = sweep["rows"]
+    rows = [r for r in sweep["rows"] if r.get("kind", "grid") == "grid"]
+    extra = [r for r in sweep["rows"] if r.get("kind", "grid") != "grid"]
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
     keys = sorted({(r["solver"], r["shift"]) for r in rows}, key=lambda k: (k[0], k[1] or 0))
     t = sweep.get("fewest", {}).get("target") or {"steps": None}
@@ -95,15 +115,20 @@ def plot_sweep(sweep: dict, path: str | Path) -> Path:
     for ax, metric, label in zip(axes, ("latent_distance", "fad", "clap_score"),
                                  (ref_label, "FAD (CLAP embeddings)", "CLAP score")):
         for solver, shift in keys:
-            rs = sorted((r for r in rows if r["solver"] == solver and r["shift"] == shift), key=lambda r: r["nfe"])
+            rs = sorted((r for r in rows if r["solver"] == solver and r["shift"] == shift and r[metric] is not None),
+                        key=lambda r: r["nfe"])
             name = f"{solver}, " + ("uniform" if shift is None else f"shift {shift:g}")
-            ax.plot([r["nfe"] for r in rs], [r[metric] for r in rs], marker="o", label=name)
+            ax.plot([r.get("cost", r["nfe"]) for r in rs], [r[metric] for r in rs], marker="o", label=name)
+        shown = [r for r in extra if r[metric] is not None]
+        if shown:
+            ax.scatter([r.get("cost", r["nfe"]) for r in shown], [r[metric] for r in shown], marker="x",
+                       color="black", label="options (interval, cache, schedule)", zorder=3)
         if target is not None:
             ax.axhline(target[metric], color="gray", ls="--", lw=1, label=f"Euler {t['steps']}")
         ax.set_xscale("log")
         if metric == "latent_distance":
             ax.set_yscale("log")
-        ax.set_xlabel("model evaluations (NFE)")
+        ax.set_xlabel("cost: CFG evaluations per clip")
         ax.set_title(label)
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)

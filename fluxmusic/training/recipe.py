@@ -141,9 +141,10 @@ RECIPES: dict[str, Recipe] = {
         text=TextEncodersConfig(), text_stage=Stage(steps=1500, batch_size=32, lr=5e-4, warmup_steps=50),
         transformer=_DEFAULT_TRANSFORMER,
         transformer_stage=Stage(steps=2500, batch_size=16, lr=5e-4, ema_decay=0.995, warmup_steps=100, bf16=True),
-        # AB2 16 / shift 3: on this model closer to a Heun-50 solution than Heun 16 at half the evaluations
-        # (benchmarks/bench_sampling_options.py: latent distance 0.027 vs 0.033; 16 vs 31 evaluations).
-        defaults={"steps": 16, "guidance": 4.0, "solver": "ab2", "shift": 3.0},
+        # AB2 14 / shift 3: the cheapest setting as accurate as the official Euler-50 (latent distance to a
+        # Heun-40 solution 0.030 vs 0.037) with FAD/CLAP within their noise (fluxmusic eval --sweep,
+        # docs/performance.md section 5); AB2 12 misses by 2-4%.
+        defaults={"steps": 14, "guidance": 4.0, "solver": "ab2", "shift": 3.0},
         half_storage=("transformer", "vae", "vocoder", "text_encoder", "clap"),
     ),
     # A toy of the same pipeline for tests: minutes of audio, a handful of steps, tiny widths.
