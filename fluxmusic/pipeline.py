@@ -369,8 +369,9 @@ class FluxMusicPipeline:
         audio = [np.concatenate(p).astype(np.float32) for p in parts]
         return GenerationResult(
             audio, self.sample_rate, [it.seed for it in request.items], [it.prompt for it in request.items],
-            request.settings, dict(last.timings), last.evaluations, last.cache_skipped, last.kept_snr_db,
-            last.decoded_kept_snr_db, last.windows, last.decoded_kept_mel_snr_db,
+            request.settings, dict(last.timings), evaluations=last.evaluations, cache_skipped=last.cache_skipped,
+            kept_snr_db=last.kept_snr_db, decoded_kept_snr_db=last.decoded_kept_snr_db, windows=last.windows,
+            decoded_kept_mel_snr_db=last.decoded_kept_mel_snr_db,
         )
 
     def generate_stream(self, request: GenerationRequest, progress: ProgressFn | None = None) -> Iterator[StreamChunk]:

@@ -75,6 +75,7 @@ def build_request(
     guidance_interval: tuple[float, float] | None = None,
     cache_threshold: float | None = None,
     guidance_schedule: str | None = None,
+    conditioning: str | None = None,
     audio: bytes | str | Path | None = None,
     keep: str | None = None,
     regenerate: str | None = None,
@@ -100,7 +101,7 @@ def build_request(
     message = pb2.GenerateStreamRequest if stream else pb2.GenerateRequest
     req = message(prompt=prompt, negative_prompt=negative_prompt or "", solver=solver or "",
                   num_waveforms=num_waveforms, encoding=ENCODING_VALUE[encoding], preset=preset or "",
-                  guidance_schedule=guidance_schedule or "")
+                  guidance_schedule=guidance_schedule or "", conditioning=conditioning or "")
     lo, hi = guidance_interval if guidance_interval is not None else (None, None)
     for name, value in (("duration", duration), ("steps", steps), ("guidance", guidance), ("shift", shift),
                         ("seed", seed), ("guidance_interval_min", lo), ("guidance_interval_max", hi),

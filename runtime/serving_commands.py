@@ -43,11 +43,6 @@ def _wire_options(args: argparse.Namespace) -> dict:
     from fluxmusic.sampling import invalid
 
     kw = {**sampling_kwargs(args), **audio_kwargs(args), **media_kwargs(args)}  # files are sent as their bytes
-    if kw.pop("conditioning", None) is not None:  # not a wire field: the server picks (auto)
-        from fluxmusic.errors import FluxMusicError
-
-        raise FluxMusicError("--conditioning is not a gRPC request field; the server uses auto (trained when its "
-                             "model has it, else replace)")
     if isinstance(kw["shift"], str):
         if kw["shift"].lower() != "none":
             raise invalid("shift", kw["shift"], "a number, or 'none' (= 1: no shift)")

@@ -131,6 +131,7 @@ def parse_request(req, limits: Limits, pipe) -> RequestSpec:
         guidance_interval=interval,
         cache_threshold=_opt(req, "cache_threshold"),
         guidance_schedule=req.guidance_schedule or None,
+        conditioning=req.conditioning or None,
         limits=limits.sampling,
         audio=bytes(req.audio) if req.audio else None,
         keep=req.keep or None,

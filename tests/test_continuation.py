@@ -279,6 +279,10 @@ def test_grpc_audio_in_and_streamed_windows(tiny_pipe, wave, one_torch_thread):
             ref = tiny_pipe.generate(tiny_pipe.request("slow piano", audio=wave, mode="continue", keep="0:2",
                                                        duration=3.0, steps=2, seed=5))
             assert np.array_equal(out.audio[0], ref.audio[0]) and out.kept_snr_db[0] > 15
+            # conditioning on the wire: "replace" is what auto picks for a model without a context input
+            same = c.generate("slow piano", audio=data, mode="continue", keep="0:2", duration=3.0, steps=2, seed=5,
+                              encoding="pcm_f32le", conditioning="replace")
+            assert np.array_equal(same.audio[0], out.audio[0])
             windows = []
             opts = dict(duration=14.0, steps=1, seed=3, overlap=2.56, encoding="pcm_f32le",
                         sections=["0:8 slow piano", "8: fast drums"])
@@ -290,7 +294,7 @@ def test_grpc_audio_in_and_streamed_windows(tiny_pipe, wave, one_torch_thread):
             assert np.array_equal(joined, streamed.audio[0]) and len(joined) == 14 * SR
             assert np.array_equal(c.generate("", **opts).audio[0], joined)  # unary == streamed
             bad = [dict(audio=b"not audio"), dict(audio=data, keep="0:9"), dict(sections=["drums"]),
-                   dict(audio=data, mode="sideways")]
+                   dict(audio=data, mode="sideways"), dict(audio=data, keep="0:2", conditioning="sideways")]
             for fields in bad:
                 req = pb2.GenerateRequest(prompt="" if "sections" in fields else "slow piano", steps=1, duration=3.0)
                 for k, v in fields.items():
