@@ -6,7 +6,7 @@ transformer/                config.json + model.safetensors
 text_encoder/ tokenizer/    T5EncoderModel + tokenizer
 clap/ clap_tokenizer/       CLAP (full or text tower) + tokenizer
 vae/                        diffusers AutoencoderKL
-vocoder/                    transformers SpeechT5HifiGan
+vocoder/                    transformers SpeechT5HifiGan (official) or fluxmusic.vocos.VocosVocoder (by model_type)
 null_embeddings.safetensors the "" encodings (txt, y), computed once when the directory is built
 image_encoder/ image_processor/ adapters/   optional: image / story conditioning (fluxmusic.adapters)
 ```
