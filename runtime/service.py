@@ -238,6 +238,9 @@ def build_model_info(pipe, limits: Limits, max_batch: int, max_delay_ms: float, 
     import numpy
     import torch
 
+    from fluxmusic.adapters import has_media
+    from fluxmusic.sampling import CONDITIONING
+
     def version(dist: str) -> str:
         try:
             return md.version(dist)
@@ -263,6 +266,14 @@ def build_model_info(pipe, limits: Limits, max_batch: int, max_delay_ms: float, 
             max_guidance=limits.max_guidance, max_shift=limits.max_shift,
             max_seed=MAX_SEED, max_waveforms=limits.max_waveforms, max_prompt_chars=limits.max_prompt_chars,
             solvers=list(limits.solvers), max_response_bytes=limits.max_response_bytes,
+            min_shift=limits.min_shift, max_cache_threshold=limits.max_cache_threshold,
+            guidance_schedules=list(limits.guidance_schedules), max_long_duration=limits.max_long_duration,
+            max_audio_seconds=limits.max_audio_seconds, max_resample=limits.max_resample,
+            max_audio_bytes=limits.max_audio_bytes, max_image_bytes=limits.max_image_bytes,
+            max_image_pixels=limits.max_image_pixels, max_story_chars=limits.max_story_chars,
+            max_media_weight=limits.max_media_weight, conditionings=list(CONDITIONING),
+            image_and_story=pipe.model_dir is not None and has_media(pipe.model_dir),
+            trained_conditioning=pipe.takes_context,
         ),
         batching=pb2.Batching(max_batch=max_batch, max_delay_ms=max_delay_ms, max_queue=max_queue),
         transformer_config_json=json.dumps(cfg_dict, sort_keys=True, default=str),

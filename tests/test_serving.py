@@ -435,6 +435,12 @@ def test_model_info(client, pipe_server):
     assert info.backend == "torch" and info.sample_rate == 16000 and info.defaults.steps == 4
     assert info.limits.max_duration == pytest.approx(10.24) and list(info.limits.solvers) == ["euler", "heun", "ab2"]
     assert info.batching.max_batch == 8 and info.versions["api"] == "fluxmusic.v1"
+    # every option's limits, and what this model can take
+    lim = info.limits
+    assert list(lim.guidance_schedules) == ["constant", "linear", "cosine"] and lim.max_long_duration == 300.0
+    assert lim.max_audio_bytes == 16 * 2**20 and lim.max_image_bytes == 8 * 2**20 and lim.max_story_chars > 0
+    assert list(lim.conditionings) == ["auto", "trained", "replace"] and lim.min_shift > 0
+    assert not lim.image_and_story and not lim.trained_conditioning  # the tiny model has neither
 
 
 def test_stats_and_prometheus(client, server):
