@@ -153,8 +153,8 @@ def native_bf16(device: str | torch.device) -> bool:
 
 
 def parse_dtype(name: str | torch.dtype, device: str | torch.device = "cpu") -> torch.dtype:
-    """A dtype by name; ``auto`` is bf16 where ``device`` computes it natively, else fp32 (the CLI and server
-    default: on the bundled default bf16 halves the solve at 30 dB waveform SNR to fp32, docs/performance.md)."""
+    """A dtype by name; ``auto`` is bf16 where ``device`` computes it natively, else fp32 (the default of every
+    front end: on the bundled default bf16 halves the solve at equal eval scores, docs/performance.md)."""
     if isinstance(name, torch.dtype):
         return name
     if name == "auto":
