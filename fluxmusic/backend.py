@@ -82,6 +82,17 @@ class EncoderBackend(Backend, Protocol):
     def vae_encode(self, mel: Tensor, sample: bool = False, generator: torch.Generator | None = None) -> Tensor: ...
 
 
+@runtime_checkable
+class ContextBackend(Backend, Protocol):
+    """A backend whose transformer may take trained masked conditioning (``context_channels``): ``takes_context``
+    says whether this model has it, and :meth:`velocity` then accepts ``context`` [B, L, 2C]."""
+
+    takes_context: bool
+
+    def velocity(self, x: Tensor, t: Tensor, txt: Tensor, y: Tensor, rope: Tensor,
+                 context: Tensor | None = None) -> Tensor: ...
+
+
 def fused_step(backend: Backend) -> StepBackend | None:
     """The backend as a :class:`StepBackend` when it has the fused step graph loaded, else ``None``."""
     if isinstance(backend, StepBackend) and backend.has_step_graph:

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from fluxmusic.backend import fused_step, make_backend, parse_dtype
+from fluxmusic.backend import ContextBackend, fused_step, make_backend, parse_dtype
 from fluxmusic.continuation import DEFAULT_BLEND, AudioContext, kept_mel_snr, kept_snr, soft_mask
 from fluxmusic.errors import FluxMusicError
 from fluxmusic.flow import Conditioning, GuidedVelocity, KnownRegion, StepCache, sample
@@ -538,7 +538,7 @@ class FluxMusicPipeline:
     @property
     def takes_context(self) -> bool:
         """Whether this model has trained masked conditioning (a transformer with ``context_channels``)."""
-        return bool(getattr(self.backend, "takes_context", False))
+        return isinstance(self.backend, ContextBackend) and self.backend.takes_context
 
     def trained_context(self, request: GenerationRequest, region: KnownRegion | None) -> Tensor | None:
         """The context input [B, L, 2C] of a solve with known frames when it uses trained conditioning
