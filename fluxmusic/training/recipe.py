@@ -317,9 +317,6 @@ class RecipeRun:
     def train_vocoder(self, manifest: Path) -> None:
         """The first vocoder stage, then each of ``vocoder_phases`` from the previous one's EMA weights; the last
         exports ``parts/vocoder``, earlier ones ``parts/<run name>`` (a finished phase is not run again)."""
-        from fluxmusic.training.audio_data import WaveMelCropDataset
-        from fluxmusic.training.vocoder_task import COMB_RESOLUTIONS, STFT_RESOLUTIONS, VocoderTask
-
         train_bank, val_bank = self.bank(manifest, "train"), self.bank(manifest, "val")
         phases = self.r.vocoder_phases
         names = ["vocoder", *(p.name for p in phases)]
@@ -332,14 +329,8 @@ class RecipeRun:
         for i, ph in enumerate(phases, start=1):
             if exports[i].exists():
                 continue
-            config = dataclasses.replace(self.r.vocoder, vocos_phase_advance=ph.phase_advance,
-                                         vocos_phase_integrate=ph.phase_integrate,
-                                         vocos_phase_dither_db=ph.phase_dither_db)
-            f = ph.crop_frames
-            task = VocoderTask(WaveMelCropDataset(train_bank, f, self.r.seed), WaveMelCropDataset(val_bank, f, 1),
-                               config, train_bank.mel_config, stft_weight=ph.stft_weight,
-                               stft_resolutions=COMB_RESOLUTIONS if ph.comb_losses else STFT_RESOLUTIONS,
-                               init_checkpoint=self.out / "runs" / names[i - 1] / "checkpoint.pt")
+            task = vocoder_task(self.r, train_bank, val_bank, self.r.seed, ph,
+                                init_checkpoint=self.out / "runs" / names[i - 1] / "checkpoint.pt")
             self._train(task, ph.stage, ph.name, exports[i])
 
     def train_text(self, manifest: Path) -> None:
@@ -395,16 +386,25 @@ class RecipeRun:
             store_half(model, self.r.half_storage)
 
 
-def vocoder_task(recipe: Recipe, train_bank, val_bank, seed: int):
-    """The recipe's (first) vocoder stage as a task: what ``train --recipe`` and ``train --task vocoder`` run."""
+def vocoder_task(recipe: Recipe, train_bank, val_bank, seed: int, phase: VocoderPhase | None = None,
+                 init_checkpoint: Path | None = None):
+    """A vocoder stage of the recipe as a task: the first stage (what ``train --recipe`` and ``train --task
+    vocoder`` run), or one of ``vocoder_phases`` started from ``init_checkpoint`` (the previous phase's)."""
     from fluxmusic.training.audio_data import WaveMelCropDataset
     from fluxmusic.training.vocoder_task import COMB_RESOLUTIONS, STFT_RESOLUTIONS, VocoderTask
 
-    f = recipe.vocoder_crop_frames
+    if phase is None:
+        config, f = recipe.vocoder, recipe.vocoder_crop_frames
+        weight, comb = recipe.vocoder_stft_weight, recipe.vocoder_comb_losses
+    else:
+        config = dataclasses.replace(recipe.vocoder, vocos_phase_advance=phase.phase_advance,
+                                     vocos_phase_integrate=phase.phase_integrate,
+                                     vocos_phase_dither_db=phase.phase_dither_db)
+        f, weight, comb = phase.crop_frames, phase.stft_weight, phase.comb_losses
     return VocoderTask(WaveMelCropDataset(train_bank, f, seed),
                        WaveMelCropDataset(val_bank, f, 1) if val_bank is not None else None,
-                       recipe.vocoder, train_bank.mel_config, stft_weight=recipe.vocoder_stft_weight,
-                       stft_resolutions=COMB_RESOLUTIONS if recipe.vocoder_comb_losses else STFT_RESOLUTIONS)
+                       config, train_bank.mel_config, stft_weight=weight,
+                       stft_resolutions=COMB_RESOLUTIONS if comb else STFT_RESOLUTIONS, init_checkpoint=init_checkpoint)
 
 
 def _live_pid(path: Path) -> int | None:
