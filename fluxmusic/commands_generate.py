@@ -20,8 +20,8 @@ def add_sampling_arguments(g: argparse.ArgumentParser) -> None:
 
     g.add_argument("--steps", type=int, help="solver steps (default: the model's)")
     g.add_argument("--guidance", type=float, help="classifier-free guidance scale in [0, 100] (default: the model's)")
-    g.add_argument("--solver", choices=SOLVERS, help="ODE solver: euler, heun (2 evaluations per step) or ab2 "
-                   "(2nd-order multistep, 1 evaluation per step) (default: the model's)")
+    g.add_argument("--solver", choices=SOLVERS, help="ODE solver: euler, heun (2 evaluations per step), ab2 or ab3 "
+                   "(2nd/3rd-order multistep, 1 evaluation per step) (default: the model's)")
     g.add_argument("--shift", help="time-shift factor in [0.01, 100]; 1 or 'none' = no shift (default: the model's)")
     g.add_argument(
         "--negative-prompt",

@@ -24,11 +24,15 @@ StepFn = Callable[[Tensor, Tensor, Tensor], Tensor]
 StepCallback = Callable[[int, int, Tensor], None]
 
 #: euler: 1 evaluation per step (the official sampler); heun: 2nd order, 2 per step (1 on the last);
-#: ab2: 2nd-order Adams-Bashforth in t reusing the previous step's velocity, 1 per step (first step Euler).
+#: ab2: 2nd-order Adams-Bashforth in t reusing the previous step's velocity, 1 per step (first step Euler);
+#: ab3: 3rd-order Adams-Bashforth reusing the two previous velocities, 1 per step (first Euler, second AB2).
 #: Allowed time-shift factors (1 = no shift). Bounded away from 0 so 1 + (s - 1) t never nears 0.
 SHIFT_RANGE = (0.01, 100.0)
 
-SOLVERS = ("euler", "heun", "ab2")
+SOLVERS = ("euler", "heun", "ab2", "ab3")
+
+#: How many velocities each multistep solver combines (its order).
+MULTISTEP_ORDER = {"ab2": 2, "ab3": 3}
 
 #: Per-step guidance schedules: the scale at time t is g * w(t). constant: w = 1 (the official sampler);
 #: linear: w = 2 (1 - t); cosine: w = 1 + cos(pi t). Both ramps rise from 0 at the noise end (t = 1) to 2 at
@@ -275,6 +279,8 @@ def sample(
     Heun (2nd order) corrects each step with the slope at its end, except the last (t = 0). AB2 (2nd-order
     Adams-Bashforth for variable steps h) extrapolates with the previous velocity:
     x <- x - h ((1 + r/2) v_n - (r/2) v_{n-1}), r = h_n / h_{n-1}; one evaluation per step, the first is Euler.
+    AB3 integrates the quadratic through the last three velocities over the step (see
+    :func:`adams_bashforth_weights`); its first two steps are Euler and AB2.
     ``step_fn`` (Euler only) replaces "evaluate, then step" by one call, e.g. a fused ONNX step graph.
     ``known`` holds part of the latent on the flow's path of given content (see :class:`KnownRegion`): it is
     imposed after every step (and on Heun's predictor before its second evaluation).
@@ -286,7 +292,8 @@ def sample(
     ts = timesteps(steps, shift)
     uniform = shift is None
     batch = x.shape[0]
-    v_prev, h_prev = None, 0.0
+    order = MULTISTEP_ORDER.get(solver, 1)
+    history: list[tuple[Tensor, float]] = []  # (velocity, step size) of the previous steps, newest first
     for i in range(steps):
         t_cur, t_next = ts[i], ts[i + 1]
         h = (1.0 / steps) if uniform else (t_cur - t_next)
@@ -294,11 +301,9 @@ def sample(
         repeats = 1
         if known is not None and known.resample and t_next > 0 and t_cur > known.resample_t_min:
             repeats += known.resample
-        v_start = v_prev
         for rep in range(repeats):
             if rep:  # RePaint resampling: back to t_cur on the path, known part re-imposed, the step again
                 x = known.impose(known.renoise(x, t_next, t_cur), t_cur)
-                v_prev = v_start
             if step_fn is not None:
                 x = step_fn(x, t_vec, torch.full_like(t_vec, h))
             else:
@@ -309,18 +314,46 @@ def sample(
                         pred = known.impose(pred, t_next)
                     v_next = velocity(pred, torch.full_like(t_vec, t_next))
                     x = x - h * 0.5 * (v + v_next)
-                elif solver == "ab2" and v_prev is not None:
-                    r = h / h_prev
-                    x = x - h * ((1 + 0.5 * r) * v - (0.5 * r) * v_prev)
+                elif order > 1 and history:
+                    past = history[: order - 1]
+                    w = adams_bashforth_weights(h, [hp for _, hp in past])
+                    x = x - (w[0] * v + sum(wj * vp for wj, (vp, _) in zip(w[1:], past)))
                 else:
                     x = x - h * v
-                v_prev = v
+                v_step = v
             if known is not None:
                 x = known.impose(x, t_next)
-        h_prev = h
+        if order > 1 and step_fn is None:
+            history = [(v_step, h)] + history[: order - 2]
         if callback is not None:
             callback(i + 1, steps, x)
     return x
+
+
+def adams_bashforth_weights(h: float, past_steps: list[float]) -> list[float]:
+    """Weights of the variable-step Adams-Bashforth update ``x <- x - sum_j w_j v_j`` over a step of size ``h``.
+
+    ``v_0`` is the velocity at the current time and ``v_j`` the one ``past_steps[0] + ... + past_steps[j-1]``
+    earlier (in the direction the solve came from); ``w_j`` integrates the Lagrange basis polynomial of node j
+    over the step, so the update is exact for velocities polynomial in t of degree ``len(past_steps)``. With
+    one past step of size ``h_1`` this is AB2: ``w = h (1 + r/2), -h r/2`` with ``r = h / h_1``; with equal
+    steps and two past steps the classical ``h (23, -16, 5) / 12``.
+    """
+    # Nodes in "progress" s (s = 0 now, s = h at the step's end; past nodes at negative s).
+    nodes = [0.0]
+    for hp in past_steps:
+        nodes.append(nodes[-1] - hp)
+    weights = []
+    for j, sj in enumerate(nodes):
+        others = [sk for k, sk in enumerate(nodes) if k != j]
+        # L_j(s) = prod (s - s_k) / (s_j - s_k): integrate its expanded coefficients from 0 to h.
+        coeffs = [1.0]  # polynomial in s, lowest degree first
+        denom = 1.0
+        for sk in others:
+            coeffs = [a - sk * b for a, b in zip([0.0] + coeffs, coeffs + [0.0])]
+            denom *= sj - sk
+        weights.append(sum(c * h ** (d + 1) / (d + 1) for d, c in enumerate(coeffs)) / denom)
+    return weights
 
 
 def function_evaluations(steps: int, solver: str) -> int:

@@ -209,7 +209,7 @@ def test_eval_cli_end_to_end(eval_model_dir, tiny_corpus, tmp_path, capsys):
     assert {"comb", "note_density"} <= set(res["per_prompt"][0]["measured"])
     sweep = res["steps_sweep"]
     grid = [r for r in sweep["rows"] if r["kind"] == "grid"]
-    assert len(grid) == 2 * 3 * 3  # time schedules x solvers (euler, heun, ab2) x steps
+    assert len(grid) == 2 * 4 * 3  # time schedules x solvers (euler, heun, ab2, ab3) x steps
     by = {(r["solver"], r["steps"], r["shift"]): r for r in grid}
     assert by[("heun", 4, None)]["latent_distance"] < by[("euler", 1, None)]["latent_distance"]
     assert by[("ab2", 4, None)]["latent_distance"] < by[("euler", 4, None)]["latent_distance"]

@@ -23,7 +23,7 @@ import torch
 
 from fluxmusic.cli import main
 from fluxmusic.errors import FluxMusicError
-from fluxmusic.flow import Conditioning, GuidedVelocity, StepCache, guidance_weight, sample
+from fluxmusic.flow import Conditioning, GuidedVelocity, StepCache, adams_bashforth_weights, guidance_weight, sample
 from fluxmusic.latent import LatentGeometry
 from fluxmusic.pipeline import FluxMusicPipeline
 from fluxmusic.sampling import (
@@ -91,7 +91,7 @@ def test_model_negative_prompt_is_read(odd_pipe):
         ({"steps": 0}, "steps 0 is invalid; allowed: an integer in [1, 1000]"),
         ({"steps": 2.5}, "steps 2.5 is invalid"),
         ({"guidance": -3.0}, "guidance -3.0 is invalid; allowed: a number in [0, 100]"),
-        ({"solver": "rk4"}, "solver 'rk4' is invalid; allowed: euler, heun, ab2"),
+        ({"solver": "rk4"}, "solver 'rk4' is invalid; allowed: euler, heun, ab2, ab3"),
         ({"shift": 1e-300}, "shift 1e-300 is invalid; allowed: a number in [0.01, 100]"),
         ({"shift": float("inf")}, "shift inf is invalid"),
         ({"duration": 1e-9}, "duration 1e-09 is invalid; allowed: seconds in [0.04, 300]"),
@@ -376,6 +376,37 @@ def test_ab2_beats_euler_at_equal_evaluations():
         errors[steps, shift] = err_ab2
     # second order: twice the steps, about a quarter of the error (Euler: half)
     assert errors[16, None] / errors[32, None] > 3.5 and errors[8, None] / errors[16, None] > 3.0
+
+
+def test_adams_bashforth_weights_integrate_polynomials_exactly():
+    """The weights are the classical AB coefficients on equal steps, and integrate any polynomial of the
+    solver's degree exactly over unequal steps (what makes the variable-step update the right one)."""
+    assert adams_bashforth_weights(1.0, [1.0, 1.0]) == pytest.approx([23 / 12, -16 / 12, 5 / 12])
+    assert adams_bashforth_weights(0.1, [0.2]) == pytest.approx([0.1 * 1.25, -0.1 * 0.25])  # AB2, r = 1/2
+    h, past = 0.07, [0.13, 0.05]
+    nodes = [0.0, -0.13, -0.18]
+    for poly in ([1.0, 0, 0], [0, 1.0, 0], [0.3, -2.0, 5.0]):  # c0 + c1 s + c2 s^2
+        values = [poly[0] + poly[1] * s + poly[2] * s * s for s in nodes]
+        exact = poly[0] * h + poly[1] * h**2 / 2 + poly[2] * h**3 / 3
+        got = sum(w * f for w, f in zip(adams_bashforth_weights(h, past), values))
+        assert got == pytest.approx(exact, rel=1e-12)
+
+
+def test_ab3_beats_ab2_on_the_shifted_schedule():
+    """Same flow as above: on the shifted schedule (small first steps, so the Euler/AB2 start-up costs little)
+    AB3 is several times more accurate than AB2 at one evaluation per step."""
+    def v(x, t):
+        return -x * torch.sin(3 * t).view(-1, 1, 1) + (t**2).view(-1, 1, 1)
+
+    x1 = torch.tensor([[[1.0], [-0.5]]], dtype=torch.float64)
+    exact = sample(v, x1.clone(), 2000, solver="heun")
+    for steps in (8, 12, 16, 32):
+        calls: list[int] = []
+        ab3 = sample(lambda x, t, c=calls: c.append(1) or v(x, t), x1.clone(), steps, solver="ab3", shift=3.0)
+        assert len(calls) == steps
+        ab2 = sample(v, x1.clone(), steps, solver="ab2", shift=3.0)
+        err_ab3, err_ab2 = (ab3 - exact).abs().max().item(), (ab2 - exact).abs().max().item()
+        assert err_ab3 < err_ab2 / 2.5, (steps, err_ab3, err_ab2)
 
 
 def test_guidance_interval_halves_the_batch_outside_it(tiny_pipe):

@@ -49,7 +49,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     e.add_argument("--sweep-steps", default="4,6,8,12,16,25,50",
                    help="comma-separated step counts of the grid (the target, uniform Euler, always runs)")
     e.add_argument("--sweep-shift", type=float, default=3.0, help="time-shift schedule also swept (0: none)")
-    e.add_argument("--sweep-solvers", default="euler,heun,ab2", help="comma-separated solvers of the grid")
+    e.add_argument("--sweep-solvers", default="euler,heun,ab2,ab3", help="comma-separated solvers of the grid")
     e.add_argument("--sweep-intervals", default="0.1:1,0.2:1,0.3:1",
                    help="guidance intervals tried on the base settings, T_MIN:T_MAX,... ('none': skip)")
     e.add_argument("--sweep-caches", default="0.05,0.1,0.2",

@@ -23,11 +23,10 @@ from tqdm import tqdm
 from fluxmusic.evaluation import metrics as M
 from fluxmusic.evaluation.embedders import Embedder
 from fluxmusic.evaluation.generation import PLAIN_OPTIONS, decode_full, solve_with_stats
-from fluxmusic.flow import function_evaluations
+from fluxmusic.flow import SOLVERS, function_evaluations  # (the grid sweeps every solver by default)
 from fluxmusic.pipeline import FluxMusicPipeline
 
 STEPS = (4, 6, 8, 12, 16, 25, 50)
-SOLVERS = ("euler", "heun", "ab2")
 #: guidance intervals swept: CFG skipped near the data end (where the interval measurement found it cheap)
 INTERVALS = ((0.1, 1.0), (0.2, 1.0), (0.3, 1.0))
 CACHE_THRESHOLDS = (0.05, 0.1, 0.2)
