@@ -280,6 +280,9 @@ class _Run:
         results = {}
         with rng.preserved(self.generator, self.device):
             for label, model in (("val_loss", self.model), ("val_loss_ema", self.ema.model)):
+                if label == "val_loss_ema" and self.step == 0:  # val_at_start: the EMA is still the model's copy
+                    results[label] = results["val_loss"]
+                    continue
                 was_training = model.training
                 model.eval()
                 g = torch.Generator(device=self.device).manual_seed(_VAL_SEED + info.rank)
