@@ -112,21 +112,105 @@ def tiny_cache(tmp_path_factory, tiny_model_dir):
     return write_cache(tmp_path_factory.mktemp("cache") / "c", items, null_txt=null.txt[0], null_y=null.y[0])
 
 
-def test_finetune_writes_a_new_transformer_that_starts_from_the_plain_one(tiny_model_dir, tiny_cache, tmp_path,
-                                                                          one_torch_thread):
-    from fluxmusic.training.masked_finetune import finetune_masked
+def _masked_task(base, cache, context_lr=5e-3):
+    from fluxmusic.training.transformer_task import MaskedFinetuneTask, cache_splits
+
+    train_ds, val_ds = cache_splits(cache)
+    return MaskedFinetuneTask(base, train_ds, train_ds.null_txt, train_ds.null_y, val=val_ds, context_lr=context_lr)
+
+
+class _Stop(Exception):
+    """Raised in the middle of a run: the process 'dies' after its checkpoint at step 3."""
+
+
+def test_masked_stage_resumes_bit_exactly_with_its_own_context_lr(tiny_model_dir, tiny_cache, tmp_path,
+                                                                  one_torch_thread):
+    import io
+
+    from fluxmusic.training.checkpointing import CHECKPOINT_NAME
+    from fluxmusic.training.config import TrainConfig
+    from fluxmusic.training.loop import LOG_NAME, train
+    from fluxmusic.transformer_io import load_transformer, save_transformer
+
+    base = tiny_model_dir / "transformer"
+    cfg = TrainConfig(steps=6, batch_size=2, lr=1e-3, warmup_steps=1, schedule="cosine", min_lr_ratio=0.1,
+                      ema_decay=0.9, ema_every=1, log_every=1, ckpt_every=3, seed=1, device="cpu", val_at_start=True)
+    ref = train(_masked_task(base, tiny_cache), cfg, tmp_path / "ref", stream=io.StringIO())
+    assert ref.step == 6 and ref.model.takes_context
+
+    task, calls = _masked_task(base, tiny_cache), []
+    real = task.loss
+
+    def dying_loss(model, batch, g):
+        if model.training:  # training steps, not the validation passes
+            calls.append(1)
+            if len(calls) == 4:
+                raise _Stop
+        return real(model, batch, g)
+
+    task.loss = dying_loss
+    with pytest.raises(_Stop):
+        train(task, cfg, tmp_path / "run", stream=io.StringIO())
+    assert torch.load(tmp_path / "run" / CHECKPOINT_NAME, weights_only=True)["step"] == 3
+    train(_masked_task(base, tiny_cache), cfg, tmp_path / "run", resume=True, stream=io.StringIO())
+
+    a = torch.load(tmp_path / "ref" / CHECKPOINT_NAME, weights_only=True)
+    b = torch.load(tmp_path / "run" / CHECKPOINT_NAME, weights_only=True)
+    assert a["step"] == b["step"] == 6 and a["data"] == b["data"]
+    for key in ("model", "ema"):
+        assert all(torch.equal(a[key][k], b[key][k]) for k in a[key]), key
+    for sa, sb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
+        assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    # Two param groups: the pretrained weights at the config's lr, the new context input at its own, both on the
+    # same warmup + cosine (at the end: 0.1x)
+    groups = a["optimizer"]["param_groups"]
+    assert [g["initial_lr"] for g in groups] == [1e-3, 5e-3] and len(groups[1]["params"]) == 2
+    assert groups[0]["lr"] == pytest.approx(1e-4) and groups[1]["lr"] == pytest.approx(5e-4)
+    log = [json.loads(line) for line in (tmp_path / "ref" / LOG_NAME).read_text().splitlines()]
+    assert [r["lr_groups"] for r in log if r["event"] == "train"][0] == pytest.approx([1e-3, 5e-3])
+    assert [r["step"] for r in log if r["event"] == "val"] == [0, 6]  # the baseline, then the end
+    assert float(a["model"]["context_in.weight"].abs().sum()) > 0  # the zero-initialised input was trained
+    exported = load_transformer(ref.export)
+    assert exported.config.context_channels == 2 * exported.config.in_channels
+
+    # A checkpoint continues a fine-tune of exactly its base weights: a retrained base is refused.
+    other = load_transformer(base)
+    with torch.no_grad():
+        other.img_in.bias.add_(0.01)
+    save_transformer(other, tmp_path / "other")
+    with pytest.raises(FluxMusicError, match="base_sha256"):
+        train(_masked_task(tmp_path / "other", tiny_cache), cfg, tmp_path / "run", resume=True, stream=io.StringIO())
+    with pytest.raises(FluxMusicError, match="already takes a context input"):
+        _masked_task(ref.export, tiny_cache)
+    with pytest.raises(FluxMusicError, match="context lr must be a finite number > 0, got 0"):
+        _masked_task(base, tiny_cache, context_lr=0)
+
+
+def test_finetune_cli_writes_a_new_transformer_directory(tiny_model_dir, tiny_cache, tmp_path, capsys,
+                                                          one_torch_thread):
+    from fluxmusic.training.masked_finetune import main
     from fluxmusic.transformer_io import load_transformer
 
     out = tmp_path / "tr"
-    summary = finetune_masked(tiny_model_dir / "transformer", tiny_cache, out, steps=3, batch_size=2, log=lambda s: 0)
-    assert summary["steps"] == 3 and summary["train_items"] == 6 and summary["val_items"] == 2
+    args = ["--transformer", str(tiny_model_dir / "transformer"), "--cache", str(tiny_cache), "--out", str(out),
+            "--steps", "3", "--batch-size", "2", "--lr", "1e-3", "--context-lr", "1e-2", "--device", "cpu"]
+    assert main(args) == 0
+    summary = json.loads((out / "finetune.json").read_text())
+    assert summary["steps"] == summary["planned_steps"] == 3 and summary["train_items"] == 6
+    assert summary["val_items"] == 2 and [v[0] for v in summary["val_loss"]] == [0, 3]
+    assert summary["context_lr"] == 1e-2 and summary["batch_size"] == 2
     model = load_transformer(out)
     assert model.takes_context and model.config.context_channels == 2 * model.config.in_channels
-    assert float(model.context_in.weight.detach().abs().sum()) > 0  # the new input was trained
-    assert json.loads((out / "finetune.json").read_text())["steps"] == 3
-    assert not (tmp_path / "tr.partial").exists()
-    with pytest.raises(FluxMusicError, match="exists"):
-        finetune_masked(tiny_model_dir / "transformer", tiny_cache, out, steps=1)
+    assert float(model.context_in.weight.detach().abs().sum()) > 0
+    assert not (tmp_path / "tr.partial").exists() and (tmp_path / "tr.run" / "checkpoint.pt").is_file()
+    capsys.readouterr()
+    assert main(args) == 2 and "exists; give a new directory" in capsys.readouterr().err
+    # --minutes stops at the first step past the limit, with a checkpoint and the export of that step
+    quick = tmp_path / "quick"
+    assert main([*args[:5], str(quick), "--steps", "50", "--batch-size", "2", "--minutes", "1e-6"]) == 0
+    summary = json.loads((quick / "finetune.json").read_text())
+    assert summary["steps"] == 1 and summary["planned_steps"] == 50
+    assert load_transformer(quick).takes_context
 
 
 @pytest.fixture(scope="module")

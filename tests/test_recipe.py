@@ -15,18 +15,39 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def test_toy_recipe_builds_a_model_directory_that_generates(tmp_path):
+    import dataclasses
+
+    from fluxmusic.transformer_io import load_transformer
+
+    # A recipe without the masked stage assembles the plain transformer...
+    no_masked = dataclasses.replace(RECIPES["toy"], masked_stage=None)
+    plain = RecipeRun(no_masked, tmp_path / "run", stream=io.StringIO()).run()
+    assert "context_channels" not in json.loads((plain / "transformer" / "config.json").read_text())
+    assert not (tmp_path / "run" / "parts" / "transformer_masked").exists()
+    # ... and the full recipe in the same directory (an older run) adds the stage and assembles the model again.
     log = io.StringIO()
     model = RecipeRun(RECIPES["toy"], tmp_path / "run", stream=log).run()
+    started = [line for line in log.getvalue().splitlines() if line.endswith(": starting")]
+    assert started == ["recipe: transformer_masked: starting", "recipe: assemble: starting"], started
     index = json.loads((model / "model_index.json").read_text())
     # The VAE's 8x compression reaches the model directory's geometry (not constants).
     assert index["geometry"]["vae_downsample"] == 8 and index["defaults"]["steps"] == 2
+    transformer = load_transformer(model / "transformer")
+    assert transformer.config.context_channels == 2 * transformer.config.in_channels
+    assert float(transformer.context_in.weight.detach().abs().sum()) > 0  # trained from zero
     pipe = FluxMusicPipeline.from_pretrained(model)
+    assert pipe.takes_context
     out = pipe("a fast piano melody", duration=2.56, seed=0)
     assert out.audio[0].shape == (40960,) and np.isfinite(out.audio[0]).all()
+    cont = pipe("a fast piano melody", audio=out.audio[0], keep="0:1", duration=2.56, seed=1)
+    assert cont.audio[0].shape == (40960,) and np.isfinite(cont.audio[0]).all()
+    masked_log = (tmp_path / "run" / "runs" / "transformer_masked" / "log.jsonl").read_text().splitlines()
+    assert [r["step"] for r in map(json.loads, masked_log) if r["event"] == "val"] == [0, 3]  # baseline, end
     # A second run finds every stage done and rebuilds nothing.
     again = io.StringIO()
     RecipeRun(RECIPES["toy"], tmp_path / "run", stream=again).run()
     assert "starting" not in again.getvalue() and "done already" in again.getvalue()
+    assert not (tmp_path / "run" / ".model.plain").exists()
 
 
 @pytest.mark.skipif(not (default_model_dir() / "model_index.json").is_file(), reason="no bundled default model")

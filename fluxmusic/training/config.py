@@ -35,6 +35,7 @@ class TrainConfig:
     ema_every: int = 100
     log_every: int = 10
     val_every: int = 0  # 0: never (except at the end when a validation set exists)
+    val_at_start: bool = False  # also validate the starting weights (a fine-tune's baseline), fresh runs only
     ckpt_every: int = 500  # 0: only at the end
     sample_every: int = 0  # 0: never
     seed: int = 0

@@ -61,16 +61,22 @@ def train(
     resume: bool | str | Path = False,
     export_dir: str | Path | None = None,
     stream: TextIO | None = None,
+    time_limit_s: float | None = None,
 ) -> TrainResult:
     """Train ``task`` for ``cfg.steps`` optimizer steps, writing checkpoints and logs under ``run_dir``.
 
     ``resume``: False starts fresh (refusing to overwrite an existing checkpoint); True continues from
     ``run_dir/checkpoint.pt`` if it exists (else starts fresh); a path continues from that file.
+    ``time_limit_s``: stop after the first step past this many seconds of training (in this call), with a
+    checkpoint, validation and export as at the last step; the lr schedule is still the one of ``cfg.steps``
+    (a wall-clock schedule could not resume bit-exactly), so resuming later finishes the same run.
     Under ``torchrun`` the same call runs DDP; only rank 0 writes files.
     """
+    if time_limit_s is not None and not (time_limit_s > 0 and math.isfinite(time_limit_s)):
+        raise FluxMusicError(f"time limit must be a positive number of seconds, got {time_limit_s}")
     info = distributed.init(cfg.device)
     try:
-        return _Run(task, cfg, Path(run_dir), info, stream).run(resume, export_dir)
+        return _Run(task, cfg, Path(run_dir), info, stream).run(resume, export_dir, time_limit_s)
     finally:
         distributed.shutdown(info)
 
@@ -145,7 +151,8 @@ class _Run:
             raise FluxMusicError(f"training checkpoint {path} cannot be restored: {e}") from e
 
     # ------------------------------------------------------------------------------------------ run
-    def run(self, resume: bool | str | Path, export_dir: str | Path | None) -> TrainResult:
+    def run(self, resume: bool | str | Path, export_dir: str | Path | None,
+            time_limit_s: float | None = None) -> TrainResult:
         cfg, info = self.cfg, self.info
         resume_path = self._resume_path(resume)
         self._build()
@@ -174,6 +181,9 @@ class _Run:
         throughput = Throughput(self.step)
         window: list[Tensor] = []
         extra: dict[str, list[float]] = {}
+        if cfg.val_at_start and self.step == 0 and self.val_ds is not None:
+            val_loss = self._validate()
+        started = time.perf_counter()
         while self.step < cfg.steps:
             loss, logs, grad_norm = self._train_step()
             self.step += 1
@@ -181,11 +191,17 @@ class _Run:
             for k, v in logs.items():
                 extra.setdefault(k, []).append(v)
             step, last = self.step, self.step == cfg.steps
+            if not last and time_limit_s is not None and self._out_of_time(started, time_limit_s):
+                self.log.write("time_limit", step=step, steps=cfg.steps, limit_s=time_limit_s)
+                last = True  # validate, checkpoint and export here; resuming continues the same schedule
             if step % cfg.log_every == 0 or last:
                 train_loss = float(distributed.mean(torch.stack(window).mean().reshape(1), info)[0])
                 rate, eta = throughput.tick(step, cfg.steps)
+                lrs = self.scheduler.get_last_lr()
+                # param groups with their own peak lr (a new layer faster than the pretrained ones) log them all
+                per_group = {"lr_groups": lrs} if len(set(lrs)) > 1 else {}
                 self.log.write(
-                    "train", step=step, loss=train_loss, grad_norm=grad_norm, lr=self.scheduler.get_last_lr()[0],
+                    "train", step=step, loss=train_loss, grad_norm=grad_norm, lr=lrs[0], **per_group,
                     steps_per_s=rate, eta_s=eta, epoch=self.sampler.position.epoch,
                     **{k: sum(v) / len(v) for k, v in extra.items()},
                 )
@@ -198,6 +214,8 @@ class _Run:
             if (cfg.ckpt_every and step % cfg.ckpt_every == 0) or last:
                 ckpt_written = self._save()
             throughput.exclude(time.perf_counter() - t0)
+            if last:
+                break
         exported = None
         if info.is_main:
             exported = self.task.export(self.ema.model, Path(export_dir) if export_dir else self.run_dir / EXPORT_DIR)
@@ -206,6 +224,11 @@ class _Run:
         distributed.barrier(info)
         self.log.close()
         return TrainResult(self.step, train_loss, val_loss, ckpt_written, exported, self.model, self.ema.model)
+
+    def _out_of_time(self, started: float, limit_s: float) -> bool:
+        """Whether any rank is past the time limit (all ranks then stop at the same step)."""
+        over = torch.tensor([float(time.perf_counter() - started > limit_s)], device=self.device)  # nccl: on GPU
+        return bool(distributed.sum_(over, self.info)[0] > 0)
 
     def _train_step(self) -> tuple[Tensor, dict[str, float], float]:
         cfg, task = self.cfg, self.task
@@ -257,6 +280,9 @@ class _Run:
         results = {}
         with rng.preserved(self.generator, self.device):
             for label, model in (("val_loss", self.model), ("val_loss_ema", self.ema.model)):
+                if label == "val_loss_ema" and self.step == 0:  # val_at_start: the EMA is still the model's copy
+                    results[label] = results["val_loss"]
+                    continue
                 was_training = model.training
                 model.eval()
                 g = torch.Generator(device=self.device).manual_seed(_VAL_SEED + info.rank)

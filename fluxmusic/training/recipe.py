@@ -13,7 +13,10 @@ also resumes from its own checkpoint):
 5. ``parts/clap``, ``parts/text_encoder``  CLAP + T5, contrastive   (runs/text)
 6. ``cache/``       scaled latents + T5 / CLAP embeddings of every clip
 7. ``parts/transformer``  rectified flow on the cache               (runs/transformer)
-8. ``model/``       the assembled model directory (DESIGN.md section 5), with its sampling defaults
+8. ``parts/transformer_masked``  trained masked conditioning (continuation / infilling): the transformer with a
+                    zero-initialised context input, fine-tuned with the masked flow loss (runs/transformer_masked);
+                    recipes with ``masked_stage`` only
+9. ``model/``       the assembled model directory (DESIGN.md section 5), with its sampling defaults
 
 Every stage runs on the shared training loop (``fluxmusic.training.loop.train``). ``--budget-minutes``
 scales every stage's step count linearly from the recipe's nominal budget (measured on this machine).
@@ -57,6 +60,7 @@ class Stage:
 
     grad_clip: float = 1.0
     schedule: str = "cosine"  # after warmup: cosine down to 0.1x, or constant
+    val_at_start: bool = False  # validate the starting weights too (a fine-tune's baseline in log.jsonl)
 
     def train_config(self, scale: float, seed: int, log_every: int, device: str = "cpu") -> TrainConfig:
         steps = max(2, int(round(self.steps * scale)))
@@ -64,7 +68,7 @@ class Stage:
             steps=steps, batch_size=self.batch_size, lr=self.lr, ema_decay=self.ema_decay, ema_every=1,
             warmup_steps=min(self.warmup_steps, steps // 4), schedule=self.schedule, min_lr_ratio=0.1, bf16=self.bf16,
             log_every=min(log_every, steps), ckpt_every=max(50, steps // 8), seed=seed, device=device,
-            grad_clip=self.grad_clip,
+            grad_clip=self.grad_clip, val_at_start=self.val_at_start,
         )
 
 
@@ -115,6 +119,10 @@ class Recipe:
     vocoder_comb_losses: bool = False
     # Vocoder phases after the first, each from the previous one's EMA weights (see VocoderPhase)
     vocoder_phases: tuple[VocoderPhase, ...] = ()
+    # Trained masked conditioning: the trained transformer extended with the context input and fine-tuned
+    # (MaskedFinetuneTask); None: the model directory gets the plain transformer (training-free continuation only)
+    masked_stage: Stage | None = None
+    masked_context_lr: float = 1e-3  # peak lr of the new, zero-initialised context input (the rest: the stage's)
 
 
 _DEFAULT_TRANSFORMER = FluxMusicConfig(
@@ -126,7 +134,7 @@ RECIPES: dict[str, Recipe] = {
     # Real music: ~1200 music21 scores rendered with FluidSynth; VAE 8x down with 16 latent channels
     # (256 transformer tokens for 10.24 s); Vocos vocoder trained with MPD + spectrogram discriminators.
     "default": Recipe(
-        hours=1.0, seed=0, nominal_minutes=75.0, corpus="render",
+        hours=1.0, seed=0, nominal_minutes=125.0, corpus="render",
         vae=VAEConfig(channels=(16, 32, 64, 128), latent_channels=16),
         vae_stage=Stage(steps=4000, batch_size=8, lr=1e-3, warmup_steps=50), vae_crop_frames=128,
         vocoder=VocoderConfig(kind="vocos", adversarial=True, vocos_hidden=192, vocos_intermediate=576,
@@ -147,6 +155,8 @@ RECIPES: dict[str, Recipe] = {
         text=TextEncodersConfig(), text_stage=Stage(steps=1500, batch_size=32, lr=5e-4, warmup_steps=50),
         transformer=_DEFAULT_TRANSFORMER,
         transformer_stage=Stage(steps=2500, batch_size=16, lr=5e-4, ema_decay=0.995, warmup_steps=100, bf16=True),
+        # ~1 s per step here (fp32, one thread): 50 min; lr 1e-4 for the pretrained weights, 1e-3 for context_in
+        masked_stage=Stage(steps=3000, batch_size=8, lr=1e-4, ema_decay=0.995, warmup_steps=150, val_at_start=True),
         # AB2 14 / shift 3: the cheapest setting as accurate as the official Euler-50 (latent distance to a
         # Heun-40 solution 0.030 vs 0.037) with FAD/CLAP within their noise (fluxmusic eval --sweep,
         # docs/performance.md section 5); AB2 12 misses by 2-4%.
@@ -170,6 +180,7 @@ RECIPES: dict[str, Recipe] = {
         transformer=FluxMusicConfig(in_channels=32, vec_in_dim=32, context_in_dim=32, hidden_size=32, num_heads=2,
                                     depth=1, depth_single_blocks=1, axes_dim=(4, 6, 6)),
         transformer_stage=Stage(steps=3, batch_size=4, lr=1e-3),
+        masked_stage=Stage(steps=3, batch_size=4, lr=1e-3, val_at_start=True),
         defaults={"steps": 2, "guidance": 3.0, "solver": "euler", "shift": None}, name="fluxmusic-toy", log_every=1,
     ),
 }
@@ -229,10 +240,18 @@ class RecipeRun:
         self._stage("text_encoders", self.parts / "text_encoder", lambda: self.train_text(manifest))
         self._stage("precompute", self.out / "cache" / "cache.json", lambda: self.precompute(manifest))
         self._stage("transformer", self.parts / "transformer", self.train_transformer)
+        if self.r.masked_stage is not None:
+            self._stage("transformer_masked", self.parts / "transformer_masked", self.train_transformer_masked)
         if vocoder is not None:
             self._join_vocoder(vocoder)
         model = self.out / "model"
+        stale = self.out / ".model.plain"  # a model assembled before this recipe had its masked stage
+        shutil.rmtree(stale, ignore_errors=True)
+        if model.exists() and self.r.masked_stage is not None and not _takes_context(model / "transformer"):
+            self.say("assemble: model/ holds the plain transformer (assembled before the masked stage); again")
+            model.rename(stale)
         self._stage("assemble", model, lambda: self.assemble(model))
+        shutil.rmtree(stale, ignore_errors=True)
         total = time.perf_counter() - t0
         report = {"recipe": self.r.name, "scale": self.scale, "hours": self.hours, "total_s": total,
                   "stages_s": self.timings}
@@ -365,22 +384,28 @@ class RecipeRun:
                          metadata={"scaling_factor": encoder.scaling_factor})
 
     def train_transformer(self) -> None:
-        from fluxmusic.training.cache import CachedEmbeddingDataset
-        from fluxmusic.training.transformer_task import TransformerTask
+        from fluxmusic.training.transformer_task import TransformerTask, cache_splits
 
-        data = CachedEmbeddingDataset(self.out / "cache")
-        meta = data.items_meta()
-        train_ids = [i for i, m in enumerate(meta) if m.get("split") != "val"]
-        val_ids = [i for i, m in enumerate(meta) if m.get("split") == "val"]
-        task = TransformerTask(self.r.transformer, data.subset(train_ids), data.null_txt, data.null_y,
-                               val=data.subset(val_ids) if val_ids else None)
+        train, val = cache_splits(self.out / "cache")
+        task = TransformerTask(self.r.transformer, train, train.null_txt, train.null_y, val=val)
         self._train(task, self.r.transformer_stage, "transformer", self.parts / "transformer")
+
+    def train_transformer_masked(self) -> None:
+        from fluxmusic.training.transformer_task import MaskedFinetuneTask, cache_splits
+
+        assert self.r.masked_stage is not None
+        train, val = cache_splits(self.out / "cache")
+        task = MaskedFinetuneTask(self.parts / "transformer", train, train.null_txt, train.null_y, val=val,
+                                  context_lr=self.r.masked_context_lr)
+        self._train(task, self.r.masked_stage, "transformer_masked", self.parts / "transformer_masked")
 
     def assemble(self, model: Path) -> None:
         from fluxmusic.modeldir import assemble
 
         parts = {k: self.parts / k for k in
                  ("transformer", "text_encoder", "tokenizer", "clap", "clap_tokenizer", "vae", "vocoder")}
+        if self.r.masked_stage is not None:
+            parts["transformer"] = self.parts / "transformer_masked"
         assemble(model, **parts, defaults=dict(self.r.defaults), name=self.r.name, **self.text_lengths())
         if self.r.half_storage:
             store_half(model, self.r.half_storage)
@@ -405,6 +430,13 @@ def vocoder_task(recipe: Recipe, train_bank, val_bank, seed: int, phase: Vocoder
                        WaveMelCropDataset(val_bank, f, 1) if val_bank is not None else None,
                        config, train_bank.mel_config, stft_weight=weight,
                        stft_resolutions=COMB_RESOLUTIONS if comb else STFT_RESOLUTIONS, init_checkpoint=init_checkpoint)
+
+
+def _takes_context(transformer_dir: Path) -> bool:
+    try:
+        return bool(json.loads((transformer_dir / "config.json").read_text()).get("context_channels"))
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def _live_pid(path: Path) -> int | None:

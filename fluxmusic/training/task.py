@@ -49,7 +49,8 @@ class TrainTask(ABC):
         return self.loss(model, batch, generator)
 
     def param_groups(self, model: nn.Module) -> Iterable[Any]:
-        """What AdamW optimises: parameters or param-group dicts (e.g. no weight decay on norms)."""
+        """What AdamW optimises: parameters or param-group dicts (e.g. no weight decay on norms). A group's own
+        ``"lr"`` is its peak lr (default: the config's); warmup and schedule scale every group alike."""
         return [p for p in model.parameters() if p.requires_grad]
 
     def fingerprint(self) -> dict[str, Any]:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import math
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -13,7 +16,8 @@ from fluxmusic.config import FluxMusicConfig
 from fluxmusic.errors import FluxMusicError
 from fluxmusic.flow import Conditioning, cfg_velocity, flow_loss, sample, sample_t
 from fluxmusic.latent import PATCH, patchify, unpatchify
-from fluxmusic.model import FluxMusicTransformer
+from fluxmusic.model import FluxMusicTransformer, add_context_input
+from fluxmusic.training.cache import CachedEmbeddingDataset
 from fluxmusic.training.distributed import unwrap
 from fluxmusic.training.task import Dataset, TrainTask
 
@@ -193,3 +197,79 @@ class TransformerTask(TrainTask):
 
         assert isinstance(model, FluxMusicTransformer)
         return save_transformer(model, out_dir)
+
+
+def cache_splits(cache_dir: str | Path,
+                 val_items: int | None = None) -> tuple[CachedEmbeddingDataset, CachedEmbeddingDataset | None]:
+    """(train, val) views of an embedding cache: items marked ``"split": "val"`` validate (the first
+    ``val_items`` of them when given), every other item trains."""
+    data = CachedEmbeddingDataset(cache_dir)
+    meta = data.items_meta()
+    train_ids = [i for i, m in enumerate(meta) if m.get("split") != "val"]
+    val_ids = [i for i, m in enumerate(meta) if m.get("split") == "val"][:val_items]
+    if not train_ids:
+        raise FluxMusicError(f"embedding cache {cache_dir} has no training items (all {len(meta)} are split 'val')")
+    return data.subset(train_ids), data.subset(val_ids) if val_ids else None
+
+
+def _file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+class MaskedFinetuneTask(TransformerTask):
+    """Trained masked conditioning from a trained plain transformer (MusicFlow-style continuation / infilling).
+
+    The model is the transformer in ``base`` extended with the zero-initialised context input
+    (:func:`fluxmusic.model.add_context_input`: step 0 computes exactly what the plain model computes), trained
+    with :func:`masked_flow_loss` over the masks of :data:`MASK_MIX` and the usual CFG dropout (the inherited
+    ``loss`` takes that route for a model with a context input). The new ``context_in`` weights get their own
+    peak lr ``context_lr``: they start from zero and must learn what the pretrained weights already know.
+    """
+
+    name = "transformer_masked"
+
+    def __init__(self, base: str | Path, train: Dataset, null_txt: Tensor, null_y: Tensor,
+                 val: Dataset | None = None, context_lr: float = 1e-3, p_uncond: float = P_UNCOND) -> None:
+        from fluxmusic.transformer_io import CONFIG_NAME, WEIGHTS_NAME
+
+        self.base = Path(base)
+        missing = [n for n in (CONFIG_NAME, WEIGHTS_NAME) if not (self.base / n).is_file()]
+        if missing:
+            raise FluxMusicError(f"base transformer {self.base} has no {' / '.join(missing)}; give the trained plain "
+                                 "transformer directory (config.json + model.safetensors)")
+        plain = FluxMusicConfig.load(self.base / CONFIG_NAME)
+        if plain.context_channels:
+            raise FluxMusicError(f"base transformer {self.base} already takes a context input; give a plain one")
+        if not (isinstance(context_lr, (int, float)) and math.isfinite(context_lr) and context_lr > 0):
+            raise FluxMusicError(f"context lr must be a finite number > 0, got {context_lr!r}")
+        config = dataclasses.replace(plain, context_channels=2 * plain.in_channels)
+        super().__init__(config, train, null_txt, null_y, val=val, p_uncond=p_uncond)
+        self.context_lr = float(context_lr)
+        # The checkpoint continues a fine-tune of these exact weights: a retrained base must not resume it.
+        self.base_sha256 = _file_sha256(self.base / WEIGHTS_NAME)
+
+    def build_model(self) -> nn.Module:
+        from fluxmusic.transformer_io import load_transformer
+
+        return add_context_input(load_transformer(self.base)).train()
+
+    def param_groups(self, model: nn.Module) -> list[dict[str, Any]]:
+        named = list(model.named_parameters())
+        return [{"params": [p for n, p in named if not n.startswith("context_in.")]},
+                {"params": [p for n, p in named if n.startswith("context_in.")], "lr": self.context_lr}]
+
+    def fingerprint(self) -> dict[str, Any]:
+        return {**super().fingerprint(), "base_sha256": self.base_sha256, "mask_mix": dict(MASK_MIX),
+                "p_uncond": self.p_uncond}
+
+    def export(self, model: nn.Module, out_dir: Path) -> Path | None:
+        from fluxmusic.training.saving import atomic_save_dir
+        from fluxmusic.transformer_io import save_transformer
+
+        assert isinstance(model, FluxMusicTransformer)
+        # atomic: the recipe takes the directory's existence as "this stage is done"
+        return atomic_save_dir(lambda tmp: save_transformer(model, tmp), out_dir)
