@@ -175,6 +175,19 @@ def parse_dtype(name: str | torch.dtype, device: str | torch.device = "cpu") -> 
     return DTYPES[name]
 
 
+def compile_transformer(model: torch.nn.Module) -> torch.nn.Module:
+    """``torch.compile`` (inductor) of the transformer's forward, in place: fuses the elementwise chains between
+    the GEMMs (modulation, norms, RoPE, gates). The attention op stays eager (its own block loop is already
+    at GEMM speed, and tracing it would unroll the loop). Compiling takes tens of seconds per new input shape
+    (batch size, sequence length), once per process."""
+    import dataclasses
+
+    model.ops = dataclasses.replace(model.ops, attention=torch.compiler.disable(model.ops.attention))
+    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 32)
+    model.forward = torch.compile(model.forward, dynamic=False)
+    return model
+
+
 class TorchBackend:
     """Eager PyTorch. ``dtype`` applies to the transformer and text encoders; the VAE and vocoder stay fp32.
 
@@ -182,6 +195,8 @@ class TorchBackend:
     AVX512-BF16, and on recent GPUs); ``dtype=bfloat16`` stores the weights in bf16 instead (no casts per
     call, half the memory). ``attention`` picks the transformer's attention op (:func:`fluxmusic.ops.opset_for`):
     ``auto`` uses the block-GEMM attention whenever it runs in bf16 on the CPU, ``sdpa`` or ``blocked`` force one.
+    ``compile`` wraps the transformer in ``torch.compile`` (:func:`compile_transformer`): faster per evaluation,
+    slow to build (worth it for large models and long-running servers, not for one short clip of a tiny one).
     """
 
     name = "torch"
@@ -194,6 +209,7 @@ class TorchBackend:
         dtype: torch.dtype = torch.float32,
         autocast_bf16: bool = False,
         attention: str = "auto",
+        compile: bool = False,
     ) -> None:
         from fluxmusic.components import load_clap_text, load_t5, load_vae, load_vocoder
         from fluxmusic.transformer_io import load_transformer
@@ -212,6 +228,8 @@ class TorchBackend:
         self.scaling_factor = float(self.vae.config.scaling_factor)
         self.autocast_bf16 = autocast_bf16
         self.transformer.ops = ops
+        if compile:
+            compile_transformer(self.transformer)
 
     def _autocast(self):
         if self.autocast_bf16:

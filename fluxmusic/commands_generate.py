@@ -151,6 +151,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES,
                    help="transformer and encoder dtype (auto: bf16 where the device has it natively, else float32)")
     g.add_argument("--bf16", action="store_true", help="bf16 autocast for the transformer (torch backend)")
+    g.add_argument("--compile", action="store_true",
+                   help="torch.compile the transformer (torch backend): faster per step, tens of seconds to build")
     g.add_argument("--backend", default="torch", choices=sorted(BACKENDS))
     g.add_argument("--onnx-dir", help="exported ONNX directory (onnx backend)")
     g.add_argument("--engine-dir", help="TensorRT engine directory (tensorrt backend)")
@@ -249,6 +251,11 @@ def _generate(args: argparse.Namespace) -> int:
     options = {}
     if args.bf16:
         options["autocast_bf16"] = True
+    if args.compile:
+        if args.onnx_dir or args.engine_dir:
+            raise FluxMusicError("--compile applies to the torch backend; it cannot combine with --onnx-dir or "
+                                 "--engine-dir")
+        options["compile"] = True
     if args.onnx_dir:
         options["onnx_dir"] = args.onnx_dir
     if args.engine_dir:

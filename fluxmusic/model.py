@@ -79,6 +79,11 @@ def _mlp(dim: int, hidden: int) -> nn.Sequential:
     return nn.Sequential(nn.Linear(dim, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, dim))
 
 
+def _run_mlp(ops: OpSet, mlp: nn.Sequential, x: Tensor) -> Tensor:
+    """The block MLP with the op set's GELU (the Sequential keeps the official state-dict keys)."""
+    return mlp[2](ops.gelu(mlp[0](x)))
+
+
 class DoubleStreamBlock(nn.Module):
     """Separate weights for music and text, joint attention over [text; music]."""
 
@@ -108,9 +113,9 @@ class DoubleStreamBlock(nn.Module):
         txt_out, img_out = out[:, :n_txt], out[:, n_txt:]
 
         img, img_mod = ops.gated_residual_modulate(img, i_gate1, self.img_attn.proj(img_out), i_shift2, i_scale2)
-        img = ops.gated_residual(img, i_gate2, self.img_mlp(img_mod))
+        img = ops.gated_residual(img, i_gate2, _run_mlp(ops, self.img_mlp, img_mod))
         txt, txt_mod = ops.gated_residual_modulate(txt, t_gate1, self.txt_attn.proj(txt_out), t_shift2, t_scale2)
-        txt = ops.gated_residual(txt, t_gate2, self.txt_mlp(txt_mod))
+        txt = ops.gated_residual(txt, t_gate2, _run_mlp(ops, self.txt_mlp, txt_mod))
         return img, txt
 
 
@@ -126,7 +131,6 @@ class SingleStreamBlock(nn.Module):
         self.linear1 = nn.Linear(d, 3 * d + self.mlp_hidden_dim)
         self.linear2 = nn.Linear(d + self.mlp_hidden_dim, d)
         self.norm = QKNorm(cfg.head_dim)
-        self.mlp_act = nn.GELU(approximate="tanh")
         self.modulation = Modulation(d, double=False)
 
     def forward(self, ops: OpSet, x: Tensor, vec: Tensor, rope: Tensor) -> Tensor:
@@ -134,7 +138,7 @@ class SingleStreamBlock(nn.Module):
         h = self.linear1(ops.layernorm_modulate(x, shift, scale))
         qkv, mlp = h[..., : 3 * self.hidden_size], h[..., 3 * self.hidden_size :]
         q, k, v = ops.qk_rmsnorm_rope(qkv, self.norm.query_norm.scale, self.norm.key_norm.scale, rope, self.num_heads)
-        out = self.linear2(torch.cat((ops.attention(q, k, v), self.mlp_act(mlp)), dim=2))
+        out = self.linear2(torch.cat((ops.attention(q, k, v), ops.gelu(mlp)), dim=2))
         return ops.gated_residual(x, gate, out)
 
 

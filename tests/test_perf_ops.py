@@ -9,9 +9,13 @@ import torch.nn.functional as F
 from fluxmusic.errors import FluxMusicError
 from fluxmusic.ops import (
     BLOCKED_ATTENTION_OPS,
+    EXP_SUM_MAX_SCORE,
     REFERENCE_OPS,
+    _exp_sum_values,
     attention,
     blocked_attention,
+    fast_gelu,
+    gelu_tanh,
     opset_for,
 )
 
@@ -40,6 +44,35 @@ def test_blocked_attention_text_and_music_lengths_differ():
     ref = attention(q.float(), k.float(), v.float())
     assert out.shape == (1, 5, 8)
     assert (out.float() - ref).abs().max() < 2e-2
+
+
+@pytest.mark.parametrize("magnitude", [1.0, 3.0])
+def test_exp_sum_path_and_its_softmax_fallback_both_match_sdpa(magnitude):
+    """RMS-normed q/k (as the model feeds it) take the one-pass exp-sum path; q/k so large that a score could
+    leave [-40, 40] fall back to the softmax. Both match SDPA; the path taken is checked."""
+    g = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(2, 4, 33, 32, generator=g) for _ in range(3))
+    q, k = (t * torch.rsqrt(t.pow(2).mean(-1, keepdim=True)) * magnitude for t in (q, k))
+    qb, kb, vb = q.bfloat16(), k.bfloat16(), v.bfloat16()
+    takes_exp_sum = _exp_sum_values(qb, kb, vb, 32**-0.5) is not None
+    assert takes_exp_sum == (magnitude == 1.0)
+    assert (32**0.5 * magnitude**2 > EXP_SUM_MAX_SCORE) == (not takes_exp_sum)
+    ref = attention(q, k, v)
+    out = blocked_attention(qb, kb, vb, block_elements=300)
+    assert torch.isfinite(out).all()
+    err_sdpa = (attention(qb, kb, vb).float() - ref).abs().max().item()
+    assert (out.float() - ref).abs().max().item() < max(4 * err_sdpa, 2e-2)
+    assert F.cosine_similarity(out.float().flatten(), ref.flatten(), dim=0) > 0.9999
+
+
+def test_fast_gelu_is_tanh_gelu_except_bf16_where_it_differs_by_one_ulp_or_less_than_1e3():
+    x = torch.linspace(-12, 12, 20001)
+    assert torch.equal(fast_gelu(x), gelu_tanh(x))  # fp32: the official activation, exactly
+    xb = x.bfloat16()
+    fast, exact = fast_gelu(xb).float(), gelu_tanh(xb).float()
+    ulp = exact.abs().clamp_min(2.0**-20) * 2.0**-7  # one bf16 ulp (8 significant bits) of the output
+    assert ((fast - exact).abs() <= torch.maximum(ulp, torch.full_like(ulp, 1e-3))).all()
+    assert (fast - exact).abs().mean() < 1e-3
 
 
 def test_blocked_attention_is_sdpa_in_fp32():
@@ -130,3 +163,30 @@ def test_bench_procedure_takes_our_setting_from_a_sweep(tmp_path):
     bad = subprocess.run([sys.executable, str(script), "--config", "tiny", "--from-sweep", str(sweep)],
                          capture_output=True, text=True, env=env, timeout=600)
     assert bad.returncode != 0 and "no setting matched the target both ways" in bad.stderr
+
+
+def test_compiled_transformer_matches_eager(tmp_path):
+    """``compile=True`` (torch.compile of the transformer, attention eager) through the real loader and
+    backend: the same velocity as eager within fp32 rounding. Building the graph takes ~25 s here."""
+    from fluxmusic.pipeline import FluxMusicPipeline
+    from fluxmusic.tiny import build_tiny_model_dir
+
+    model_dir = build_tiny_model_dir(tmp_path / "model")
+    eager = FluxMusicPipeline.from_pretrained(model_dir, dtype="float32").backend
+    compiled = FluxMusicPipeline.from_pretrained(model_dir, dtype="float32", compile=True).backend
+    assert compiled.transformer.forward is not eager.transformer.forward
+    g = torch.Generator().manual_seed(0)
+    cfg = eager.transformer_config
+    x, t = torch.randn(2, 16, cfg.in_channels, generator=g), torch.tensor([0.3, 0.8])
+    txt, y = torch.randn(2, 5, cfg.context_in_dim, generator=g), torch.randn(2, cfg.vec_in_dim, generator=g)
+    rope = eager.rope(5, 4, 4)
+    ref, got = eager.velocity(x, t, txt, y, rope), compiled.velocity(x, t, txt, y, rope)
+    assert (got - ref).abs().max() <= 1e-4 * ref.abs().max()
+
+
+def test_compile_is_refused_with_exported_backends(tmp_path, capsys):
+    from fluxmusic.cli import main
+
+    code = main(["generate", "a piano", "--compile", "--onnx-dir", str(tmp_path), "-o", str(tmp_path / "x.wav")])
+    assert code == 2
+    assert "--compile applies to the torch backend" in capsys.readouterr().err
