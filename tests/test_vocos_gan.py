@@ -235,8 +235,10 @@ def test_phase_dither_replaces_only_quiet_bins_with_a_fixed_table():
     assert float((x - y).pow(2).mean()) < 1e-3 * float(x.pow(2).mean())
 
 
-def test_vocos_with_integrated_phase_and_dither_exports_to_onnx_with_parity(tmp_path):
-    """A model directory whose vocoder is an integrated-phase, dithered Vocos exports and runs in onnxruntime."""
+@pytest.mark.parametrize("mel_match", [0, 2])
+def test_vocos_with_integrated_phase_and_dither_exports_to_onnx_with_parity(tmp_path, mel_match):
+    """A model directory whose vocoder is an integrated-phase, dithered Vocos (with and without the mel-match
+    projection) exports and runs in onnxruntime."""
     import onnxruntime as ort
     from fluxmusic.export.onnx_export import export_onnx
 
@@ -244,7 +246,8 @@ def test_vocos_with_integrated_phase_and_dither_exports_to_onnx_with_parity(tmp_
 
     model_dir = build_tiny_model_dir(tmp_path / "model")
     voc = VocosVocoder(VocosConfig(hidden_size=16, intermediate_size=16, num_layers=1, phase_advance=True,
-                                   phase_integrate=True, phase_dither_db=-20.0)).eval()
+                                   phase_integrate=True, phase_dither_db=-20.0,
+                                   mel_match_iterations=mel_match)).eval()
     with torch.no_grad():
         voc.head.weight.normal_(0, 0.05)  # non-zero increments, so the cumulative sum is exercised
     import shutil
@@ -261,3 +264,63 @@ def test_vocos_with_integrated_phase_and_dither_exports_to_onnx_with_parity(tmp_
     assert got.shape == want.shape
     snr = 10 * np.log10((want ** 2).sum() / ((got - want) ** 2).sum())
     assert snr > 60, snr
+
+
+def _tiny_vocos(**extra) -> VocosVocoder:
+    torch.manual_seed(0)
+    return VocosVocoder(VocosConfig(hidden_size=16, intermediate_size=16, num_layers=1, phase_advance=True,
+                                    phase_integrate=True, phase_dither_db=-20.0, **extra)).eval()
+
+
+def test_mel_match_pulls_the_output_log_mel_onto_the_input(bank):
+    """An untrained vocoder's output is far from its input mel; each projection round brings the output's
+    log-mel (the very log_mel the input came from) closer, and a few rounds most of the way."""
+    mel = bank.mels[:2, :150]
+    errors = []
+    for iterations in (0, 1, 2, 6):
+        voc = _tiny_vocos(mel_match_iterations=iterations)
+        with torch.no_grad():
+            wave = voc(mel)
+        assert wave.shape == (2, 150 * 160)
+        errors.append(float((log_mel(wave) - mel).abs().mean()))
+    assert errors == sorted(errors, reverse=True) and len(set(errors)) == 4, errors
+    assert errors[-1] < 0.3 * errors[0], errors
+
+
+def test_mel_match_off_is_the_old_model_and_on_keeps_weights_and_gradients(tmp_path):
+    plain, matched = _tiny_vocos(), _tiny_vocos(mel_match_iterations=3)
+    assert plain.config.mel_match_iterations == 0  # the default: vocoders saved before the option are unchanged
+    matched.load_state_dict(plain.state_dict())  # no parameters or buffers of its own
+    matched.save_pretrained(str(tmp_path / "voc"))
+    config = (tmp_path / "voc" / "config.json").read_text()
+    assert '"mel_match_iterations": 3' in config
+    mel = (torch.randn(1, 40, 64) - 4).requires_grad_()
+    wave = VocosVocoder.from_pretrained(str(tmp_path / "voc")).eval()(mel)
+    with torch.no_grad():
+        assert torch.equal(wave, matched(mel))
+        assert not torch.allclose(wave, plain(mel))
+    wave.pow(2).sum().backward()
+    assert torch.isfinite(mel.grad).all() and float(mel.grad.abs().sum()) > 0
+
+
+def test_mel_match_fft_and_matrix_implementations_agree(monkeypatch, bank):
+    """The export path (DFT as a strided convolution, matrix inverse STFT) equals the eager FFT path."""
+    import fluxmusic.vocos as vocos
+
+    voc = _tiny_vocos(mel_match_iterations=2)
+    mel = bank.mels[:1, :120]
+    with torch.no_grad():
+        fast = voc(mel)
+        monkeypatch.setattr(vocos, "_exporting", lambda: True)
+        exact = voc(mel)
+    assert float((fast - exact).abs().max()) < 1e-4 * float(fast.abs().max())
+
+
+@pytest.mark.parametrize(("field", "value"), [("mel_match_iterations", -1), ("mel_match_iterations", 1.5),
+                                              ("mel_match_iterations", True), ("mel_match_n_fft", 1023),
+                                              ("mel_match_n_fft", 64)])
+def test_bad_mel_match_settings_are_one_clear_error(field, value):
+    from fluxmusic.errors import FluxMusicError
+
+    with pytest.raises(FluxMusicError, match=f"{field} {value!r} must be"):
+        VocosConfig(**{field: value})
