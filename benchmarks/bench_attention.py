@@ -42,6 +42,7 @@ def main() -> None:
         "SDPA bf16 (CPU flash kernel)": lambda: attention(qb, kb, vb),
         f"blocked bf16 ({ATTENTION_BLOCK_ELEMENTS >> 20} M scores per block)": lambda: blocked_attention(qb, kb, vb),
         "blocked bf16 (4 M scores per block)": lambda: blocked_attention(qb, kb, vb, 1 << 22),
+        "blocked bf16, softmax instead of exp-sum": lambda: blocked_attention(qb, kb, vb, exp_sum=False),
         "bf16 matmul peak (MLP up-projection shape)": lambda: F.linear(a, w),
     }
     load0 = os.getloadavg()[0]

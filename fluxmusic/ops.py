@@ -93,7 +93,8 @@ def attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
 ATTENTION_BLOCK_ELEMENTS = 1 << 20
 
 
-def blocked_attention(q: Tensor, k: Tensor, v: Tensor, block_elements: int = ATTENTION_BLOCK_ELEMENTS) -> Tensor:
+def blocked_attention(q: Tensor, k: Tensor, v: Tensor, block_elements: int = ATTENTION_BLOCK_ELEMENTS,
+                      exp_sum: bool = True) -> Tensor:
     """Attention as two batched GEMMs per block of (heads, queries) with the softmax between; [B, L, H*Dh].
 
     For reduced-precision inputs (bf16/fp16) QK^T and PV run as bf16 GEMMs with fp32 accumulation (oneDNN,
@@ -109,7 +110,7 @@ def blocked_attention(q: Tensor, k: Tensor, v: Tensor, block_elements: int = ATT
     b, h, lq, dh = q.shape
     lk = k.shape[2]
     scale = dh**-0.5
-    v_ones = _exp_sum_values(q, k, v, scale)
+    v_ones = _exp_sum_values(q, k, v, scale) if exp_sum else None  # (exp_sum=False: the softmax, for comparison)
     kt = k.transpose(2, 3)
     # One block: hb heads x bq queries x all keys, about block_elements scores.
     hb = max(1, min(h, block_elements // (lk * min(lq, 256))))
