@@ -79,7 +79,8 @@ def test_repository_configs_parse_with_triton_schema(setup):
     assert list(inputs) == ["prompt", "negative_prompt", "duration", "steps", "guidance", "seed", "solver", "shift",
                             "preset", "guidance_interval_min", "guidance_interval_max", "cache_threshold",
                             "audio", "audio_sample_rate", "keep", "regenerate", "mode",
-                            "guidance_schedule"]
+                            "guidance_schedule", "blend", "resample", "splice", "overlap", "crossfade", "sections",
+                            "image", "story", "image_weight", "story_weight"]
     assert not inputs["prompt"].optional and all(inputs[n].optional for n in list(inputs)[1:])
     version = repo / "fluxmusic" / "1"
     for f in ("model.py", "model_index.json", "null_embeddings.safetensors", "transformer_config.json",
