@@ -110,7 +110,8 @@ def test_repository_holds_the_image_and_story_models(setup):
         assert f"{name}: tensors agree with its graph" in checked
         assert f"{name}: accepts what the BLS model sends" in checked
     version = repo / "fluxmusic" / "1"
-    assert (version / "adapters" / "config.json").is_file() and not (version / "adapters" / "model.safetensors").exists()
+    assert (version / "adapters" / "config.json").is_file()
+    assert not (version / "adapters" / "model.safetensors").exists()  # the weights live in the graphs
     assert (version / "image_processor" / "preprocessor_config.json").is_file()
     assert set(MEDIA_NAMES) <= set(json.loads((version / "components.json").read_text())["components"])
     text = (repo / "fluxmusic" / "config.pbtxt").read_text()
@@ -312,3 +313,22 @@ def test_model_py_streams_long_form_windows_in_decoupled_mode(setup, monkeypatch
     np.testing.assert_array_equal(np.concatenate([t["audio"] for t in tensors if "window" in t]), final["audio"])
     err = pb.sent[-1][0].error()
     assert "image bytes cannot be decoded" in err.message() and err.code == pb.TritonError.INVALID_ARG
+
+
+def test_cli_media_flags(setup, tmp_path, capsys):
+    import argparse
+
+    from fluxmusic.export.triton_commands import register
+
+    parser = argparse.ArgumentParser()
+    register(parser.add_subparsers())
+
+    def run(*argv: str) -> int:
+        args = parser.parse_args(["triton", "--model", str(setup["model"]), "--onnx", str(setup["onnx"]), *argv])
+        return args.func(args)
+
+    assert run("--out", str(tmp_path / "without"), "--no-media") == 0
+    assert not any((tmp_path / "without" / m).exists() for m in MEDIA_NAMES)
+    assert run("--out", str(tmp_path / "with"), "--media") == 0
+    assert all((tmp_path / "with" / m / "config.pbtxt").is_file() for m in MEDIA_NAMES)
+    assert "wrote Triton repository" in capsys.readouterr().out
