@@ -12,7 +12,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from fluxmusic.export.spec import ComponentSpec, component_specs
+from fluxmusic.export.spec import ComponentSpec, component_specs, media_specs
 
 from fluxmusic.config import FluxMusicConfig
 from fluxmusic.errors import FluxMusicError
@@ -25,6 +25,13 @@ TRANSFORMER_CONFIG = "transformer_config.json"
 #: Optional: the transformer's first-block weights, for step caching (``fluxmusic.step_cache``).
 PROBE_WEIGHTS = "step_cache_probe.safetensors"
 VERSION_FILES = (INDEX, NULL_EMBEDDINGS, TRANSFORMER_CONFIG, TOKENIZER_DIR, CLAP_TOKENIZER_DIR)
+#: Optional, together (image / story conditioning; the repository then holds the image_encoder, image_adapter and
+#: story_adapter models): the adapters' config (not their weights: those are in the graphs), the image
+#: preprocessing config and the image tower's config (its input size and widths).
+ADAPTERS_DIR = "adapters"
+IMAGE_PROCESSOR_DIR = "image_processor"
+IMAGE_ENCODER_CONFIG = "image_encoder_config.json"
+MEDIA_FILES = (f"{ADAPTERS_DIR}/config.json", IMAGE_PROCESSOR_DIR, IMAGE_ENCODER_CONFIG)
 
 
 @dataclass(frozen=True)
@@ -60,17 +67,45 @@ BLS_INPUTS = (
     BlsTensor("regenerate", "TYPE_STRING", (1,), optional=True),
     BlsTensor("mode", "TYPE_STRING", (1,), optional=True),
     BlsTensor("guidance_schedule", "TYPE_STRING", (1,), optional=True),
+    # Audio in, how seams are made (as the Python API's blend= / resample= / splice=).
+    BlsTensor("blend", "TYPE_FP32", (1,), optional=True),
+    BlsTensor("resample", "TYPE_INT32", (1,), optional=True),
+    BlsTensor("splice", "TYPE_BOOL", (1,), optional=True),
+    # Long form (a duration beyond the model's window: windowed continuation): seconds of context kept from
+    # the previous window, the crossfade at each seam, and prompt sections "START:END prompt" (seconds; then the
+    # prompt is "").
+    BlsTensor("overlap", "TYPE_FP32", (1,), optional=True),
+    BlsTensor("crossfade", "TYPE_FP32", (1,), optional=True),
+    BlsTensor("sections", "TYPE_STRING", (-1,), optional=True),
+    # Image / story conditioning (needs the image / story models in the repository): the image file's bytes
+    # (PNG, JPEG, ...), the story's text, and their weights against the prompt (which weighs 1 and may be "").
+    BlsTensor("image", "TYPE_STRING", (1,), optional=True),
+    BlsTensor("story", "TYPE_STRING", (1,), optional=True),
+    BlsTensor("image_weight", "TYPE_FP32", (1,), optional=True),
+    BlsTensor("story_weight", "TYPE_FP32", (1,), optional=True),
 )
 #: Inputs that carry an array, not one value.
 BLS_ARRAY_INPUTS = ("audio",)
-#: Outputs: the waveform, the seed used (random when none was given) and its sample rate. In decoupled mode
-#: progress responses carry only ``step`` and ``total_steps``; the final response carries the rest.
+#: Inputs that carry one string per element (any number of them).
+BLS_LIST_INPUTS = ("sections",)
+#: BYTES inputs passed on as raw bytes (not UTF-8 text).
+BLS_BYTES_INPUTS = ("image",)
+#: Outputs: the waveform, the seed used (random when none was given), its sample rate and the transformer
+#: evaluations it cost (batched cond+uncond evaluations per waveform, as ``GenerationResult.cfg_evaluations``).
+#: In decoupled mode progress responses carry only ``step`` and ``total_steps``; a long-form request also sends
+#: each finished window as it is done (``audio`` = that window's new samples, ``window`` of ``windows``,
+#: ``start_sample``, ``sample_rate``: the windows concatenate to the final audio); the final response carries
+#: ``audio`` (the whole waveform), ``seed_used``, ``sample_rate`` and ``cfg_evaluations``.
 BLS_OUTPUTS = (
     BlsTensor("audio", "TYPE_FP32", (-1,)),
     BlsTensor("seed_used", "TYPE_INT64", (1,)),
     BlsTensor("sample_rate", "TYPE_INT32", (1,)),
     BlsTensor("step", "TYPE_INT32", (1,)),
     BlsTensor("total_steps", "TYPE_INT32", (1,)),
+    BlsTensor("cfg_evaluations", "TYPE_FP32", (1,)),
+    BlsTensor("window", "TYPE_INT32", (1,)),
+    BlsTensor("windows", "TYPE_INT32", (1,)),
+    BlsTensor("start_sample", "TYPE_INT64", (1,)),
 )
 
 
@@ -84,4 +119,34 @@ def read_version_dir(version_dir: str | Path) -> tuple[ModelIndex, FluxMusicConf
     cfg = FluxMusicConfig.load(version_dir / TRANSFORMER_CONFIG)
     null = read_null_embeddings(version_dir)
     specs = component_specs(cfg, index.geometry, int(null.txt.shape[-1]), int(null.y.shape[-1]), include_encoder=True)
+    specs.update(read_media_specs(version_dir) or {})
     return index, cfg, specs
+
+
+def has_media_files(version_dir: str | Path) -> bool:
+    """Whether a BLS version directory carries the image / story configs (all of them, or an error)."""
+    version_dir = Path(version_dir)
+    present = [f for f in MEDIA_FILES if (version_dir / f).exists()]
+    if present and len(present) != len(MEDIA_FILES):
+        missing = [f for f in MEDIA_FILES if f not in present]
+        raise FluxMusicError(f"BLS version directory {version_dir} has {', '.join(present)} but not "
+                             f"{', '.join(missing)}: image / story conditioning needs all of them")
+    return bool(present)
+
+
+def read_media_specs(version_dir: str | Path) -> dict[str, ComponentSpec] | None:
+    """The image / story models' contract from the configs in a version directory (None: it has none)."""
+    from fluxmusic.adapters import read_adapter_config
+
+    version_dir = Path(version_dir)
+    if not has_media_files(version_dir):
+        return None
+    a = read_adapter_config(version_dir / ADAPTERS_DIR)
+    tower = json.loads((version_dir / IMAGE_ENCODER_CONFIG).read_text())
+    try:
+        size, patch = int(tower["image_size"]), int(tower["patch_size"])
+        hidden, proj = int(tower["hidden_size"]), int(tower["projection_dim"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise FluxMusicError(f"{version_dir / IMAGE_ENCODER_CONFIG} lacks the image tower's sizes: {e}") from e
+    # a CLIP vision tower's tokens: one per patch plus the class token
+    return media_specs(size, (size // patch) ** 2 + 1, proj, hidden, a.t5_dim, a.t5_tokens, a.clap_dim, a.max_chunks)

@@ -121,3 +121,41 @@ def component_specs(
             (TensorSpec("latent", f32, ("batch", g.latent_channels, "latent_frames", g.latent_width)),),
         )
     return specs
+
+
+#: The optional image / story models (issue 18; ``fluxmusic export onnx --media``): the image tower and the two
+#: adapters. Their graphs are always fp32 ONNX (``fluxmusic.export.media_onnx``).
+IMAGE_ENCODER_NAME = "image_encoder"
+IMAGE_ADAPTER_NAME = "image_adapter"
+STORY_ADAPTER_NAME = "story_adapter"
+MEDIA_NAMES = (IMAGE_ENCODER_NAME, IMAGE_ADAPTER_NAME, STORY_ADAPTER_NAME)
+
+
+def media_specs(
+    image_size: int,
+    image_tokens: int,
+    image_dim: int,
+    image_token_dim: int,
+    t5_dim: int,
+    t5_tokens: int,
+    clap_dim: int,
+    max_chunks: int,
+) -> dict[str, ComponentSpec]:
+    """Specs of the image / story graphs: widths from the adapters' config and the image tower's (only the batch
+    dim is dynamic; ``image_tokens`` = patches + the class token)."""
+    f32 = "float32"
+    cond = (TensorSpec("txt", f32, ("batch", t5_tokens, t5_dim)), TensorSpec("y", f32, ("batch", clap_dim)))
+    embeds = (TensorSpec("image_embeds", f32, ("batch", image_dim)),
+              TensorSpec("image_tokens", f32, ("batch", image_tokens, image_token_dim)))
+    return {
+        IMAGE_ENCODER_NAME: ComponentSpec(
+            IMAGE_ENCODER_NAME, (TensorSpec("pixel_values", f32, ("batch", 3, image_size, image_size)),), embeds
+        ),
+        IMAGE_ADAPTER_NAME: ComponentSpec(IMAGE_ADAPTER_NAME, embeds, cond),
+        STORY_ADAPTER_NAME: ComponentSpec(
+            STORY_ADAPTER_NAME,
+            (TensorSpec("chunks", f32, ("batch", max_chunks, t5_dim + clap_dim)),
+             TensorSpec("chunk_mask", f32, ("batch", max_chunks))),
+            cond,
+        ),
+    }

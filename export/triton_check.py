@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from fluxmusic.export.spec import COMPONENT_NAMES, ENCODER_NAME, ComponentSpec
+from fluxmusic.export.spec import COMPONENT_NAMES, ENCODER_NAME, MEDIA_NAMES, ComponentSpec
 from fluxmusic.export.triton_config import (
     MODEL_FILES,
     NUMPY_TO_TRITON,
@@ -25,7 +25,8 @@ from fluxmusic.export.triton_repo import BLS_MODEL, VERSION, read_components
 from fluxmusic.errors import FluxMusicError
 
 #: Items per request the BLS sends to each component (cond and uncond go to the transformer together).
-BLS_BATCH = {"t5": 1, "clap": 1, "transformer": 2, "vae_decoder": 1, "vocoder": 1, "vae_encoder": 1}
+BLS_BATCH = {"t5": 1, "clap": 1, "transformer": 2, "vae_decoder": 1, "vocoder": 1, "vae_encoder": 1,
+             "image_encoder": 1, "image_adapter": 1, "story_adapter": 1}
 
 
 def check_repository(repo: str | Path) -> list[str]:
@@ -57,7 +58,12 @@ def check_repository(repo: str | Path) -> list[str]:
         recorded = read_components(repo)
     else:
         specs, lengths, recorded = None, {}, {}
-    for name in (*COMPONENT_NAMES, ENCODER_NAME):
+    if specs is not None and MEDIA_NAMES[0] in specs:  # the version directory has the image / story configs
+        lacking = [m for m in MEDIA_NAMES if m not in configs]
+        if lacking:
+            problems.append(f"{BLS_MODEL}/{VERSION} has the image / story configs but the repository lacks "
+                            f"model(s) {', '.join(lacking)}")
+    for name in (*COMPONENT_NAMES, ENCODER_NAME, *MEDIA_NAMES):
         if name not in configs:
             continue
         cfg = configs[name]

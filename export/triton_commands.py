@@ -29,7 +29,11 @@ def register(export_sub: argparse._SubParsersAction) -> None:
     p.add_argument("--instance-kind", choices=INSTANCE_KINDS, help="default: KIND_GPU for engines, else KIND_AUTO")
     p.add_argument("--bls-instances", type=int, default=d.bls_instance_count, help="concurrent generations")
     p.add_argument("--max-queue-delay-us", type=int, default=d.max_queue_delay_us, help="dynamic batching delay")
-    p.add_argument("--decoupled", action="store_true", help="stream per-step progress responses (decoupled)")
+    p.add_argument("--decoupled", action="store_true",
+                   help="stream per-step progress responses and long-form windows (decoupled)")
+    p.add_argument("--media", action=argparse.BooleanOptionalAction, default=None,
+                   help="the image / story models (image tower + adapters, ONNX from --onnx DIR/media/ or exported "
+                   "now); default: when the model directory has adapters/")
     p.set_defaults(func=run)
 
 
@@ -54,6 +58,7 @@ def run(args: argparse.Namespace) -> int:
         bls_instance_count=args.bls_instances,
         decoupled=args.decoupled,
         max_queue_delay_us=args.max_queue_delay_us,
+        media=args.media,
     )
     repo = build_repository(args.model, args.onnx, args.out, args.engines, options, args.engine_precision)
     print(f"wrote Triton repository {repo} (checked: configs parse, tensors agree with the graphs and the BLS model)")

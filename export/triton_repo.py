@@ -3,11 +3,14 @@
 ```
 REPO/
   t5/ clap/ transformer/ vae_decoder/ vocoder/     config.pbtxt + 1/model.onnx (or 1/model.plan)
+  vae_encoder/                                     optional (export onnx --encoder): audio in
+  image_encoder/ image_adapter/ story_adapter/     optional (a model directory with adapters/): image / story
   fluxmusic/                                       the Python-backend BLS model
     config.pbtxt
     1/model.py                                     wraps fluxmusic.runtime.triton_bls
     1/model_index.json  1/null_embeddings.safetensors  1/transformer_config.json
     1/tokenizer/  1/clap_tokenizer/
+    1/adapters/config.json  1/image_processor/  1/image_encoder_config.json     with the image / story models
     1/components.json                              each component's platform and graph I/O (for --check)
 ```
 """
@@ -20,7 +23,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from fluxmusic.export.spec import COMPONENT_NAMES, ENCODER_NAME
+from fluxmusic.export.spec import COMPONENT_NAMES, ENCODER_NAME, MEDIA_NAMES
 from fluxmusic.export.triton_config import (
     INSTANCE_KINDS,
     MODEL_FILES,
@@ -54,6 +57,8 @@ class RepoOptions:
     bls_instance_count: int = 1  # concurrent generations; each holds one request through its whole solve
     decoupled: bool = False  # stream per-step progress responses before the audio
     max_queue_delay_us: int = 1000
+    #: the image / story models (image tower + adapters, ONNX): None = when the model directory has adapters/
+    media: bool | None = None
 
     def check(self) -> None:
         for name in ("max_batch_size", "instance_count", "bls_instance_count"):
@@ -107,6 +112,7 @@ def build_repository(
     options.check()
     model_dir, onnx_dir, out = Path(model_dir), Path(onnx_dir), Path(out)
     read_index(model_dir)  # a complete model directory, or a clear error
+    media = _wants_media(model_dir, options.media)
     if not onnx_dir.is_dir():
         raise FluxMusicError(f"ONNX directory {onnx_dir} does not exist (make it with `fluxmusic export onnx`)")
     _check_same_model(model_dir, onnx_dir)
@@ -136,11 +142,15 @@ def build_repository(
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
     try:
+        if media:
+            sources.update(_media_sources(model_dir, onnx_dir, tmp))
+            names += list(MEDIA_NAMES)
         components = {}
         for c in names:
             io = onnx_graph_io(sources[c])
-            platform = PLATFORMS["plan" if engines_dir is not None else "onnx"]
-            kind = options.instance_kind or ("KIND_GPU" if engines_dir is not None else "KIND_AUTO")
+            on_engine = engines_dir is not None and c in engines  # the image / story graphs stay ONNX
+            platform = PLATFORMS["plan" if on_engine else "onnx"]
+            kind = options.instance_kind or ("KIND_GPU" if on_engine else "KIND_AUTO")
             text = render_component_config(
                 c,
                 io,
@@ -154,14 +164,15 @@ def build_repository(
             parse_config(text, f"generated config of {c}")
             version = tmp / c / VERSION
             version.mkdir(parents=True)
-            if engines_dir is not None:
+            if on_engine:
                 shutil.copy2(engines[c], version / MODEL_FILES[platform])
             else:
                 _copy_onnx(sources[c], version / MODEL_FILES[platform])
             atomic_write_text(tmp / c / "config.pbtxt", text)
-            source = engines[c].name if engines else sources[c].name
+            source = engines[c].name if on_engine else sources[c].name
             components[c] = {"platform": platform, "source": source, "onnx": sources[c].name, "graph": io.to_json()}
-        _write_bls_model(tmp, model_dir, components, options, templates)
+        shutil.rmtree(tmp / _MEDIA_EXPORT, ignore_errors=True)  # graphs exported here are copied into models
+        _write_bls_model(tmp, model_dir, components, options, templates, media)
         check_repository(tmp)
         publish(tmp)
         tmp.rename(out)
@@ -169,6 +180,48 @@ def build_repository(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+#: Where the image / story graphs are exported when the ONNX directory has none (inside the temporary repository).
+_MEDIA_EXPORT = ".media-export"
+
+
+def _wants_media(model_dir: Path, media: bool | None) -> bool:
+    """Whether the repository gets the image / story models: asked for, or (None) the model directory has them."""
+    from fluxmusic.adapters import check_media_dirs, has_media
+
+    check_media_dirs(model_dir)
+    if media is None:
+        return has_media(model_dir)
+    if media and not has_media(model_dir):
+        raise FluxMusicError(f"model directory {model_dir} has no image / story adapters (adapters/, image_encoder/, "
+                             "image_processor/); build the repository without --media")
+    return media
+
+
+def _media_sources(model_dir: Path, onnx_dir: Path, tmp: Path) -> dict[str, Path]:
+    """The image / story graphs: ``ONNX/media/`` of ``fluxmusic export onnx --media`` when present (checked
+    against its manifest's hashes), otherwise exported now from the model directory (parity-checked there)."""
+    from fluxmusic.export.media_onnx import MANIFEST, MEDIA_DIR, export_media
+    from fluxmusic.export.onnx_export import sha256_file
+
+    media_dir = onnx_dir / MEDIA_DIR
+    if (media_dir / MANIFEST).is_file():
+        graphs = json.loads((media_dir / MANIFEST).read_text()).get("graphs", {})
+        out = {}
+        for name in MEDIA_NAMES:
+            g = graphs.get(name)
+            path = media_dir / (g or {}).get("file", f"{name}.onnx")
+            if g is None or not path.is_file():
+                raise FluxMusicError(f"{media_dir} lacks the {name} graph; re-export with `fluxmusic export onnx "
+                                     "--media`")
+            if sha256_file(path) != g.get("sha256"):
+                raise FluxMusicError(f"{path} does not match the hash in {media_dir / MANIFEST} (changed after "
+                                     "export); re-export with `fluxmusic export onnx --media`")
+            out[name] = path
+        return out
+    export_media(model_dir, tmp / _MEDIA_EXPORT)
+    return {name: tmp / _MEDIA_EXPORT / MEDIA_DIR / f"{name}.onnx" for name in MEDIA_NAMES}
 
 
 def _check_same_model(model_dir: Path, onnx_dir: Path) -> None:
@@ -190,9 +243,20 @@ def _copy_onnx(src: Path, dst: Path) -> None:
         shutil.copy2(data, dst.parent / name)
 
 
-def _write_bls_model(repo: Path, model_dir: Path, components: dict, options: RepoOptions, templates: Path) -> None:
-    from fluxmusic.export.bls_contract import CLAP_TOKENIZER_DIR, PROBE_WEIGHTS, TOKENIZER_DIR, TRANSFORMER_CONFIG
+def _write_bls_model(
+    repo: Path, model_dir: Path, components: dict, options: RepoOptions, templates: Path, media: bool = False
+) -> None:
+    from fluxmusic.export.bls_contract import (
+        ADAPTERS_DIR,
+        CLAP_TOKENIZER_DIR,
+        IMAGE_ENCODER_CONFIG,
+        IMAGE_PROCESSOR_DIR,
+        PROBE_WEIGHTS,
+        TOKENIZER_DIR,
+        TRANSFORMER_CONFIG,
+    )
 
+    from fluxmusic.adapters import ADAPTERS, IMAGE_ENCODER, IMAGE_PROCESSOR
     from fluxmusic.step_cache import write_probe_weights
 
     version = repo / BLS_MODEL / VERSION
@@ -207,6 +271,11 @@ def _write_bls_model(repo: Path, model_dir: Path, components: dict, options: Rep
     write_probe_weights(model_dir / "transformer", version / PROBE_WEIGHTS)  # step caching's few weights
     shutil.copytree(model_dir / "tokenizer", version / TOKENIZER_DIR)
     shutil.copytree(model_dir / "clap_tokenizer", version / CLAP_TOKENIZER_DIR)
+    if media:  # the configs the BLS needs besides the graphs: chunking, preprocessing, the tower's sizes
+        (version / ADAPTERS_DIR).mkdir()
+        shutil.copy2(model_dir / ADAPTERS / "config.json", version / ADAPTERS_DIR / "config.json")
+        shutil.copytree(model_dir / IMAGE_PROCESSOR, version / IMAGE_PROCESSOR_DIR)
+        shutil.copy2(model_dir / IMAGE_ENCODER / "config.json", version / IMAGE_ENCODER_CONFIG)
     atomic_write_text(version / COMPONENTS_FILE, json.dumps({"components": components}, indent=2) + "\n")
 
 

@@ -257,9 +257,10 @@ def decode_image(image: ImageInput, max_pixels: int = MAX_IMAGE_PIXELS, max_byte
     except FluxMusicError:
         raise
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+        # PIL names the buffer by its repr ("<_io.BytesIO object at 0x...>"): noise, and it differs per call
+        detail = re.sub(r"\s*<[^<>]* at 0x[0-9a-fA-F]+>", "", str(e).splitlines()[0] if str(e) else "")
         raise FluxMusicError(f"{name} cannot be decoded as an image ({type(e).__name__}: "
-                             f"{str(e).splitlines()[0][:100] if str(e) else ''}); allowed: PNG, JPEG, BMP, GIF, "
-                             "WebP, ...") from None
+                             f"{detail[:100]}); allowed: PNG, JPEG, BMP, GIF, WebP, ...") from None
 
 
 class _no_pil_bomb_limit:

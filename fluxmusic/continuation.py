@@ -215,6 +215,17 @@ def parse_prompt_sections(text: str, source: str = "prompts file") -> list[Secti
             for m in timed]
 
 
+def parse_section_strings(lines: Sequence[str], name: str = "sections") -> list[Section]:
+    """One ``"START:END prompt"`` string per section (the wire form of gRPC and Triton requests) -> sections;
+    a string without times, or one that splits into several lines, is one error naming ``name``."""
+    from fluxmusic.sampling import invalid
+
+    sections = parse_prompt_sections("\n".join(lines), name)
+    if sections is None or len(sections) != len(lines):
+        raise invalid(name, list(lines)[:3], "'START:END prompt' strings in seconds")
+    return sections
+
+
 # ------------------------------------------------------------------------------------------------ audio
 def decode_audio(audio: AudioInput, sample_rate: int, name: str = "audio") -> np.ndarray:
     """Any accepted audio input -> mono float32 at ``sample_rate`` (resampled), or one clear error."""

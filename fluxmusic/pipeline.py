@@ -79,6 +79,9 @@ class StreamChunk:
     decoded_kept_snr_db: list[float] | None = None
     windows_done: int = 1
     decoded_kept_mel_snr_db: list[float] | None = None
+    #: transformer rows run per waveform so far, in batched cond+uncond evaluations (summed over the windows;
+    #: see :attr:`GenerationResult.cfg_evaluations`)
+    cfg_evaluations: float = 0.0
 
 
 def default_model_dir() -> Path:
@@ -108,6 +111,7 @@ class FluxMusicPipeline:
         tokenizers: tuple,
         cache_size: int = 256,
         probe_loader: Callable[[], object] | None = None,
+        media_loader: Callable[[], object] | None = None,
     ):
         self.backend = backend
         #: builds the step cache's probe when a request first asks for caching (None: from the torch backend's
@@ -131,6 +135,9 @@ class FluxMusicPipeline:
         #: that needs them (None: a directory without adapters/, or a pipeline built without a directory)
         self.model_dir: Path | None = None
         self._media = None
+        #: builds the image / story encoder instead of the model directory's torch modules (the Triton BLS model
+        #: passes one over its repository's image_encoder / image_adapter / story_adapter models)
+        self.media_loader = media_loader
 
     @classmethod
     def from_pretrained(
@@ -196,6 +203,8 @@ class FluxMusicPipeline:
 
     def media_encoder(self):
         """The image / story encoder of this model directory (loaded once); a clear error when it has none."""
+        if self._media is None and self.media_loader is not None:
+            self._media = self.media_loader()  # raises its own error when it has none
         if self._media is None:
             from fluxmusic.adapters import MediaEncoder, has_media
 
@@ -280,14 +289,16 @@ class FluxMusicPipeline:
         )
         return self.generate(req, progress)
 
-    def generate(self, request: GenerationRequest, progress: ProgressFn | None = None) -> GenerationResult:
+    def generate(self, request: GenerationRequest, progress: ProgressFn | None = None,
+                 on_chunk: Callable[[StreamChunk], None] | None = None) -> GenerationResult:
         """One batched CFG solve of a resolved request (its items share a latent length; their prompts,
         negative prompts, guidance, seeds and durations may differ). Reports seconds per stage.
 
         With given audio the kept latent frames stay on the flow's path of that audio (continuation,
-        infilling); a long-form request runs window by window (:meth:`generate_stream`) and is joined here."""
+        infilling); a long-form request runs window by window (:meth:`generate_stream`) and is joined here,
+        handing each finished window to ``on_chunk`` first (streaming front ends; not called without long form)."""
         if request.long_form is not None:
-            return self._join_stream(request, progress)
+            return self._join_stream(request, progress, on_chunk)
         items, st = request.items, request.settings
         geo = self.geometry
         t0 = time.perf_counter()
@@ -359,18 +370,22 @@ class FluxMusicPipeline:
         return KnownRegion(x0, m, x.clone(), resample, RESAMPLE_T_MIN, gens)
 
     # ------------------------------------------------------------------------------------ long form
-    def _join_stream(self, request: GenerationRequest, progress: ProgressFn | None) -> GenerationResult:
+    def _join_stream(self, request: GenerationRequest, progress: ProgressFn | None,
+                     on_chunk: Callable[[StreamChunk], None] | None = None) -> GenerationResult:
         parts: list[list[np.ndarray]] = [[] for _ in request.items]
         last = None
         for chunk in self.generate_stream(request, progress):
             for i, a in enumerate(chunk.audio):
                 parts[i].append(a)
             last = chunk
+            if on_chunk is not None:
+                on_chunk(chunk)
         audio = [np.concatenate(p).astype(np.float32) for p in parts]
         return GenerationResult(
             audio, self.sample_rate, [it.seed for it in request.items], [it.prompt for it in request.items],
             request.settings, dict(last.timings), evaluations=last.evaluations, cache_skipped=last.cache_skipped,
-            kept_snr_db=last.kept_snr_db, decoded_kept_snr_db=last.decoded_kept_snr_db, windows=last.windows,
+            cfg_evaluations=last.cfg_evaluations, kept_snr_db=last.kept_snr_db,
+            decoded_kept_snr_db=last.decoded_kept_snr_db, windows=last.windows,
             decoded_kept_mel_snr_db=last.decoded_kept_mel_snr_db,
         )
 
@@ -385,7 +400,7 @@ class FluxMusicPipeline:
         if lf is None:
             r = self.generate(request, progress)
             yield StreamChunk(0, 1, 0, r.audio, r.timings, r.evaluations, r.cache_skipped, r.kept_snr_db,
-                              r.decoded_kept_snr_db, 1, r.decoded_kept_mel_snr_db)
+                              r.decoded_kept_snr_db, 1, r.decoded_kept_mel_snr_db, r.cfg_evaluations)
             return
         from fluxmusic.continuation import window_seed
 
@@ -396,7 +411,7 @@ class FluxMusicPipeline:
         xf = int(round(lf.crossfade * geo.sample_rate))
         items, st = request.items, request.settings
         timings = {"text_encode": 0.0, "sampling": 0.0, "decode": 0.0}
-        evals = skipped = 0.0
+        evals = skipped = cfg_evals = 0.0
         snr: dict = {}
         emitted = 0
         pending: list[np.ndarray] = []  # per item: audio from sample ``emitted`` on, not yet final
@@ -448,6 +463,7 @@ class FluxMusicPipeline:
             timings["decode"] += t3 - t2
             evals += stats["evaluations"]
             skipped += stats["cache_skipped"]
+            cfg_evals += stats["cfg_evaluations"]
             g0 = w.start * spf
             if w.index == 0:
                 pending = audio
@@ -467,7 +483,7 @@ class FluxMusicPipeline:
             emitted = until
             yield StreamChunk(w.index, len(windows), emitted - len(out[0]), out, dict(timings), evals, skipped,
                               snr.get("kept_snr_db"), snr.get("decoded_kept_snr_db"), w.index + 1,
-                              snr.get("decoded_kept_mel_snr_db"))
+                              snr.get("decoded_kept_mel_snr_db"), cfg_evals)
 
     def sample_latents(
         self,

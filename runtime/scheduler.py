@@ -260,22 +260,14 @@ class BatchScheduler:
 
     def _solve_windows(self, job: Job, request, progress):
         """A long-form request through the pipeline's window stream, handing each window to the job's
-        ``on_chunk`` as it is finished; returns the joined result."""
-        from fluxmusic.pipeline import GenerationResult
+        ``on_chunk`` as it is finished; returns the joined result (the pipeline joins it, so its counts, e.g.
+        ``cfg_evaluations``, are the non-streaming path's)."""
 
-        parts: list[list[np.ndarray]] = [[] for _ in request.items]
-        last = None
-        for chunk in self.pipe.generate_stream(request, progress):
-            for i, a in enumerate(chunk.audio):
-                parts[i].append(a)
-            last = chunk
+        def on_chunk(chunk) -> None:
             if job.on_chunk is not None and not job.done.is_set():
                 job.on_chunk(chunk)
-        audio = [np.concatenate(p).astype(np.float32) for p in parts]
-        return GenerationResult(audio, self.pipe.sample_rate, [it.seed for it in request.items],
-                                [it.prompt for it in request.items], request.settings, dict(last.timings),
-                                last.evaluations, last.cache_skipped, last.kept_snr_db, last.decoded_kept_snr_db,
-                                last.windows, last.decoded_kept_mel_snr_db)
+
+        return self.pipe.generate(request, progress, on_chunk=on_chunk)
 
     def _isolate(self, jobs: list[Job], error: Exception) -> None:
         live = [j for j in jobs if not j.done.is_set()]

@@ -112,11 +112,9 @@ def parse_request(req, limits: Limits, pipe) -> RequestSpec:
         raise invalid("image", f"{len(req.image)} bytes", f"at most {limits.max_image_bytes} bytes of encoded image")
     sections = None
     if req.sections:
-        from fluxmusic.continuation import parse_prompt_sections
+        from fluxmusic.continuation import parse_section_strings
 
-        sections = parse_prompt_sections("\n".join(req.sections), "sections")
-        if sections is None or len(sections) != len(req.sections):
-            raise invalid("sections", list(req.sections)[:3], "'START:END prompt' strings in seconds")
+        sections = parse_section_strings(list(req.sections))
     request = build_request(
         pipe.defaults, pipe.geometry, req.prompt or (None if sections else req.prompt),
         num_waveforms=req.num_waveforms or 1,

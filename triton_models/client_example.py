@@ -2,6 +2,8 @@
 
     python triton_models/client_example.py "a fast cheerful melody on a plucked string" -o out.wav --seed 0
     python triton_models/client_example.py "a slow piano" -o out.wav --stream   # repository made with --decoupled
+    python triton_models/client_example.py "" --image photo.png --story story.txt -o out.wav --seed 0
+    python triton_models/client_example.py "a slow piano" --duration 60 -o song.wav --stream   # long form, windows
 
 Needs only ``tritonclient[grpc]`` and numpy. Untested against a live server here (no container runtime).
 """
@@ -12,12 +14,13 @@ import argparse
 import queue
 import sys
 import wave
+from pathlib import Path
 
 import numpy as np
 import tritonclient.grpc as grpcclient
 
 MODEL = "fluxmusic"
-OUTPUTS = ("audio", "seed_used", "sample_rate")
+OUTPUTS = ("audio", "seed_used", "sample_rate", "cfg_evaluations")
 
 
 def build_inputs(
@@ -38,11 +41,24 @@ def build_inputs(
     regenerate: str | None = None,
     mode: str | None = None,
     guidance_schedule: str | None = None,
+    blend: float | None = None,
+    resample: int | None = None,
+    splice: bool | None = None,
+    overlap: float | None = None,
+    crossfade: float | None = None,
+    sections: list[str] | None = None,
+    image: bytes | None = None,
+    story: str | None = None,
+    image_weight: float | None = None,
+    story_weight: float | None = None,
 ) -> list[grpcclient.InferInput]:
     """Request tensors of the ``fluxmusic`` model; an omitted setting takes the model's default (or the preset's).
     ``shift=1`` is no time shift; ``preset="official"`` is the official sampler. ``audio`` (mono float32 samples at
     ``audio_sample_rate``, default the model's) with ``keep`` / ``regenerate`` ("0:6", "4:6") or ``mode``
-    continues or infills it (the repository needs the vae_encoder model)."""
+    continues or infills it (the repository needs the vae_encoder model). A ``duration`` beyond the model's window
+    is long form (``overlap``, ``crossfade`` seconds; ``sections`` "START:END prompt" with prompt ""). ``image``
+    (an image file's bytes) and ``story`` (text) condition through the repository's image / story models, mixed
+    with the prompt (weight 1; may be "") by ``image_weight`` / ``story_weight``."""
 
     def text(v: str | None):
         return None if v is None else np.array([v.encode()], np.object_)
@@ -73,6 +89,16 @@ def build_inputs(
         "regenerate": (text(regenerate), "BYTES"),
         "mode": (text(mode), "BYTES"),
         "guidance_schedule": (text(guidance_schedule), "BYTES"),
+        "blend": (fp32(blend), "FP32"),
+        "resample": (None if resample is None else np.array([resample], np.int32), "INT32"),
+        "splice": (None if splice is None else np.array([splice], np.bool_), "BOOL"),
+        "overlap": (fp32(overlap), "FP32"),
+        "crossfade": (fp32(crossfade), "FP32"),
+        "sections": (None if not sections else np.array([v.encode() for v in sections], np.object_), "BYTES"),
+        "image": (None if image is None else np.array([bytes(image)], np.object_), "BYTES"),
+        "story": (text(story), "BYTES"),
+        "image_weight": (fp32(image_weight), "FP32"),
+        "story_weight": (fp32(story_weight), "FP32"),
     }
     inputs = []
     for name, (array, datatype) in values.items():
@@ -89,7 +115,8 @@ def generate(client: grpcclient.InferenceServerClient, inputs: list) -> tuple[np
 
 
 def generate_streaming(client: grpcclient.InferenceServerClient, inputs: list) -> tuple[np.ndarray, int, int]:
-    """Decoupled model: progress responses (step, total_steps) arrive before the one with the audio."""
+    """Decoupled model: progress responses (step, total_steps) arrive before the one with the audio; a long-form
+    request also gets each finished window's audio (window, windows, start_sample) as soon as it is done."""
     responses: queue.Queue = queue.Queue()
     client.start_stream(callback=lambda result, error: responses.put((result, error)))
     try:
@@ -99,6 +126,11 @@ def generate_streaming(client: grpcclient.InferenceServerClient, inputs: list) -
             if error is not None:
                 raise error
             audio = result.as_numpy("audio")
+            if audio is not None and result.as_numpy("window") is not None:  # playback could start here
+                k, n = int(result.as_numpy("window")[0]), int(result.as_numpy("windows")[0])
+                start = int(result.as_numpy("start_sample")[0])
+                print(f"window {k + 1}/{n}: {audio.size} samples from sample {start}", file=sys.stderr)
+                continue
             if audio is not None:
                 return audio, int(result.as_numpy("seed_used")[0]), int(result.as_numpy("sample_rate")[0])
             step, total = int(result.as_numpy("step")[0]), int(result.as_numpy("total_steps")[0])
@@ -127,9 +159,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--guidance", type=float)
     p.add_argument("--seed", type=int)
     p.add_argument("--stream", action="store_true", help="stream progress (repository generated with --decoupled)")
+    p.add_argument("--image", help="condition on an image file (PNG, JPEG, ...)")
+    p.add_argument("--story", help="condition on a story: a UTF-8 text file")
+    p.add_argument("--image-weight", type=float)
+    p.add_argument("--story-weight", type=float)
+    p.add_argument("--overlap", type=float, help="long form: seconds of context per window")
+    p.add_argument("--crossfade", type=float, help="long form: seconds of crossfade at each seam")
+    p.add_argument("--section", action="append", help="long form: 'START:END prompt' (repeat; prompt \"\")")
     args = p.parse_args(argv)
 
-    inputs = build_inputs(args.prompt, args.negative_prompt, args.duration, args.steps, args.guidance, args.seed)
+    image = Path(args.image).read_bytes() if args.image else None
+    story = Path(args.story).read_text(encoding="utf-8") if args.story else None
+    inputs = build_inputs(args.prompt, args.negative_prompt, args.duration, args.steps, args.guidance, args.seed,
+                          overlap=args.overlap, crossfade=args.crossfade, sections=args.section, image=image,
+                          story=story, image_weight=args.image_weight, story_weight=args.story_weight)
     client = grpcclient.InferenceServerClient(args.url)
     try:
         audio, seed, sample_rate = (generate_streaming if args.stream else generate)(client, inputs)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
-from fluxmusic.runtime.triton_bls import BLS_INPUTS, FluxMusicBls, parse_request, progress_tensors, read_version_dir
+from fluxmusic.runtime.triton_bls import BLS_INPUTS, FluxMusicBls, progress_tensors, read_version_dir
 
 from fluxmusic.errors import FluxMusicError
 
@@ -66,9 +66,11 @@ class TritonPythonModel:
         tensors = {t.name: pb_utils.get_input_tensor_by_name(request, t.name) for t in BLS_INPUTS}
         return {k: (None if t is None else t.as_numpy()) for k, t in tensors.items()}
 
-    def _generate(self, request, progress=None) -> pb_utils.InferenceResponse:
+    def _generate(self, request, progress=None, prepared=None, on_window=None) -> pb_utils.InferenceResponse:
         try:
-            return _response(self.bls.execute(self._inputs(request), progress))
+            if prepared is None:
+                prepared = self.bls.prepare(self._inputs(request))
+            return _response(self.bls.run(prepared, progress, on_window))
         except FluxMusicError as e:  # a bad input: the message names it
             return pb_utils.InferenceResponse(error=_error(str(e), invalid_argument=True))
         except Cancelled:
@@ -87,13 +89,17 @@ class TritonPythonModel:
                     raise Cancelled
                 sender.send(_response(progress_tensors(step, total)))
 
+            def on_window(tensors, sender=sender) -> None:  # long form: each finished window's audio, now
+                sender.send(_response(tensors))
+
             try:
-                parse_request(self._inputs(request))  # fail fast, before any progress is streamed
+                prepared = self.bls.prepare(self._inputs(request))  # every check, before any progress is streamed
             except FluxMusicError as e:
                 sender.send(
                     pb_utils.InferenceResponse(error=_error(str(e), invalid_argument=True)),
                     flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL,
                 )
                 continue
-            sender.send(self._generate(request, progress), flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+            sender.send(self._generate(request, progress, prepared, on_window),
+                        flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
         return None
