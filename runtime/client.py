@@ -43,6 +43,7 @@ class GeneratedAudio:
     batch_size: int = 0
     request_id: str = ""
     kept_snr_db: list[float] = field(default_factory=list)
+    cfg_evaluations: float = 0.0  # transformer evaluations per waveform (cond-only ones count 0.5)
 
     @classmethod
     def from_response(cls, r) -> GeneratedAudio:
@@ -57,6 +58,7 @@ class GeneratedAudio:
             batch_size=r.batch_size,
             request_id=r.request_id,
             kept_snr_db=list(r.kept_snr_db),
+            cfg_evaluations=r.cfg_evaluations,
         )
 
 

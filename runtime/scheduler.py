@@ -70,6 +70,7 @@ class Job:
     batch_size: int = 0
     timings: dict[str, float] = field(default_factory=dict)
     kept_snr_db: list[float] = field(default_factory=list)
+    cfg_evaluations: float = 0.0  # per waveform (GenerationResult.cfg_evaluations)
     #: long form: called with each finished window (a :class:`fluxmusic.pipeline.StreamChunk`), in order
     on_chunk: Callable[[object], None] | None = None
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
@@ -255,6 +256,7 @@ class BatchScheduler:
             job.sample_rate, job.batch_size = result.sample_rate, size
             job.timings.update(timings)
             job.kept_snr_db = list(result.kept_snr_db or [])  # requests with given audio are never batched
+            job.cfg_evaluations = result.cfg_evaluations
             self._finish(job, "OK", audio=audio)
         return None
 

@@ -119,6 +119,7 @@ class FluxMusicService(pb2_grpc.FluxMusicServiceServicer):
                        for d, it, w in zip(data, job.spec.items, chunk.audio)],
             sample_rate=self.pipe.sample_rate, encoding=ENCODING_VALUE[job.spec.encoding],
             request_id=call.request_id, window=chunk.window, windows=chunk.windows, start_sample=chunk.start,
+            cfg_evaluations=chunk.cfg_evaluations,
         )
 
     def _admit(self, request, context, call: _Call, on_progress=None, on_done=None, on_chunk=None) -> Job:
@@ -171,6 +172,7 @@ class FluxMusicService(pb2_grpc.FluxMusicServiceServicer):
             batch_size=job.batch_size,
             request_id=call.request_id,
             kept_snr_db=[v if math.isfinite(v) else 999.0 for v in job.kept_snr_db],
+            cfg_evaluations=job.cfg_evaluations,
         )
 
     def _end(self, call: _Call, code: grpc.StatusCode, message: str, job: Job | None, request) -> None:

@@ -279,6 +279,7 @@ def test_grpc_audio_in_and_streamed_windows(tiny_pipe, wave, one_torch_thread):
             ref = tiny_pipe.generate(tiny_pipe.request("slow piano", audio=wave, mode="continue", keep="0:2",
                                                        duration=3.0, steps=2, seed=5))
             assert np.array_equal(out.audio[0], ref.audio[0]) and out.kept_snr_db[0] > 15
+            assert out.cfg_evaluations == ref.cfg_evaluations > 0  # on the wire, as the pipeline counts them
             # conditioning on the wire: "replace" is what auto picks for a model without a context input
             same = c.generate("slow piano", audio=data, mode="continue", keep="0:2", duration=3.0, steps=2, seed=5,
                               encoding="pcm_f32le", conditioning="replace")
@@ -292,7 +293,9 @@ def test_grpc_audio_in_and_streamed_windows(tiny_pipe, wave, one_torch_thread):
             assert windows[1][2] == len(windows[0][3])
             joined = np.concatenate([w[3] for w in windows])
             assert np.array_equal(joined, streamed.audio[0]) and len(joined) == 14 * SR
-            assert np.array_equal(c.generate("", **opts).audio[0], joined)  # unary == streamed
+            unary = c.generate("", **opts)
+            assert np.array_equal(unary.audio[0], joined)  # unary == streamed
+            assert streamed.cfg_evaluations == unary.cfg_evaluations == 2.0  # 2 windows x 1 step, streamed or not
             bad = [dict(audio=b"not audio"), dict(audio=data, keep="0:9"), dict(sections=["drums"]),
                    dict(audio=data, mode="sideways"), dict(audio=data, keep="0:2", conditioning="sideways")]
             for fields in bad:
