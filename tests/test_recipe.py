@@ -76,3 +76,35 @@ def test_half_storage_halves_the_files_and_loads_back_in_fp32(tmp_path):
     out = pipe(["a slow soft piano"], duration=1.0, seed=3).audio[0]
     snr = 10 * np.log10(np.sum(ref ** 2) / max(np.sum((out - ref) ** 2), 1e-20))
     assert snr > 20  # fp16 rounding of the weights only
+
+
+@pytest.mark.skipif(not (default_model_dir() / "model_index.json").is_file(), reason="no bundled default model")
+def test_bundled_default_has_trained_conditioning_and_a_mel_matched_vocoder():
+    """The bundle as documented: a transformer with the trained context input (continuation and infilling use it
+    under --conditioning auto) and the Vocos vocoder with the mel-match projection on."""
+    import json
+
+    d = default_model_dir()
+    assert json.loads((d / "transformer" / "config.json").read_text()).get("context_channels", 0) > 0
+    assert json.loads((d / "vocoder" / "config.json").read_text()).get("mel_match_iterations", 0) > 0
+    pipe = FluxMusicPipeline.from_pretrained()
+    assert pipe.backend.takes_context
+
+
+def test_set_vocoder_mel_match_turns_the_projection_on_and_refuses_hifigan(tmp_path):
+    import json
+    import shutil
+
+    from fluxmusic.components import load_vocoder
+    from fluxmusic.errors import FluxMusicError
+    from fluxmusic.tiny import build_tiny_model_dir
+    from fluxmusic.training.recipe import set_vocoder_mel_match
+
+    vocos = tmp_path / "vocoder"
+    shutil.copytree(default_model_dir() / "vocoder", vocos)
+    set_vocoder_mel_match(vocos, 3)
+    assert json.loads((vocos / "config.json").read_text())["mel_match_iterations"] == 3
+    assert load_vocoder(vocos).config.mel_match_iterations == 3
+    hifigan = build_tiny_model_dir(tmp_path / "tiny") / "vocoder"
+    with pytest.raises(FluxMusicError, match="mel-match projection is a Vocos vocoder option"):
+        set_vocoder_mel_match(hifigan, 3)
