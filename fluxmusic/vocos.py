@@ -58,7 +58,7 @@ class VocosConfig(PretrainedConfig):
         if isinstance(mel_match_momentum, bool) or not isinstance(mel_match_momentum, (int, float)) \
                 or not 0.0 <= mel_match_momentum <= 1.0:
             raise FluxMusicError(f"mel_match_momentum {mel_match_momentum!r} must be a number in [0, 1]")
-        # Off (0) by default, so vocoders saved before the option existed load and sound exactly as before.
+        # Off (0) by default, so vocoders saved before the options existed load and sound exactly as before.
         self.mel_match_iterations = mel_match_iterations
         self.mel_match_n_fft = mel_match_n_fft
         self.mel_match_momentum = float(mel_match_momentum)
@@ -147,6 +147,10 @@ class MelMatch(nn.Module):
     its 640-point frames; 0.33 even with the real phases), so iterating on phase alone (Griffin-Lim from the
     network's phase) does not help; pulling the output's mel onto the input's does (a mel-constrained Griffin-Lim
     started from the network's waveform, not from noise). Differentiable, deterministic, no parameters.
+
+    ``momentum`` alpha > 0 makes it a fast Griffin-Lim (Perraudin et al. 2013): the next round starts from the
+    extrapolated ``c_n + alpha (c_n - c_{n-1})`` of the projected spectra c_n (c_0: the network's own), and the
+    result is the last extrapolation. Measured on held-out clips: 5 rounds with alpha 0.6 beat 8 plain rounds.
 
     Two equal implementations: FFTs in eager PyTorch (fast), and during an ONNX export the same transforms as fixed
     matrices (a strided convolution with the windowed DFT basis, ``InverseSTFT``), which every runtime runs.
