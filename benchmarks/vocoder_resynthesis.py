@@ -9,6 +9,10 @@ give the range a buzz-free decoder stays in). Prints a markdown table and writes
 
     python benchmarks/vocoder_resynthesis.py --vocoder fluxmusic/default_model/vocoder \\
         --manifest corpus/manifest.jsonl --split val --limit 16 --json resynthesis.json
+
+``--mel-match 5/0.6 8`` adds, for a Vocos vocoder, the same weights with ``mel_match_iterations`` 5 and
+``mel_match_momentum`` 0.6, and with 8 rounds and no momentum: every system runs on each clip in turn (one
+process, interleaved), so their seconds are comparable on a noisy machine.
 """
 
 from __future__ import annotations
@@ -135,27 +139,57 @@ def markdown(result: dict) -> str:
     return "\n".join(lines)
 
 
+def parse_mel_match(spec: str) -> tuple[int, float]:
+    """``ROUNDS`` or ``ROUNDS/MOMENTUM`` -> (mel_match_iterations, mel_match_momentum)."""
+    rounds, _, momentum = spec.partition("/")
+    try:
+        return int(rounds), float(momentum or 0.0)
+    except ValueError:
+        raise FluxMusicError(f"--mel-match {spec!r} must be ROUNDS or ROUNDS/MOMENTUM, e.g. 8 or 5/0.6") from None
+
+
+def mel_match_variant(voc: torch.nn.Module, rounds: int, momentum: float) -> torch.nn.Module:
+    """The same Vocos weights with another mel-match setting (the config validates the values)."""
+    from fluxmusic.vocos import VocosConfig, VocosVocoder
+
+    if not isinstance(voc, VocosVocoder):
+        raise FluxMusicError(f"--mel-match needs a Vocos vocoder (model_type fluxmusic_vocos), got "
+                             f"{voc.config.model_type!r}")
+    config = VocosConfig(**{**voc.config.to_dict(), "mel_match_iterations": rounds, "mel_match_momentum": momentum})
+    variant = VocosVocoder(config).eval()
+    variant.load_state_dict(voc.state_dict())
+    return variant
+
+
 def run(vocoder: str | Path, manifest: str | Path, split: str | None, limit: int, seconds: float = 10.24,
-        gl_iters: int | None = 32, progress: bool = True) -> dict:
-    """Resynthesise ``limit`` clips with the vocoder and with Griffin-Lim (``gl_iters`` None: vocoder only);
-    per-clip rows and summaries."""
+        gl_iters: int | None = 32, progress: bool = True, mel_match: list[str] | None = None) -> dict:
+    """Resynthesise ``limit`` clips with the vocoder (and its ``mel_match`` variants, ``ROUNDS[/MOMENTUM]``) and
+    with Griffin-Lim (``gl_iters`` None: vocoders only); per-clip rows and summaries."""
     from fluxmusic.components import load_vocoder
 
     vdir = vocoder_dir(vocoder)
     voc = load_vocoder(vdir).eval()
     cfg = mel_config_of(voc)
+    models = {f"vocoder ({voc.config.model_type})": voc}
+    for spec in mel_match or []:
+        rounds, momentum = parse_mel_match(spec)
+        models[f"vocoder, mel_match {rounds} momentum {momentum:g}"] = mel_match_variant(voc, rounds, momentum)
     entries = select_clips(manifest, split, limit)
     gl_name = f"Griffin-Lim ({gl_iters} iterations)"
-    names = (f"vocoder ({voc.config.model_type})", gl_name) if gl_iters else (f"vocoder ({voc.config.model_type})",)
+    names = (*models, gl_name) if gl_iters else tuple(models)
+    with torch.no_grad():  # warm-up: tables built on first use are not part of any clip's seconds
+        for model in models.values():
+            model(torch.full((1, 50, cfg.n_mels), -5.0))
     per_clip: list[dict] = []
     for i, e in enumerate(entries):
         wave = read_clip(e, cfg, seconds)
         mel = log_mel(torch.from_numpy(wave), cfg)[0]  # [frames, n_mels]
         row: dict = {"path": str(e.path), "real_comb": comb_figure(wave, cfg.sample_rate)}
-        t = time.perf_counter()
-        with torch.no_grad():
-            y = voc(mel[None])[0].float().numpy()
-        row[names[0]] = {**distances(y, wave, mel, cfg), "seconds": time.perf_counter() - t}
+        for name, model in models.items():
+            t = time.perf_counter()
+            with torch.no_grad():
+                y = model(mel[None])[0].float().numpy()
+            row[name] = {**distances(y, wave, mel, cfg), "seconds": time.perf_counter() - t}
         if gl_iters:
             t = time.perf_counter()
             y = griffin_lim(mel, cfg, len(wave), gl_iters, seed=i)
@@ -187,6 +221,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-griffin-lim", action="store_true",
                     help="vocoder only (the clip selection is deterministic, so an earlier run's Griffin-Lim rows "
                          "on the same --manifest/--split/--limit are the same)")
+    ap.add_argument("--mel-match", nargs="+", metavar="ROUNDS[/MOMENTUM]",
+                    help="also run the same Vocos weights with these mel_match settings, interleaved per clip")
     ap.add_argument("--json", help="write the results (with per-clip values) to this JSON file")
     ap.add_argument("--threads", type=int, help="torch CPU threads")
     ap.add_argument("--quiet", action="store_true")
@@ -202,7 +238,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.threads:
             torch.set_num_threads(args.threads)
         result = run(args.vocoder, args.manifest, None if args.split == "all" else args.split, args.limit,
-                     args.seconds, None if args.no_griffin_lim else args.gl_iters, progress=not args.quiet)
+                     args.seconds, None if args.no_griffin_lim else args.gl_iters, progress=not args.quiet,
+                     mel_match=args.mel_match)
     except FluxMusicError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -34,7 +34,8 @@ class VocosConfig(PretrainedConfig):
                  n_fft: int = 640, hidden_size: int = 256, intermediate_size: int = 768, num_layers: int = 8,
                  kernel_size: int = 7, layer_scale_init: float = 0.1, phase_advance: bool = False,
                  phase_integrate: bool = False, phase_dither_db: float | None = None,
-                 mel_match_iterations: int = 0, mel_match_n_fft: int = 1024, **kwargs) -> None:
+                 mel_match_iterations: int = 0, mel_match_n_fft: int = 1024, mel_match_momentum: float = 0.0,
+                 **kwargs) -> None:
         self.model_in_dim = model_in_dim
         self.sampling_rate = sampling_rate
         self.hop_length = hop_length
@@ -54,9 +55,13 @@ class VocosConfig(PretrainedConfig):
                 or mel_match_n_fft < hop_length or mel_match_n_fft % 2:
             raise FluxMusicError(f"mel_match_n_fft {mel_match_n_fft!r} must be an even integer >= hop_length "
                                  f"{hop_length}")
-        # Off (0) by default, so vocoders saved before the option existed load and sound exactly as before.
+        if isinstance(mel_match_momentum, bool) or not isinstance(mel_match_momentum, (int, float)) \
+                or not 0.0 <= mel_match_momentum <= 1.0:
+            raise FluxMusicError(f"mel_match_momentum {mel_match_momentum!r} must be a number in [0, 1]")
+        # Off (0) by default, so vocoders saved before the options existed load and sound exactly as before.
         self.mel_match_iterations = mel_match_iterations
         self.mel_match_n_fft = mel_match_n_fft
+        self.mel_match_momentum = float(mel_match_momentum)
         # The hop as an "upsampling product": geometry code reads prod(upsample_rates) for either class.
         kwargs.pop("upsample_rates", None)
         self.upsample_rates = [hop_length]
@@ -143,19 +148,26 @@ class MelMatch(nn.Module):
     network's phase) does not help; pulling the output's mel onto the input's does (a mel-constrained Griffin-Lim
     started from the network's waveform, not from noise). Differentiable, deterministic, no parameters.
 
+    ``momentum`` alpha > 0 makes it a fast Griffin-Lim (Perraudin et al. 2013): the next round starts from the
+    extrapolated ``c_n + alpha (c_n - c_{n-1})`` of the projected spectra c_n (c_0: the network's own), and the
+    result is the last extrapolation. Measured on held-out clips: 5 rounds with alpha 0.6 beat 8 plain rounds.
+
     Two equal implementations: FFTs in eager PyTorch (fast), and during an ONNX export the same transforms as fixed
     matrices (a strided convolution with the windowed DFT basis, ``InverseSTFT``), which every runtime runs.
     """
 
-    def __init__(self, sample_rate: int, hop: int, n_fft: int, n_mels: int, iterations: int) -> None:
+    def __init__(self, sample_rate: int, hop: int, n_fft: int, n_mels: int, iterations: int,
+                 momentum: float = 0.0) -> None:
         super().__init__()
         from fluxmusic.audio import MelConfig
 
         self.mel = MelConfig(sample_rate=sample_rate, n_fft=n_fft, hop_length=hop, win_length=n_fft,
                              n_mels=n_mels, fmax=min(8000.0, sample_rate / 2))
         self.iterations = iterations
+        self.momentum = float(momentum)
         self.istft = InverseSTFT(n_fft, hop, start=self.mel.pad)
         self._tables: dict[str, tuple[Tensor, Tensor, Tensor, Tensor]] = {}
+        self._tables_t: dict[str, tuple[Tensor, Tensor]] = {}
 
     def tables(self, device: torch.device) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """(filterbank [n_mels, bins], bin gains from band gains [bins, n_mels], Hann window [n_fft],
@@ -184,43 +196,88 @@ class MelMatch(nn.Module):
     def forward(self, wave: Tensor, mel: Tensor) -> Tensor:
         """``wave`` [B, T * hop] made from log-mel ``mel`` [B, T, n_mels] -> the projected waveform, same shape."""
         cfg = self.mel
-        if self.iterations == 0 or (not _exporting() and wave.shape[-1] <= cfg.pad):
-            return wave  # nothing to do, or too short for the log-mel's reflect padding
-        fb, spread, window, basis = self.tables(wave.device)
         exporting = _exporting()
-        dtype, length = wave.dtype, wave.shape[-1]
+        if self.iterations == 0 or (not exporting and wave.shape[-1] <= cfg.pad):
+            return wave  # nothing to do, or too short for the log-mel's reflect padding
+        dtype = wave.dtype
         y = wave.float()
-        target = torch.exp(mel.float().transpose(1, 2))  # [B, n_mels, T]
-        bins = cfg.n_fft // 2 + 1
+        target = torch.exp(mel.float())  # [B, T, n_mels]
+        step = self._matrix_round if exporting else self._fft_round
+        inv_env = None if exporting else _inverse_envelope(self.tables(y.device)[2], cfg.hop_length,
+                                                             target.shape[1], self.istft.start, y.shape[-1])
+        alpha, previous = self.momentum, y
         for _ in range(self.iterations):
-            padded = nn.functional.pad(y[:, None], (cfg.pad, cfg.pad), mode="reflect")  # [B, 1, L + 2 pad]
-            if exporting:
-                re, im = nn.functional.conv1d(padded, basis, stride=cfg.hop_length).split(bins, dim=1)
+            projected = step(y, target, inv_env)
+            if alpha:
+                # Fast Griffin-Lim (Perraudin et al. 2013): t_n = c_n + alpha (c_n - c_{n-1}) on the projected
+                # spectra c_n, c_0 being the network's own. The inverse STFT is linear, so the same extrapolation
+                # of their waveforms is exact and costs one pass over the samples instead of a spectrum's worth.
+                y = projected + alpha * (projected - previous)
+                previous = projected
             else:
-                spec = torch.stft(padded[:, 0], cfg.n_fft, cfg.hop_length, cfg.win_length, window, center=False,
-                                  return_complex=True)
-                re, im = spec.real, spec.imag
-            # epsilon inside the root: a finite gradient at silent bins, far below the mel's clamp
-            mag = torch.sqrt(re * re + im * im + 1e-12)
-            gain = torch.matmul(spread, target / torch.matmul(fb, mag).clamp_min(cfg.clamp_min))  # [B, bins, T]
-            re, im = re * gain, im * gain
-            if exporting:
-                y = self.istft(re, im)
-            else:
-                frames = torch.fft.irfft(torch.complex(re, im), cfg.n_fft, dim=1) * window[:, None]
-                y = _overlap_add(frames, window, cfg.hop_length, self.istft.start, length)
+                y = projected  # momentum 0: exactly the plain iteration (no extrapolation op at all)
         return y.to(dtype)
 
+    def _fft_round(self, y: Tensor, target: Tensor, inv_env: Tensor | None) -> Tensor:
+        """One round in eager PyTorch, time-major throughout ([B, T, bins]): one real FFT each way, no complex
+        construction, no transposes, the synthesis window folded into the overlap-add."""
+        cfg = self.mel
+        window = self.tables(y.device)[2]
+        fb_t, spread_t = self._time_major(y.device)
+        padded = nn.functional.pad(y[:, None], (cfg.pad, cfg.pad), mode="reflect")[:, 0]  # [B, L + 2 pad]
+        spec = torch.fft.rfft(padded.unfold(-1, cfg.n_fft, cfg.hop_length) * window, dim=-1)  # [B, T, bins]
+        # epsilon inside the root: a finite gradient at silent bins, far below the mel's clamp. Real and imaginary
+        # parts as strided views: a sum over the last axis of size 2 would be a slow reduction.
+        mag = torch.sqrt(spec.real * spec.real + spec.imag * spec.imag + 1e-12)
+        gain = torch.matmul(target / torch.matmul(mag, fb_t).clamp_min(cfg.clamp_min), spread_t)  # [B, T, bins]
+        # complex times real as one real multiply of the interleaved (re, im) pairs: no complex copy of the gain
+        scaled = torch.view_as_complex(torch.view_as_real(spec) * gain[..., None])
+        frames = torch.fft.irfft(scaled, cfg.n_fft, dim=-1)  # [B, T, n_fft]
+        return _overlap_add_time_major(frames, window, cfg.hop_length, self.istft.start, y.shape[-1], inv_env)
 
-def _overlap_add(frames: Tensor, window: Tensor, hop: int, start: int, length: int) -> Tensor:
-    """Windowed frames [B, n_fft, T] -> ``length`` samples from overlap-add position ``start``, divided by the
-    overlap-added squared window (what ``InverseSTFT`` computes with matrices, here by ``fold``)."""
-    n_fft, count = frames.shape[1], frames.shape[2]
-    size = (1, (count - 1) * hop + n_fft)
-    ola = nn.functional.fold(frames, size, (1, n_fft), stride=(1, hop))[:, 0, 0]
-    env = nn.functional.fold((window * window)[None, :, None].expand(1, n_fft, count), size, (1, n_fft),
-                             stride=(1, hop))[0, 0, 0]
-    return ola[:, start: start + length] / env[start: start + length].clamp_min(1e-8)
+    def _matrix_round(self, y: Tensor, target: Tensor, inv_env: Tensor | None = None) -> Tensor:
+        """One round as fixed matrices (for ONNX export, which has no FFT/ISTFT): a strided convolution with the
+        windowed DFT basis, then the matrix ``InverseSTFT``."""
+        cfg = self.mel
+        fb, spread, _, basis = self.tables(y.device)
+        bins = cfg.n_fft // 2 + 1
+        padded = nn.functional.pad(y[:, None], (cfg.pad, cfg.pad), mode="reflect")  # [B, 1, L + 2 pad]
+        re, im = nn.functional.conv1d(padded, basis, stride=cfg.hop_length).split(bins, dim=1)  # [B, bins, T]
+        mag = torch.sqrt(re * re + im * im + 1e-12)
+        ratio = target.transpose(1, 2) / torch.matmul(fb, mag).clamp_min(cfg.clamp_min)
+        gain = torch.matmul(spread, ratio)  # [B, bins, T]
+        return self.istft(re * gain, im * gain)
+
+    def _time_major(self, device: torch.device) -> tuple[Tensor, Tensor]:
+        """(filterbank transposed [bins, n_mels], spread transposed [n_mels, bins]), contiguous, on ``device``."""
+        key = str(device)
+        if key not in self._tables_t:
+            fb, spread, _, _ = self.tables(device)
+            self._tables_t[key] = (fb.t().contiguous(), spread.t().contiguous())
+        return self._tables_t[key]
+
+
+def _inverse_envelope(window: Tensor, hop: int, count: int, start: int, length: int) -> Tensor:
+    """1 / the overlap-added squared window of ``count`` frames, samples ``start`` .. ``start + length``: the
+    same for every round of a call, so made once per call."""
+    ones = torch.ones(1, count, window.shape[0], device=window.device)
+    env = _overlap_add_time_major(ones, window * window, hop, start, length, None)[0]
+    return 1.0 / env.clamp_min(1e-8)
+
+
+def _overlap_add_time_major(frames: Tensor, window: Tensor, hop: int, start: int, length: int,
+                            inv_env: Tensor | None) -> Tensor:
+    """Frames [B, T, n_fft] times ``window`` overlap-added at stride ``hop``: ``length`` samples from position
+    ``start``, times ``inv_env`` (None: not normalised). As ceil(n_fft / hop) shifted adds of hop-wide slices of
+    every frame into a [B, T + r, hop] buffer: no im2col buffer, no copy of the frames, the window multiply fused."""
+    batch, count, n_fft = frames.shape
+    chunks = -(-n_fft // hop)
+    out = frames.new_zeros(batch, count + chunks, hop)
+    for j in range(chunks):
+        lo, hi = j * hop, min((j + 1) * hop, n_fft)
+        out[:, j: j + count, : hi - lo].addcmul_(frames[:, :, lo:hi], window[lo:hi])
+    y = out.reshape(batch, -1)[:, start: start + length]
+    return y if inv_env is None else y * inv_env
 
 
 class PhaseTable(nn.Module):
@@ -276,7 +333,8 @@ class VocosVocoder(PreTrainedModel):
         self.istft = InverseSTFT(config.n_fft, config.hop_length)
         self.dither = PhaseTable(bins)
         self.mel_match = MelMatch(config.sampling_rate, config.hop_length, config.mel_match_n_fft,
-                                  config.model_in_dim, config.mel_match_iterations)
+                                  config.model_in_dim, config.mel_match_iterations,
+                                  config.mel_match_momentum)
         self.post_init()
         if config.phase_integrate:
             # Start from zero increments (phases at the bins' natural advance, as phase_advance): random ones make

@@ -196,6 +196,35 @@ def test_vocoder_resynthesis_benchmark_on_a_tiny_vocoder(tmp_path, capsys):
     assert "neither a vocoder directory" in capsys.readouterr().err
 
 
+def test_vocoder_resynthesis_benchmark_runs_mel_match_variants_interleaved(tmp_path, capsys):
+    import torch
+
+    from fluxmusic.tiny import tiny_vocoder
+    from fluxmusic.vocos import VocosConfig, VocosVocoder
+
+    bench = _load_benchmark()
+    torch.manual_seed(0)
+    VocosVocoder(VocosConfig(hidden_size=16, intermediate_size=16, num_layers=1, phase_integrate=True)).save_pretrained(
+        str(tmp_path / "vocoder"))
+    man = _tiny_render_manifest(tmp_path / "corpus")
+    out = tmp_path / "res.json"
+    argv = ["--vocoder", str(tmp_path), "--manifest", str(man.parent), "--split", "val", "--limit", "2",
+            "--seconds", "1.28", "--no-griffin-lim", "--quiet", "--json", str(out)]
+    assert bench.main(argv + ["--mel-match", "3", "3/0.6"]) == 0
+    systems = json.loads(out.read_text())["systems"]
+    plain, k3 = systems["vocoder (fluxmusic_vocos)"], systems["vocoder, mel_match 3 momentum 0"]
+    k3m = systems["vocoder, mel_match 3 momentum 0.6"]
+    assert "mel_match 3 momentum 0.6" in capsys.readouterr().out
+    # an untrained vocoder is far from its input mel; the projection pulls it in, faster with momentum
+    assert k3m["log_mel_l1"] < k3["log_mel_l1"] < plain["log_mel_l1"], (plain, k3, k3m)
+    for bad, message in (("3/x", "must be ROUNDS or ROUNDS/MOMENTUM"), ("3/1.5", "mel_match_momentum 1.5")):
+        assert bench.main(argv + ["--mel-match", bad]) == 2
+        assert message in capsys.readouterr().err
+    tiny_vocoder().save_pretrained(str(tmp_path / "hifigan" / "vocoder"))
+    assert bench.main(["--vocoder", str(tmp_path / "hifigan"), *argv[2:], "--mel-match", "2"]) == 2
+    assert "needs a Vocos vocoder" in capsys.readouterr().err
+
+
 def test_eval_cli_on_a_rendered_manifest_uses_its_vocabulary_and_split(tmp_path, capsys):
     from fluxmusic.cli import main
     from fluxmusic.tiny import build_tiny_model_dir

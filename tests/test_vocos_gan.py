@@ -235,10 +235,10 @@ def test_phase_dither_replaces_only_quiet_bins_with_a_fixed_table():
     assert float((x - y).pow(2).mean()) < 1e-3 * float(x.pow(2).mean())
 
 
-@pytest.mark.parametrize("mel_match", [0, 2])
-def test_vocos_with_integrated_phase_and_dither_exports_to_onnx_with_parity(tmp_path, mel_match):
+@pytest.mark.parametrize(("mel_match", "momentum"), [(0, 0.0), (2, 0.0), (3, 0.6)])
+def test_vocos_with_integrated_phase_and_dither_exports_to_onnx_with_parity(tmp_path, mel_match, momentum):
     """A model directory whose vocoder is an integrated-phase, dithered Vocos (with and without the mel-match
-    projection) exports and runs in onnxruntime."""
+    projection, with and without its momentum) exports and runs in onnxruntime."""
     import onnxruntime as ort
     from fluxmusic.export.onnx_export import export_onnx
 
@@ -247,7 +247,7 @@ def test_vocos_with_integrated_phase_and_dither_exports_to_onnx_with_parity(tmp_
     model_dir = build_tiny_model_dir(tmp_path / "model")
     voc = VocosVocoder(VocosConfig(hidden_size=16, intermediate_size=16, num_layers=1, phase_advance=True,
                                    phase_integrate=True, phase_dither_db=-20.0,
-                                   mel_match_iterations=mel_match)).eval()
+                                   mel_match_iterations=mel_match, mel_match_momentum=momentum)).eval()
     with torch.no_grad():
         voc.head.weight.normal_(0, 0.05)  # non-zero increments, so the cumulative sum is exercised
     import shutil
@@ -307,7 +307,7 @@ def test_mel_match_fft_and_matrix_implementations_agree(monkeypatch, bank):
     """The export path (DFT as a strided convolution, matrix inverse STFT) equals the eager FFT path."""
     import fluxmusic.vocos as vocos
 
-    voc = _tiny_vocos(mel_match_iterations=2)
+    voc = _tiny_vocos(mel_match_iterations=3, mel_match_momentum=0.6)
     mel = bank.mels[:1, :120]
     with torch.no_grad():
         fast = voc(mel)
@@ -318,9 +318,106 @@ def test_mel_match_fft_and_matrix_implementations_agree(monkeypatch, bank):
 
 @pytest.mark.parametrize(("field", "value"), [("mel_match_iterations", -1), ("mel_match_iterations", 1.5),
                                               ("mel_match_iterations", True), ("mel_match_n_fft", 1023),
-                                              ("mel_match_n_fft", 64)])
+                                              ("mel_match_n_fft", 64), ("mel_match_momentum", -0.1),
+                                              ("mel_match_momentum", 1.5), ("mel_match_momentum", True),
+                                              ("mel_match_momentum", "0.5")])
 def test_bad_mel_match_settings_are_one_clear_error(field, value):
     from fluxmusic.errors import FluxMusicError
 
     with pytest.raises(FluxMusicError, match=f"{field} {value!r} must be"):
         VocosConfig(**{field: value})
+
+
+def _reference_mel_match(wave: torch.Tensor, mel: torch.Tensor, iterations: int, momentum: float) -> torch.Tensor:
+    """The projection written the plain way (what ``MelMatch`` computed before it was made faster): torch.stft /
+    complex frames in [B, bins, T] / irfft / overlap-add by ``fold`` with the envelope rebuilt every round; the
+    momentum as in fast Griffin-Lim, on the complex spectra themselves (t_n = c_n + alpha (c_n - c_{n-1}),
+    c_0 the STFT of the network's waveform)."""
+    from fluxmusic.audio import mel_filterbank
+
+    cfg = MelConfig()
+    fb = torch.from_numpy(mel_filterbank(cfg)).float()
+    weight = fb.sum(0)
+    spread = fb.t() / weight.clamp_min(1e-30)[:, None]
+    seen = torch.nonzero(weight > 0).flatten()
+    for k in torch.nonzero(weight <= 0).flatten():
+        spread[k] = spread[seen[(seen - k).abs().argmin()]]
+    window = torch.hann_window(cfg.n_fft, periodic=True, dtype=torch.float64).float()
+    length, hop, n_fft = wave.shape[-1], cfg.hop_length, cfg.n_fft
+
+    def stft(y):
+        padded = torch.nn.functional.pad(y[:, None], (cfg.pad, cfg.pad), mode="reflect")[:, 0]
+        return torch.stft(padded, n_fft, hop, n_fft, window, center=False, return_complex=True)
+
+    def istft(spec):
+        frames = torch.fft.irfft(spec, n_fft, dim=1) * window[:, None]
+        count = frames.shape[-1]
+        size = (1, (count - 1) * hop + n_fft)
+        ola = torch.nn.functional.fold(frames, size, (1, n_fft), stride=(1, hop))[:, 0, 0]
+        env = torch.nn.functional.fold((window * window)[None, :, None].expand(1, n_fft, count), size,
+                                       (1, n_fft), stride=(1, hop))[0, 0, 0]
+        return ola[:, cfg.pad: cfg.pad + length] / env[cfg.pad: cfg.pad + length].clamp_min(1e-8)
+
+    target = torch.exp(mel.transpose(1, 2))
+    previous = t = stft(wave)
+    for _ in range(iterations):
+        spec = stft(istft(t))
+        mag = torch.sqrt(spec.real ** 2 + spec.imag ** 2 + 1e-12)
+        c = spec * (spread @ (target / (fb @ mag).clamp_min(cfg.clamp_min)))
+        t = c + momentum * (c - previous)
+        previous = c
+    return istft(t)
+
+
+@pytest.mark.parametrize("momentum", [0.0, 0.6])
+def test_mel_match_equals_the_plain_reference_within_fp32_rounding(bank, momentum):
+    """The time-major FFT path (one FFT each way, fused overlap-add, envelope once per call) and the momentum as a
+    waveform extrapolation compute what the plain spectral-domain algorithm computes."""
+    from fluxmusic.vocos import MelMatch
+
+    wave = synth_clip(7, seconds=2.0)[0][None] * 0.5
+    wave = torch.from_numpy(wave) + 0.01 * torch.randn(1, wave.shape[-1], generator=torch.Generator().manual_seed(0))
+    wave = wave[:, : wave.shape[-1] // 160 * 160]
+    mel = log_mel(torch.from_numpy(synth_clip(8, seconds=2.0)[0][None]))[:, : wave.shape[-1] // 160]
+    with torch.no_grad():
+        got = MelMatch(16000, 160, 1024, 64, 3, momentum)(wave, mel)
+        want = _reference_mel_match(wave, mel, 3, momentum)
+    assert got.shape == want.shape == wave.shape
+    assert float((got - want).abs().max()) < 1e-5 * float(want.abs().max())
+
+
+def test_mel_match_momentum_zero_is_bit_exact_and_old_configs_load_unchanged(tmp_path):
+    import json
+
+    plain, zero = _tiny_vocos(mel_match_iterations=3), _tiny_vocos(mel_match_iterations=3, mel_match_momentum=0.0)
+    on = _tiny_vocos(mel_match_iterations=3, mel_match_momentum=0.6)
+    plain.save_pretrained(str(tmp_path / "voc"))
+    config = json.loads((tmp_path / "voc" / "config.json").read_text())
+    del config["mel_match_momentum"]  # a vocoder saved before the option existed
+    (tmp_path / "voc" / "config.json").write_text(json.dumps(config))
+    old = VocosVocoder.from_pretrained(str(tmp_path / "voc")).eval()
+    assert old.config.mel_match_momentum == 0.0
+    mel = torch.randn(1, 60, 64) - 4
+    with torch.no_grad():
+        assert torch.equal(zero(mel), plain(mel)) and torch.equal(old(mel), plain(mel))
+        assert not torch.allclose(on(mel), plain(mel))
+
+
+def test_mel_match_momentum_converges_faster_on_a_real_example():
+    """The bundled vocoder on a synthesised musical clip (real notes, not noise): at equal rounds, momentum leaves
+    a lower log-mel error than the plain iteration, and 3 rounds with it beat 4 without."""
+    from pathlib import Path
+
+    import fluxmusic
+
+    wave = torch.from_numpy(synth_clip(3, seconds=3.0)[0])[None]
+    mel = log_mel(wave[:, : wave.shape[-1] // 160 * 160])
+    directory = Path(fluxmusic.__file__).parent / "default_model" / "vocoder"
+    errors = {}
+    for momentum, rounds in ((0.0, 2), (0.0, 3), (0.0, 4), (0.6, 2), (0.6, 3)):
+        voc = VocosVocoder.from_pretrained(str(directory), mel_match_iterations=rounds,
+                                           mel_match_momentum=momentum).eval()
+        with torch.no_grad():
+            errors[momentum, rounds] = float((log_mel(voc(mel)) - mel).abs().mean())
+    assert errors[0.6, 2] < errors[0.0, 2] and errors[0.6, 3] < errors[0.0, 3], errors
+    assert errors[0.6, 3] < errors[0.0, 4], errors
