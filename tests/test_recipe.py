@@ -102,9 +102,10 @@ def test_set_vocoder_mel_match_turns_the_projection_on_and_refuses_hifigan(tmp_p
 
     vocos = tmp_path / "vocoder"
     shutil.copytree(default_model_dir() / "vocoder", vocos)
-    set_vocoder_mel_match(vocos, 3)
+    set_vocoder_mel_match(vocos, 3, 0.5)
     assert json.loads((vocos / "config.json").read_text())["mel_match_iterations"] == 3
-    assert load_vocoder(vocos).config.mel_match_iterations == 3
+    config = load_vocoder(vocos).config
+    assert config.mel_match_iterations == 3 and config.mel_match_momentum == 0.5
     hifigan = build_tiny_model_dir(tmp_path / "tiny") / "vocoder"
     with pytest.raises(FluxMusicError, match="mel-match projection is a Vocos vocoder option"):
         set_vocoder_mel_match(hifigan, 3)
