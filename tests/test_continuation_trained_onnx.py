@@ -124,8 +124,9 @@ def test_onnx_trained_route_equals_torch(context_model_dir, context_onnx, fused,
     monkeypatch.setattr(ref.backend, "velocity", spy_t)
     monkeypatch.setattr(onnx.backend, "velocity", lambda *a, context=None: calls["onnx"].append(context) or real_v(
         *a, context=context))
-    monkeypatch.setattr(onnx.backend, "euler_step", lambda context=None, **kw: calls["onnx"].append(context) or real_s(
-        context=context, **kw))
+    monkeypatch.setattr(onnx.backend, "euler_step", lambda context=None, **kw: calls["onnx"].append(context) or
+                        calls["fused"].append(1) or real_s(context=context, **kw))
+    calls["fused"] = []
     latents: list = []  # the final latents, before the VAE
     for pipe in (ref, onnx):
         real_d = pipe.backend.vae_decode
@@ -134,11 +135,12 @@ def test_onnx_trained_route_equals_torch(context_model_dir, context_onnx, fused,
     for name, opts in {"continue": dict(keep="0:1"), "infill": dict(regenerate="1:2"), "text": {}}.items():
         if name != "text":
             opts["audio"] = _wave()
-        for v in (calls["torch"], calls["onnx"], latents):
+        for v in (calls["torch"], calls["onnx"], calls["fused"], latents):
             v.clear()
         ref("calm piano", **opts, **kw)
         onnx("calm piano", **opts, **kw)
         assert len(calls["onnx"]) == len(calls["torch"]) == 4, name
+        assert len(calls["fused"]) == (4 if fused else 0), name  # the fused step graph runs every step, or never
         for (*_, c_t), c_o in zip(calls["torch"], calls["onnx"]):
             assert (c_t is None) == (c_o is None) == (name == "text"), name  # the trained route (or none)
             if c_o is not None:  # the step graph gets one row per item; the velocity call the [cond; uncond] rows
