@@ -83,6 +83,9 @@ BLS_INPUTS = (
     BlsTensor("story", "TYPE_STRING", (1,), optional=True),
     BlsTensor("image_weight", "TYPE_FP32", (1,), optional=True),
     BlsTensor("story_weight", "TYPE_FP32", (1,), optional=True),
+    # Given audio / long form: how the known frames condition the solve ("auto", "trained", "replace"; as the
+    # gRPC request's and the CLI's --conditioning). "trained" needs a transformer with the context input.
+    BlsTensor("conditioning", "TYPE_STRING", (1,), optional=True),
 )
 #: Inputs that carry an array, not one value.
 BLS_ARRAY_INPUTS = ("audio",)

@@ -37,7 +37,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from fluxmusic.export.spec import COMPONENT_NAMES, ENCODER_NAME, STEP_NAME, ComponentSpec, component_specs
+from fluxmusic.export.spec import (
+    COMPONENT_NAMES,
+    CONTEXT_INPUT,
+    ENCODER_NAME,
+    STEP_NAME,
+    ComponentSpec,
+    component_specs,
+)
 from torch import Tensor, nn
 
 from fluxmusic.checkpoint import atomic_write_text, read_json
@@ -148,10 +155,13 @@ class TransformerGraph(nn.Module):
         self.model, self.dtype = model, dtype
         self.rope = LengthRope(model.config.axes_dim, model.config.theta, grid_w)
 
-    def forward(self, x: Tensor, t: Tensor, txt: Tensor, y: Tensor) -> Tensor:
+    def forward(self, x: Tensor, t: Tensor, txt: Tensor, y: Tensor, context: Tensor | None = None) -> Tensor:
+        # ``context`` only on a model with trained masked conditioning (spec input "context"); its exported
+        # graph always takes it: zeros there are exactly the model's ``context=None`` (context_in(0) = its bias).
         d = self.dtype
         rope = self.rope(txt, x)
-        return self.model(x.to(d), t.to(d), txt.to(d), y.to(d), rope).float()
+        return self.model(x.to(d), t.to(d), txt.to(d), y.to(d), rope,
+                          context=None if context is None else context.to(d)).float()
 
 
 class EulerStepGraph(nn.Module):
@@ -162,9 +172,12 @@ class EulerStepGraph(nn.Module):
         super().__init__()
         self.velocity = TransformerGraph(model, grid_w, dtype)
 
-    def forward(self, x, t, dt, txt, y, null_txt, null_y, guidance):
+    def forward(self, x, t, dt, txt, y, null_txt, null_y, guidance, context=None):
+        # cond and uncond rows see the same known audio (as the pipeline's CFG batch)
+        ctx = None if context is None else torch.cat((context, context), 0)
         v = self.velocity(
-            torch.cat((x, x), 0), torch.cat((t, t), 0), torch.cat((txt, null_txt), 0), torch.cat((y, null_y), 0)
+            torch.cat((x, x), 0), torch.cat((t, t), 0), torch.cat((txt, null_txt), 0), torch.cat((y, null_y), 0),
+            ctx,
         )
         b = x.shape[0]
         v_c, v_u = v[:b], v[b:]  # slices, not chunk: chunk on a dynamic batch exports as SplitToSequence
@@ -254,8 +267,11 @@ def example_inputs(ctx: ExportContext, component: str, batch: int = 2, seed: int
         t = torch.rand(batch, generator=gen)
         txt = torch.randn(batch, lt, ctx.t5_width, generator=gen)
         y = torch.randn(batch, ctx.clap_width, generator=gen)
+        extra = {}
+        if any(i.name == CONTEXT_INPUT for i in ctx.specs["transformer"].inputs):
+            extra[CONTEXT_INPUT] = example_context(torch.randn(batch, gh * gw, ch, generator=gen), gw)
         if component == "transformer":
-            return {"x": x, "t": t, "txt": txt, "y": y}
+            return {"x": x, "t": t, "txt": txt, "y": y, **extra}
         return {
             "x": x,
             "t": t,
@@ -265,12 +281,26 @@ def example_inputs(ctx: ExportContext, component: str, batch: int = 2, seed: int
             "null_txt": ctx.null_txt.expand(batch, -1, -1).contiguous(),
             "null_y": ctx.null_y.expand(batch, -1).contiguous(),
             "guidance": torch.linspace(1.0, 7.0, batch),
+            **extra,
         }
     if component == "vae_decoder":
         return {"latent": torch.randn(batch, g.latent_channels, frames, g.latent_width, generator=gen)}
     if component in ("vocoder", ENCODER_NAME):
         return {"mel": torch.randn(batch, frames * g.vae_downsample, g.mel_bins, generator=gen) * 2.0 - 5.0}
     raise FluxMusicError(f"unknown component {component!r}; allowed: {', '.join(ALL_COMPONENTS)}")
+
+
+def example_context(x0: Tensor, grid_w: int) -> Tensor:
+    """A trained-conditioning context for tracing and validation: row 0 knows nothing (text-to-music, all
+    zeros), the other rows a prefix of latent frames (continuation) of growing length, as the pipeline sends."""
+    from fluxmusic.model import masked_context
+
+    b, n, _ = x0.shape
+    frames = n // grid_w
+    mask = torch.zeros(b, n, 1)
+    for i in range(1, b):
+        mask[i, : grid_w * max(1, frames * i // (b + 1))] = 1.0
+    return masked_context(x0, mask)
 
 
 def _vocab(ctx: ExportContext, component: str) -> int:

@@ -48,6 +48,9 @@ COMPONENT_NAMES = ("t5", "clap", "transformer", "vae_decoder", "vocoder")
 STEP_NAME = "euler_step"
 #: The optional VAE encoder (audio in: continuation, infilling): log-mel -> scaled posterior-mean latent.
 ENCODER_NAME = "vae_encoder"
+#: The transformer's (and step graph's) extra input on a model with trained masked conditioning
+#: (``context_channels`` > 0): [x0 * mask, mask] per music token; all zeros = no known audio (text-to-music).
+CONTEXT_INPUT = "context"
 
 
 def component_specs(
@@ -58,10 +61,13 @@ def component_specs(
     include_step: bool = False,
     include_encoder: bool = False,
 ) -> dict[str, ComponentSpec]:
-    """Concrete specs for one model directory."""
+    """Concrete specs for one model directory. A transformer with ``context_channels`` gets the
+    :data:`CONTEXT_INPUT` input last (in the transformer and the step graph); plain models have none."""
     f32, i64 = "float32", "int64"
     patch_ch = cfg.in_channels
     g = geometry
+    context = (TensorSpec(CONTEXT_INPUT, f32, ("batch", "music_len", cfg.context_channels)),) if (
+        cfg.context_channels) else ()
     specs = {
         "t5": ComponentSpec(
             "t5",
@@ -83,6 +89,7 @@ def component_specs(
                 TensorSpec("t", f32, ("batch",)),
                 TensorSpec("txt", f32, ("batch", "txt_len", t5_width)),
                 TensorSpec("y", f32, ("batch", clap_width)),
+                *context,
             ),
             (TensorSpec("v", f32, ("batch", "music_len", patch_ch)),),
         ),
@@ -110,6 +117,7 @@ def component_specs(
                 TensorSpec("null_txt", f32, ("batch", "txt_len", t5_width)),
                 TensorSpec("null_y", f32, ("batch", clap_width)),
                 TensorSpec("guidance", f32, ("batch",)),
+                *context,
             ),
             (TensorSpec("x_next", f32, ("batch", "music_len", patch_ch)),),
         )

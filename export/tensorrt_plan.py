@@ -20,7 +20,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from fluxmusic.export.spec import COMPONENT_NAMES, STEP_NAME, ComponentSpec, component_specs
+from fluxmusic.export.spec import COMPONENT_NAMES, CONTEXT_INPUT, STEP_NAME, ComponentSpec, component_specs
 
 from fluxmusic.checkpoint import read_json
 from fluxmusic.config import FluxMusicConfig
@@ -419,8 +419,10 @@ def _index_from_manifest(onnx_dir: Path, manifest: dict) -> ModelIndex | None:
 
 
 def _symbol_template() -> dict[str, ComponentSpec]:
-    """Specs whose *symbolic* dims are the contract's; their fixed dims are placeholders, read from ONNX."""
-    return component_specs(FluxMusicConfig(), LatentGeometry(), 1, 1, include_step=True)
+    """Specs whose *symbolic* dims are the contract's; their fixed dims are placeholders, read from ONNX. The
+    template has the optional ``context`` input (trained masked conditioning); a graph without it drops it."""
+    cfg = FluxMusicConfig(context_channels=2 * FluxMusicConfig().in_channels)
+    return component_specs(cfg, LatentGeometry(), 1, 1, include_step=True)
 
 
 def _onnx_inputs(path: Path) -> tuple[dict[str, tuple[str, tuple]], bool]:
@@ -447,6 +449,8 @@ def _onnx_inputs(path: Path) -> tuple[dict[str, tuple[str, tuple]], bool]:
 def _spec_from_graph(path: Path, template: ComponentSpec, graph_inputs: dict) -> ComponentSpec:
     inputs = []
     for t in template.inputs:
+        if t.name == CONTEXT_INPUT and t.name not in graph_inputs:
+            continue  # a plain model: no trained-conditioning input
         if t.name not in graph_inputs:
             raise FluxMusicError(f"{path} has no input {t.name!r} (inputs: {', '.join(graph_inputs)})")
         dtype, dims = graph_inputs[t.name]

@@ -136,9 +136,9 @@ class Recorder:
         if name not in self.CALLS:
             return attr
 
-        def call(*args):
+        def call(*args, **kwargs):
             self.seen.setdefault(name, tuple(a.clone() if isinstance(a, Tensor) else a for a in args))
-            return attr(*args)
+            return attr(*args, **kwargs)
 
         return call
 
@@ -167,20 +167,32 @@ CALLS = {
 }
 
 
-def reference_euler_step(reference, x, t, dt, txt, y, null_txt, null_y, guidance, rope) -> Tensor:
-    """One step of the torch path (flow.cfg_velocity + flow.sample's Euler update)."""
+def reference_euler_step(reference, x, t, dt, txt, y, null_txt, null_y, guidance, rope, context=None) -> Tensor:
+    """One step of the torch path (flow.cfg_velocity + flow.sample's Euler update); ``context`` (a context
+    model's trained conditioning) goes to the cond and uncond rows alike, as in the pipeline."""
     from fluxmusic.flow import Conditioning, cfg_velocity
 
-    vel = cfg_velocity(reference.velocity, Conditioning(txt, y), Conditioning(null_txt, null_y), guidance, rope)
+    model = reference.velocity
+    if context is not None:
+        both = torch.cat((context, context), 0)
+
+        def model(xx, tt, tx, yy, rp):
+            return reference.velocity(xx, tt, tx, yy, rp, context=both)
+
+    vel = cfg_velocity(model, Conditioning(txt, y), Conditioning(null_txt, null_y), guidance, rope)
     return x - dt.view(-1, 1, 1) * vel(x, t)
 
 
 def _call(backend: Backend, comp: str, inputs: dict[str, Tensor], reference: bool = False) -> Tensor:
+    from fluxmusic.export.spec import CONTEXT_INPUT
+
     method, names = CALLS[comp]
     args = [inputs[n] for n in names]
+    # a context model's random case carries a trained-conditioning context (the real case, text-to-music, none)
+    kw = {"context": inputs[CONTEXT_INPUT]} if CONTEXT_INPUT in inputs else {}
     if comp == "euler_step" and reference:
-        return reference_euler_step(backend, *args)
-    return getattr(backend, method)(*args)  # a method every Backend (or StepBackend, checked by the caller) has
+        return reference_euler_step(backend, *args, **kw)
+    return getattr(backend, method)(*args, **kw)  # a method every Backend (or StepBackend, checked by the caller) has
 
 
 def with_rope(backend: Backend, inputs: dict[str, Tensor], grid_w: int) -> dict[str, Tensor]:

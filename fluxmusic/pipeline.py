@@ -530,14 +530,16 @@ class FluxMusicPipeline:
                                      "conditioning; use cache_threshold 0 or conditioning 'replace'")
             probe = self.cache_probe()
             cache = fn = StepCache(velocity, lambda xx, tt: probe(xx, tt, cond.y), st.cache_threshold)
-        elif (st.solver == "euler" and velocity.plain and context is None
-              and fused_step(self.backend) is not None):
-            # The fused step graph runs a whole Euler CFG step in one call: the same update, one graph.
+        elif st.solver == "euler" and velocity.plain and fused_step(self.backend) is not None:
+            # The fused step graph runs a whole Euler CFG step in one call: the same update, one graph. On a
+            # context model it takes the trained context too (one row per item; the graph repeats it for uncond).
+            extra = {} if context is None else {"context": context.expand(len(items), -1, -1)}
+
             def step_fn(xx: Tensor, tt: Tensor, dt: Tensor) -> Tensor:
                 velocity.batch_sizes.append(2 * xx.shape[0])
                 return self.backend.euler_step(  # by name: the inputs of the euler_step export contract
                     x=xx, t=tt, dt=dt, txt=cond.txt, y=cond.y, null_txt=uncond.txt, null_y=uncond.y,
-                    guidance=guidance, rope=rope,
+                    guidance=guidance, rope=rope, **extra,
                 )
 
         x = sample(fn, x, st.steps, solver=st.solver, shift=st.shift, callback=cb, step_fn=step_fn, known=region)

@@ -96,7 +96,9 @@ class OrtGraph:
         names = [i.name for i in self.session.get_inputs()]
         want = [t.name for t in spec.inputs]
         if names != want:
-            raise FluxMusicError(f"{path} has inputs {names}; the export contract says {want}")
+            raise FluxMusicError(f"{path} has inputs {names}; the export contract says {want} (an export made "
+                                 "before this model's config or this fluxmusic version: re-export it with "
+                                 "`fluxmusic export onnx`)")
         self.outputs = [o.name for o in self.session.get_outputs()]
         self.providers = self.session.get_providers()
 
@@ -239,12 +241,34 @@ class OnnxBackend:
         width = self.specs["clap"].outputs[0].shape[1]
         return self.graphs["clap"].run((input_ids.shape[0], width), input_ids=input_ids, attention_mask=attention_mask)
 
+    @property
+    def takes_context(self) -> bool:
+        """Whether the transformer has trained masked conditioning: its graph then has the ``context`` input
+        (the contract checked at load), so ``conditioning auto`` picks the trained route as on torch."""
+        return self.transformer_config.context_channels > 0
+
+    def _context(self, x: Tensor, context: Tensor | None) -> dict[str, Tensor]:
+        """The ``context`` feed of a context model: the given one, or zeros for "no known audio" (exactly the
+        torch model's ``context=None``: the context Linear of zeros is its bias)."""
+        from fluxmusic.export.spec import CONTEXT_INPUT
+
+        if not self.takes_context:
+            if context is not None:
+                raise FluxMusicError("this transformer has no context input (context_channels 0); pass context=None")
+            return {}
+        if context is None:
+            context = x.new_zeros(*x.shape[:2], self.transformer_config.context_channels)
+        return {CONTEXT_INPUT: context}
+
     @torch.no_grad()
-    def velocity(self, x: Tensor, t: Tensor, txt: Tensor, y: Tensor, rope: Tensor) -> Tensor:
-        """``rope`` is accepted for the protocol; the graph (and its torch twin) derive it from the lengths."""
+    def velocity(self, x: Tensor, t: Tensor, txt: Tensor, y: Tensor, rope: Tensor,
+                 context: Tensor | None = None) -> Tensor:
+        """``rope`` is accepted for the protocol; the graph (and its torch twin) derive it from the lengths.
+        ``context`` [B, L, context_channels]: trained masked conditioning (a model with ``takes_context``)."""
+        feeds = self._context(x, context)
         if "transformer" not in self.graphs:
-            return self._torch_module("transformer")(x.to(self.device), t, txt, y)
-        return self.graphs["transformer"].run(tuple(x.shape), x=x, t=t, txt=txt, y=y)
+            return self._torch_module("transformer")(x.to(self.device), t, txt, y, *feeds.values())
+        return self.graphs["transformer"].run(tuple(x.shape), x=x, t=t, txt=txt, y=y, **feeds)
 
     def rope(self, txt_len: int, grid_h: int, grid_w: int) -> Tensor:
         from fluxmusic.rope import RopeCache
@@ -283,8 +307,11 @@ class OnnxBackend:
         return self.graphs["vocoder"].run((b, self.vocoder_length(frames)), mel=mel)
 
     def vocoder_length(self, frames: int) -> int:
-        """Samples the HiFi-GAN makes from ``frames`` mel frames: each transposed conv (kernel k, stride u,
+        """Samples the vocoder makes from ``frames`` mel frames. The iSTFT vocoder (``fluxmusic_vocos``, the
+        bundled default's) makes exactly frames * hop; in the HiFi-GAN each transposed conv (kernel k, stride u,
         padding (k - u) // 2) maps L to (L - 1) u - 2 ((k - u) // 2) + k, a few samples over frames * hop."""
+        if "upsample_kernel_sizes" not in self._vocoder_cfg:
+            return frames * int(self._vocoder_cfg["hop_length"])
         n = frames
         for u, k in zip(self._vocoder_cfg["upsample_rates"], self._vocoder_cfg["upsample_kernel_sizes"]):
             n = (n - 1) * u - 2 * ((k - u) // 2) + k
@@ -298,14 +325,16 @@ class OnnxBackend:
         return STEP_NAME in self.graphs
 
     @torch.no_grad()
-    def euler_step(self, x, t, dt, txt, y, null_txt, null_y, guidance, rope) -> Tensor:
+    def euler_step(self, x, t, dt, txt, y, null_txt, null_y, guidance, rope, context=None) -> Tensor:
         """One Euler CFG step in one graph call: x - dt (v_u + g (v_c - v_u)). The pipeline plugs it into
         ``flow.sample`` as the step function (the one sampler loop) when :attr:`has_step_graph`. ``rope`` is
-        accepted for the protocol; the step graph derives the table from the lengths."""
+        accepted for the protocol; the step graph derives the table from the lengths. ``context`` [B, L, 2C]
+        (a context model; None = zeros) goes to the cond and the uncond rows alike."""
         from fluxmusic.export.spec import STEP_NAME
 
         if STEP_NAME not in self.graphs:
             raise FluxMusicError(f"{self.onnx_dir} has no {STEP_NAME} graph; export it with --step-graph")
         return self.graphs[STEP_NAME].run(
             tuple(x.shape), x=x, t=t, dt=dt, txt=txt, y=y, null_txt=null_txt, null_y=null_y, guidance=guidance,
+            **self._context(x, context),
         )

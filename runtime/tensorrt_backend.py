@@ -17,7 +17,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
-from fluxmusic.export.spec import COMPONENT_NAMES, STEP_NAME
+from fluxmusic.export.spec import COMPONENT_NAMES, CONTEXT_INPUT, STEP_NAME
 from fluxmusic.export.tensorrt_plan import MANIFEST, find_engine, sm_of
 from torch import Tensor
 
@@ -35,10 +35,10 @@ NEEDS_CUDA = (
 BATCH_INPUTS = {
     "t5": ("input_ids",),
     "clap": ("input_ids", "attention_mask"),
-    "transformer": ("x", "t", "txt", "y"),
+    "transformer": ("x", "t", "txt", "y", CONTEXT_INPUT),
     "vae_decoder": ("latent",),
     "vocoder": ("mel",),
-    STEP_NAME: ("x", "t", "dt", "txt", "y", "null_txt", "null_y", "guidance"),
+    STEP_NAME: ("x", "t", "dt", "txt", "y", "null_txt", "null_y", "guidance", CONTEXT_INPUT),
 }
 #: Components the sampling loop calls every step: the ones CUDA graphs pay off for.
 LOOP_COMPONENTS = ("transformer", STEP_NAME)
@@ -105,6 +105,7 @@ class TensorRTBackend:
                 + (f" in {precision}" if precision else "")
             )
         self.transformer_config = FluxMusicConfig.load(self.model_dir / "transformer" / "config.json")
+        check_context_inputs(self.transformer_config, {c: r.inputs for c, r in self.engines.items()})
         self._rope = RopeCache(self.transformer_config.axes_dim, self.transformer_config.theta)
         missing = [c for c in COMPONENT_NAMES if c not in self.engines]
         self._fallback = _Fallback(self.model_dir, index, self.device, dtype, onnx_dir, missing, fallback_options)
@@ -127,12 +128,22 @@ class TensorRTBackend:
             return self.engines["clap"]({"input_ids": input_ids, "attention_mask": attention_mask})["pooler_output"]
         return self._fallback.clap_encode(input_ids, attention_mask)
 
+    @property
+    def takes_context(self) -> bool:
+        """Whether the transformer has trained masked conditioning (its engine then has the ``context`` input)."""
+        return self.transformer_config.context_channels > 0
+
     @torch.no_grad()
-    def velocity(self, x: Tensor, t: Tensor, txt: Tensor, y: Tensor, rope: Tensor) -> Tensor:
-        """``rope`` feeds only the torch fallback; the engine derives the table from the lengths."""
+    def velocity(self, x: Tensor, t: Tensor, txt: Tensor, y: Tensor, rope: Tensor,
+                 context: Tensor | None = None) -> Tensor:
+        """``rope`` feeds only the torch fallback; the engine derives the table from the lengths. ``context``:
+        trained masked conditioning (None on a context model = zeros, exactly the torch model's None)."""
         if "transformer" in self.engines:
-            return self.engines["transformer"]({"x": x, "t": t, "txt": txt, "y": y})["v"]
-        return self._fallback.velocity(x, t, txt, y, rope)
+            feeds = {"x": x, "t": t, "txt": txt, "y": y, **context_feed(self.transformer_config, x, context)}
+            return self.engines["transformer"](feeds)["v"]
+        if context is None:
+            return self._fallback.velocity(x, t, txt, y, rope)
+        return self._fallback.velocity(x, t, txt, y, rope, context=context)
 
     def rope(self, txt_len: int, grid_h: int, grid_w: int) -> Tensor:
         return self._rope.get(txt_len, grid_h, grid_w, self.device)
@@ -156,13 +167,41 @@ class TensorRTBackend:
         return STEP_NAME in self.engines
 
     @torch.no_grad()
-    def euler_step(self, x, t, dt, txt, y, null_txt, null_y, guidance, rope) -> Tensor:
+    def euler_step(self, x, t, dt, txt, y, null_txt, null_y, guidance, rope, context=None) -> Tensor:
         """One fused CFG Euler step on the ``euler_step`` engine (needs ``step_graph=True`` and the engine);
-        the engine derives RoPE from the lengths, so ``rope`` is not fed."""
+        the engine derives RoPE from the lengths, so ``rope`` is not fed. ``context`` as in :meth:`velocity`."""
         if STEP_NAME not in self.engines:
             raise FluxMusicError("no euler_step engine loaded (build it and pass step_graph=True)")
-        feeds = {"x": x, "t": t, "dt": dt, "txt": txt, "y": y, "null_txt": null_txt, "null_y": null_y}
+        feeds = {"x": x, "t": t, "dt": dt, "txt": txt, "y": y, "null_txt": null_txt, "null_y": null_y,
+                 **context_feed(self.transformer_config, x, context)}
         return self.engines[STEP_NAME]({**feeds, "guidance": guidance})["x_next"]
+
+
+def context_feed(cfg: FluxMusicConfig, x: Tensor, context: Tensor | None) -> dict[str, Tensor]:
+    """The ``context`` feed of an engine: the given context, zeros for "no known audio" on a context model
+    (``context_in`` of zeros is exactly its bias, the torch model's ``context=None``), nothing on a plain one."""
+    if not cfg.context_channels:
+        if context is not None:
+            raise FluxMusicError("this transformer has no context input (context_channels 0); pass context=None")
+        return {}
+    if context is None:
+        context = x.new_zeros(*x.shape[:2], cfg.context_channels)
+    return {CONTEXT_INPUT: context}
+
+
+def check_context_inputs(cfg: FluxMusicConfig, engine_inputs: dict[str, Sequence[str]]) -> None:
+    """Refuse a transformer / step engine whose ``context`` input disagrees with the model's config (an engine
+    built from an export made before the model had trained conditioning would ignore the given audio)."""
+    for comp in ("transformer", STEP_NAME):
+        if comp not in engine_inputs:
+            continue
+        has = CONTEXT_INPUT in engine_inputs[comp]
+        if has != bool(cfg.context_channels):
+            raise FluxMusicError(
+                f"the {comp} engine {'has' if has else 'lacks'} the {CONTEXT_INPUT!r} input but the model's "
+                f"transformer has context_channels {cfg.context_channels}: re-export the ONNX graphs "
+                "(`fluxmusic export onnx`) and rebuild the engines"
+            )
 
 
 def _read_manifest(engine_dir: Path) -> dict:
@@ -222,7 +261,13 @@ def _torch_component(model_dir: Path, component: str, device: torch.device, dtyp
         return lambda ids, mask: clap(input_ids=ids.to(device), attention_mask=mask.to(device)).pooler_output.float()
     if component == "transformer":
         model = load_transformer(model_dir / "transformer", device, dtype)
-        return lambda x, t, txt, y, rope: model(x.to(dtype), t.to(dtype), txt.to(dtype), y.to(dtype), rope).float()
+
+        def velocity(x: Tensor, t: Tensor, txt: Tensor, y: Tensor, rope: Tensor,
+                     context: Tensor | None = None) -> Tensor:
+            ctx = None if context is None else context.to(device, dtype)
+            return model(x.to(dtype), t.to(dtype), txt.to(dtype), y.to(dtype), rope, context=ctx).float()
+
+        return velocity
     if component == "vae_decoder":
         vae = load_vae(model_dir / "vae").to(device)
         scale = float(vae.config.scaling_factor)

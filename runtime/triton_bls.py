@@ -45,6 +45,7 @@ from fluxmusic.export.bls_contract import (  # noqa: F401  (re-exported: model.p
 )
 from fluxmusic.export.spec import (
     COMPONENT_NAMES,
+    CONTEXT_INPUT,
     ENCODER_NAME,
     IMAGE_ADAPTER_NAME,
     IMAGE_ENCODER_NAME,
@@ -98,6 +99,7 @@ class BlsRequest:
     story: str | None = None
     image_weight: float | None = None
     story_weight: float | None = None
+    conditioning: str | None = None
 
     def options(self) -> dict:
         """Keywords for ``fluxmusic.sampling.build_request`` (the one resolution and validation)."""
@@ -138,7 +140,7 @@ class BlsRequest:
             out["audio"] = self.audio if self.audio_sample_rate is None else (self.audio, self.audio_sample_rate)
         elif self.audio_sample_rate is not None:
             raise FluxMusicError("input 'audio_sample_rate' is given without 'audio'")
-        for k in ("keep", "regenerate", "mode", "blend", "resample", "splice"):
+        for k in ("keep", "regenerate", "mode", "blend", "resample", "splice", "conditioning"):
             if getattr(self, k) is not None:
                 out[k] = getattr(self, k)
         return out
@@ -244,9 +246,22 @@ class InferBackend:
     def clap_encode(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
         return self.call("clap", input_ids=input_ids, attention_mask=attention_mask)
 
-    def velocity(self, x: Tensor, t: Tensor, txt: Tensor, y: Tensor, rope: Tensor) -> Tensor:
+    @property
+    def takes_context(self) -> bool:
+        """Whether the repository's transformer takes trained masked conditioning (the ``context`` input of the
+        contract, from the version directory's transformer config; ``--check`` verifies the model has it)."""
+        return any(t.name == CONTEXT_INPUT for t in self.specs["transformer"].inputs)
+
+    def velocity(self, x: Tensor, t: Tensor, txt: Tensor, y: Tensor, rope: Tensor,
+                 context: Tensor | None = None) -> Tensor:
         # cfg_velocity already stacked [cond; uncond]: one transformer request of 2B items per step.
-        return self.call("transformer", x=x, t=t, txt=txt, y=y, rope=rope)
+        if self.takes_context:
+            if context is None:  # no known audio: zeros are exactly the torch model's context=None
+                context = x.new_zeros(*x.shape[:2], self.transformer_config.context_channels)
+            return self.call("transformer", x=x, t=t, txt=txt, y=y, context=context)
+        if context is not None:
+            raise FluxMusicError("this transformer has no context input (context_channels 0); pass context=None")
+        return self.call("transformer", x=x, t=t, txt=txt, y=y)
 
     def rope(self, txt_len: int, grid_h: int, grid_w: int) -> Tensor:
         return self._rope.get(txt_len, grid_h, grid_w)

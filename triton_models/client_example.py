@@ -51,6 +51,7 @@ def build_inputs(
     story: str | None = None,
     image_weight: float | None = None,
     story_weight: float | None = None,
+    conditioning: str | None = None,
 ) -> list[grpcclient.InferInput]:
     """Request tensors of the ``fluxmusic`` model; an omitted setting takes the model's default (or the preset's).
     ``shift=1`` is no time shift; ``preset="official"`` is the official sampler. ``audio`` (mono float32 samples at
@@ -58,7 +59,8 @@ def build_inputs(
     continues or infills it (the repository needs the vae_encoder model). A ``duration`` beyond the model's window
     is long form (``overlap``, ``crossfade`` seconds; ``sections`` "START:END prompt" with prompt ""). ``image``
     (an image file's bytes) and ``story`` (text) condition through the repository's image / story models, mixed
-    with the prompt (weight 1; may be "") by ``image_weight`` / ``story_weight``."""
+    with the prompt (weight 1; may be "") by ``image_weight`` / ``story_weight``. ``conditioning`` (auto, trained,
+    replace) picks how given audio conditions the solve."""
 
     def text(v: str | None):
         return None if v is None else np.array([v.encode()], np.object_)
@@ -99,6 +101,7 @@ def build_inputs(
         "story": (text(story), "BYTES"),
         "image_weight": (fp32(image_weight), "FP32"),
         "story_weight": (fp32(story_weight), "FP32"),
+        "conditioning": (text(conditioning), "BYTES"),
     }
     inputs = []
     for name, (array, datatype) in values.items():
@@ -163,6 +166,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--story", help="condition on a story: a UTF-8 text file")
     p.add_argument("--image-weight", type=float)
     p.add_argument("--story-weight", type=float)
+    p.add_argument("--conditioning", choices=("auto", "trained", "replace"),
+                   help="how given audio conditions the solve (trained: the transformer's context input)")
     p.add_argument("--overlap", type=float, help="long form: seconds of context per window")
     p.add_argument("--crossfade", type=float, help="long form: seconds of crossfade at each seam")
     p.add_argument("--section", action="append", help="long form: 'START:END prompt' (repeat; prompt \"\")")
@@ -172,7 +177,8 @@ def main(argv: list[str] | None = None) -> int:
     story = Path(args.story).read_text(encoding="utf-8") if args.story else None
     inputs = build_inputs(args.prompt, args.negative_prompt, args.duration, args.steps, args.guidance, args.seed,
                           overlap=args.overlap, crossfade=args.crossfade, sections=args.section, image=image,
-                          story=story, image_weight=args.image_weight, story_weight=args.story_weight)
+                          story=story, image_weight=args.image_weight, story_weight=args.story_weight,
+                          conditioning=args.conditioning)
     client = grpcclient.InferenceServerClient(args.url)
     try:
         audio, seed, sample_rate = (generate_streaming if args.stream else generate)(client, inputs)
