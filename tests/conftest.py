@@ -49,6 +49,28 @@ def tiny_model_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def context_model_dir(tiny_model_dir, tmp_path_factory) -> Path:
+    """The tiny model directory with its transformer extended by a context input (trained masked conditioning)
+    whose weights are seeded, non-zero values: a trained-looking one, so the trained route differs from replace."""
+    import shutil
+
+    import torch
+
+    from fluxmusic.model import add_context_input
+    from fluxmusic.transformer_io import load_transformer, save_transformer
+
+    d = tmp_path_factory.mktemp("ctx") / "model"
+    shutil.copytree(tiny_model_dir, d)
+    ext = add_context_input(load_transformer(tiny_model_dir / "transformer"))
+    with torch.no_grad():
+        ext.context_in.weight.normal_(0, 0.5, generator=torch.Generator().manual_seed(0))
+        ext.context_in.bias.normal_(0, 0.1, generator=torch.Generator().manual_seed(1))
+    shutil.rmtree(d / "transformer")
+    save_transformer(ext, d / "transformer")
+    return d
+
+
+@pytest.fixture(scope="session")
 def tiny_pipe(tiny_model_dir):
     from fluxmusic.pipeline import FluxMusicPipeline
 

@@ -213,23 +213,6 @@ def test_finetune_cli_writes_a_new_transformer_directory(tiny_model_dir, tiny_ca
     assert load_transformer(quick).takes_context
 
 
-@pytest.fixture(scope="module")
-def context_model_dir(tiny_model_dir, tmp_path_factory):
-    """The tiny model directory with its transformer extended by a (slightly trained-looking) context input."""
-    import shutil
-
-    from fluxmusic.transformer_io import load_transformer, save_transformer
-
-    d = tmp_path_factory.mktemp("ctx") / "model"
-    shutil.copytree(tiny_model_dir, d)
-    ext = add_context_input(load_transformer(tiny_model_dir / "transformer"))
-    with torch.no_grad():
-        ext.context_in.weight.normal_(0, 0.5)
-    shutil.rmtree(d / "transformer")
-    save_transformer(ext, d / "transformer")
-    return d
-
-
 def test_sampler_uses_trained_conditioning_when_the_model_has_it(context_model_dir, tiny_pipe, monkeypatch,
                                                                  one_torch_thread):
     from fluxmusic.pipeline import FluxMusicPipeline

@@ -3,8 +3,6 @@ trained route (equal to torch), the TensorRT plan's specs, and the Triton BLS mo
 
 from __future__ import annotations
 
-import shutil
-
 import numpy as np
 import pytest
 import torch
@@ -12,23 +10,6 @@ import torch
 pytest.importorskip("onnxruntime")
 
 SR = 16000
-
-
-@pytest.fixture(scope="module")
-def context_model_dir(tiny_model_dir, tmp_path_factory):
-    """The tiny model directory with a context input whose weights are not zero (a trained-looking one)."""
-    from fluxmusic.model import add_context_input
-    from fluxmusic.transformer_io import load_transformer, save_transformer
-
-    d = tmp_path_factory.mktemp("ctx") / "model"
-    shutil.copytree(tiny_model_dir, d)
-    ext = add_context_input(load_transformer(tiny_model_dir / "transformer"))
-    with torch.no_grad():
-        ext.context_in.weight.normal_(0, 0.5, generator=torch.Generator().manual_seed(0))
-        ext.context_in.bias.normal_(0, 0.1, generator=torch.Generator().manual_seed(1))
-    shutil.rmtree(d / "transformer")
-    save_transformer(ext, d / "transformer")
-    return d
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,6 @@ waveform SNR >= 40 dB (measured > 100 dB). Errors must be the pipeline's (and th
 
 from __future__ import annotations
 
-import importlib.util
 import io
 import json
 import sys
@@ -283,19 +282,12 @@ def test_bls_sections_errors_are_the_grpc_servers(bls):
 def test_model_py_streams_long_form_windows_in_decoupled_mode(setup, monkeypatch):
     sys.path.insert(0, str(Path(__file__).parent))
     try:
-        from test_triton_repo import _FakePbUtils, _Request
+        from test_triton_repo import _FakePbUtils, _load_triton_model, _Request
     finally:
         sys.path.pop(0)
     repo = setup["repo"]
     pb = _FakePbUtils(_infer(repo))
-    monkeypatch.setitem(sys.modules, "triton_python_backend_utils", pb)
-    spec = importlib.util.spec_from_file_location("fluxmusic_triton_model_lf", repo / "fluxmusic" / "1" / "model.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    model = module.TritonPythonModel()
-    config = {"name": "fluxmusic", "model_transaction_policy": {"decoupled": True}}
-    model.initialize({"model_config": json.dumps(config), "model_repository": str(repo / "fluxmusic"),
-                      "model_version": "1"})
+    model = _load_triton_model(repo, pb, monkeypatch, decoupled=True)
     good = _Request(pb, _request(prompt="", story=STORY, duration=12.0, steps=2, seed=2))
     bad = _Request(pb, _request(prompt=PROMPT, image=b"garbage", steps=1))
     assert model.execute([good, bad]) is None

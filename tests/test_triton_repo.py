@@ -393,14 +393,13 @@ class _Request:
         return Sender()
 
 
-@pytest.mark.parametrize("decoupled", [False, True])
-def test_model_py_maps_requests_responses_and_errors(setup, monkeypatch, decoupled):
+def _load_triton_model(repo: Path, pb: _FakePbUtils, monkeypatch, decoupled: bool):
+    """The repository's ``fluxmusic/1/model.py`` imported against the fake ``pb_utils`` and initialised as Triton
+    would (its config's transaction policy decoupled or not)."""
     import importlib.util
     import json
     import sys
 
-    repo = setup["repo"]
-    pb = _FakePbUtils(OnnxRuntimeInfer({c: repo / c / "1" / "model.onnx" for c in COMPONENT_NAMES}))
     monkeypatch.setitem(sys.modules, "triton_python_backend_utils", pb)
     spec = importlib.util.spec_from_file_location("fluxmusic_triton_model", repo / "fluxmusic" / "1" / "model.py")
     module = importlib.util.module_from_spec(spec)
@@ -410,6 +409,14 @@ def test_model_py_maps_requests_responses_and_errors(setup, monkeypatch, decoupl
     model.initialize(
         {"model_config": json.dumps(config), "model_repository": str(repo / "fluxmusic"), "model_version": "1"}
     )
+    return model
+
+
+@pytest.mark.parametrize("decoupled", [False, True])
+def test_model_py_maps_requests_responses_and_errors(setup, monkeypatch, decoupled):
+    repo = setup["repo"]
+    pb = _FakePbUtils(OnnxRuntimeInfer({c: repo / c / "1" / "model.onnx" for c in COMPONENT_NAMES}))
+    model = _load_triton_model(repo, pb, monkeypatch, decoupled)
 
     good = _Request(pb, _request(prompt=PROMPT, duration=0.5, steps=2, seed=3))
     bad = _Request(pb, _request(prompt=PROMPT, steps=0))
