@@ -76,6 +76,8 @@ class Modulation(nn.Module):
 
 
 def _mlp(dim: int, hidden: int) -> nn.Sequential:
+    # The GELU module only holds index 1 (the official keys are *_mlp.0 / *_mlp.2); forward runs the op set's
+    # gelu through _run_mlp instead, so a fast bf16 form can stand in for it.
     return nn.Sequential(nn.Linear(dim, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, dim))
 
 

@@ -103,6 +103,8 @@ def blocked_attention(q: Tensor, k: Tensor, v: Tensor, block_elements: int = ATT
     before the softmax (CPU GEMMs cannot write fp32 from bf16 inputs), which flash attention avoids: the
     parity cost is measured in docs/performance.md. fp32 inputs, and any device other than the CPU, go to
     :func:`attention` (the fused flash kernel is already at the fp32 matmul rate there), as does training.
+    When the scores are provably bounded (:func:`_exp_sum_values`) the softmax becomes one in-place exp and the
+    row sums come out of the PV GEMM; ``exp_sum=False`` keeps the softmax (for comparison).
     """
     needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
     if q.dtype == torch.float32 or q.device.type != "cpu" or needs_grad or torch.jit.is_tracing() or _exporting():
