@@ -126,6 +126,14 @@ def test_reference_and_prompts_take_the_manifest_space_and_split(tmp_path):
     assert all(e["split"] == "val" and e["note_density"] == 3.1 for e in ref.extra)
     prompts = load_prompts(man, ref.space, "val")
     assert [p.path for p in prompts] == ref.paths
+    # A caption is held to what it says ("slow", the instrument), not to its clip's other manifest fields.
+    assert all(set(p.attributes) == {"instrument", "tempo"} and p.attributes["tempo"] == "slow" for p in prompts)
+    assert ref.attributes[0]["register"] == "mid"  # the reference clip keeps every fact of the manifest
+    user = tmp_path / "user.jsonl"
+    user.write_text(json.dumps({"prompt": "a chorale on organ", "tempo": "fast"}) + "\n"
+                    + json.dumps({"prompt": "a jig on harp"}) + "\n")
+    assert [p.attributes for p in load_prompts(user, RENDER)] == [{"instrument": "organ", "tempo": "fast"},
+                                                                 {"instrument": "harp"}]
     assert load_reference(man, SR, 1.28).space is RENDER and len(load_reference(man, SR, 1.28).waves) == 8
     with pytest.raises(FluxMusicError, match="no entry of .* has \"split\": \"test\""):
         load_reference(man, SR, 1.28, split="test")

@@ -40,6 +40,18 @@ def _attributes(obj: dict, text: str, space: AttributeSpace) -> dict[str, str]:
     return found
 
 
+def _prompt_attributes(obj: dict, text: str, space: AttributeSpace) -> dict[str, str]:
+    """What a prompt asks for. A ``prompt`` entry's explicit fields are its author's stated intent and count as
+    given. A corpus manifest entry (a clip's ``caption``) carries every attribute of its clip, but its caption
+    names only some (the register in about a third of rendered captions): the model is held to those, with the
+    manifest's value (the class of "107 BPM" is the manifest's tempo word)."""
+    found = _attributes(obj, text, space)
+    if "prompt" in obj:
+        return found
+    said = parse_attributes(text, space)
+    return {k: v for k, v in found.items() if k in said}
+
+
 def _check_split(split: str | None, n_before: int, n_after: int, where: object) -> None:
     if split is not None and n_before and not n_after:
         raise FluxMusicError(f'--split {split!r}: no entry of {where} has "split": "{split}"')
@@ -70,7 +82,8 @@ def load_prompts(path: str | Path, space: AttributeSpace = SYNTH, split: str | N
             if split is not None and obj.get("split") != split:
                 continue
             ref = obj.get("path")
-            out.append(Prompt(text.strip(), _attributes(obj, text, space), (base / ref).resolve() if ref else None))
+            out.append(Prompt(text.strip(), _prompt_attributes(obj, text, space),
+                              (base / ref).resolve() if ref else None))
         _check_split(split, seen, len(out), p)
     else:
         if split is not None:

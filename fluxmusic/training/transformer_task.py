@@ -224,7 +224,8 @@ class MaskedFinetuneTask(TransformerTask):
     """Trained masked conditioning from a trained plain transformer (MusicFlow-style continuation / infilling).
 
     The model is the transformer in ``base`` extended with the zero-initialised context input
-    (:func:`fluxmusic.model.add_context_input`: step 0 computes exactly what the plain model computes), trained
+    (:func:`fluxmusic.model.add_context_input`: step 0 computes exactly what the plain model computes), or, when
+    ``base`` already takes one (an earlier fine-tune), that transformer as it is, trained further; trained
     with :func:`masked_flow_loss` over the masks of :data:`MASK_MIX` and the usual CFG dropout (the inherited
     ``loss`` takes that route for a model with a context input). The new ``context_in`` weights get their own
     peak lr ``context_lr``: they start from zero and must learn what the pretrained weights already know.
@@ -241,12 +242,16 @@ class MaskedFinetuneTask(TransformerTask):
         if missing:
             raise FluxMusicError(f"base transformer {self.base} has no {' / '.join(missing)}; give the trained plain "
                                  "transformer directory (config.json + model.safetensors)")
-        plain = FluxMusicConfig.load(self.base / CONFIG_NAME)
-        if plain.context_channels:
-            raise FluxMusicError(f"base transformer {self.base} already takes a context input; give a plain one")
+        base_config = FluxMusicConfig.load(self.base / CONFIG_NAME)
+        # A base that already takes the context input (an earlier fine-tune) is trained further as it is.
+        self.continues = bool(base_config.context_channels)
+        if self.continues and base_config.context_channels != 2 * base_config.in_channels:
+            raise FluxMusicError(f"base transformer {self.base} takes a context input of "
+                                 f"{base_config.context_channels} channels; this task's is 2 x in_channels = "
+                                 f"{2 * base_config.in_channels}")
         if not (isinstance(context_lr, (int, float)) and math.isfinite(context_lr) and context_lr > 0):
             raise FluxMusicError(f"context lr must be a finite number > 0, got {context_lr!r}")
-        config = dataclasses.replace(plain, context_channels=2 * plain.in_channels)
+        config = dataclasses.replace(base_config, context_channels=2 * base_config.in_channels)
         super().__init__(config, train, null_txt, null_y, val=val, p_uncond=p_uncond)
         self.context_lr = float(context_lr)
         # The checkpoint continues a fine-tune of these exact weights: a retrained base must not resume it.
@@ -255,7 +260,8 @@ class MaskedFinetuneTask(TransformerTask):
     def build_model(self) -> nn.Module:
         from fluxmusic.transformer_io import load_transformer
 
-        return add_context_input(load_transformer(self.base)).train()
+        model = load_transformer(self.base)
+        return (model if self.continues else add_context_input(model)).train()
 
     def param_groups(self, model: nn.Module) -> list[dict[str, Any]]:
         named = list(model.named_parameters())
