@@ -81,14 +81,15 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--manifest", required=True, help="a `fluxmusic data render` manifest (train and val splits)")
     ap.add_argument("--model", help="model directory (default: the bundled default)")
-    ap.add_argument("--limit", type=int, help="only the first N held-out captions")
+    ap.add_argument("--limit", type=int, help="only the first N captions")
+    ap.add_argument("--split", default="val", help="whose captions to generate (train: were they learned at all?)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--json", help="results JSON")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     base = Path(args.manifest).parent
     rows = [json.loads(line) for line in Path(args.manifest).read_text().splitlines() if line.strip()]
-    val = [r for r in rows if r["split"] == "val"][: args.limit]
+    val = [r for r in rows if r["split"] == args.split][:: 1 if args.split == "val" else 7][: args.limit]
     t0 = time.perf_counter()
     clf, fit = fit_classifier([r for r in rows if r["split"] == "train"], base)
     print(f"classifier fitted in {time.perf_counter() - t0:.0f} s: {fit}", flush=True)
@@ -108,7 +109,7 @@ def main() -> None:
     ref.pop("_pred")
     shuffled = {"accuracy_prior_bpm": float(np.mean(prior_pred == stated[perm])),
                 "accuracy_rhythm_classifier": float(np.mean(rhythm_pred == stated[perm]))}
-    out = {"model": str(args.model or "bundled default"), "clips": len(val), "classifier_fit": fit,
+    out = {"model": str(args.model or "bundled default"), "split": args.split, "clips": len(val), "classifier_fit": fit,
            "reference": ref, "generated": model, "generated_vs_shuffled_prompts": shuffled,
            "generate_seconds": gen_s}
     print(json.dumps(out, indent=2))

@@ -16,7 +16,7 @@ from fluxmusic.audio import write_audio
 from fluxmusic.data import render as R
 from fluxmusic.errors import FluxMusicError
 from fluxmusic.evaluation.attributes import RENDER, SYNTH, parse_attributes, space_for
-from fluxmusic.evaluation.signal_features import comb_figure, note_density
+from fluxmusic.evaluation.signal_features import comb_figure, note_density, rhythm_clarity
 
 SR = 16000
 N = int(10.24 * SR)
@@ -65,6 +65,25 @@ def test_note_density_counts_onsets_per_second():
     assert note_density(clicks, SR) == pytest.approx(4.0, abs=0.5)
     assert note_density(_notes(note_s=0.5), SR) == pytest.approx(2.0, abs=0.5)
     assert note_density(np.zeros(N, np.float32), SR) == 0.0
+
+
+def test_rhythm_clarity_tells_a_beat_from_onsets_at_random_times():
+    rng = np.random.default_rng(0)
+    t = np.arange(800) / SR
+    burst = (np.exp(-60 * t) * np.sin(2 * np.pi * 660 * t)).astype(np.float32)
+
+    def onsets_at(starts) -> np.ndarray:
+        x = 1e-3 * rng.normal(size=N).astype(np.float32)
+        for s in starts:
+            x[s:s + 800] += burst
+        return x
+
+    beat = [rhythm_clarity(onsets_at(range(0, N - 800, int(SR * 60 / bpm))), SR) for bpm in (60, 120, 180)]
+    scattered = [rhythm_clarity(onsets_at(np.sort(rng.integers(0, N - 800, 30))), SR) for _ in range(3)]
+    assert min(beat) > 0.5, beat  # 60 BPM: ten beats in 10.24 s, so the 1 s lag overlaps less
+    assert max(scattered) < 0.3, scattered
+    assert rhythm_clarity(_notes(note_s=0.5), SR) > 0.5  # a plucked melody in even notes has a beat
+    assert np.isnan(rhythm_clarity(np.zeros(N, np.float32), SR))
 
 
 # --------------------------------------------------------------------------------------------- vocabularies
@@ -147,7 +166,8 @@ def test_comb_check_and_accuracy_use_the_reference_range_and_space():
     def scored(combs, inst_idx):
         probs = np.eye(len(RENDER.vocabularies["instrument"]))[inst_idx]
         return Scored(np.zeros((len(combs), 2)), {"instrument": probs},
-                      [{"comb": c, "note_density": 2.0, "tempo": "slow", "register": "mid"} for c in combs])
+                      [{"comb": c, "note_density": 2.0, "rhythm_clarity": 0.5, "tempo": "slow", "register": "mid"}
+                       for c in combs])
 
     ref = scored([2.0, 3.5, 2.5], [0, 1, 2])
     gen = scored([2.2, 400.0, float("nan")], [0, 0, 2])
@@ -251,6 +271,8 @@ def test_eval_cli_on_a_rendered_manifest_uses_its_vocabulary_and_split(tmp_path,
     assert ref_s["signal"]["comb"]["max"] < 4.0  # clean notes
     assert model_s["comb_check"]["reference_max"] == ref_s["signal"]["comb"]["max"]
     assert all(np.isfinite(p["measured"]["note_density"]) for p in res["per_prompt"])
+    assert 0.5 < ref_s["signal"]["rhythm_clarity"]["median"] <= 1  # even notes: a clear beat
+    assert all("rhythm_clarity" in p["measured"] for p in res["per_prompt"])  # NaN: no onsets (the tiny model)
     assert [c["score_note_density"] for c in res["reference_clips"]] == [3.1] * 4
     printed = capsys.readouterr().out
     assert "comb figure within the reference clips' range" in printed and "model accuracy / reference" in printed

@@ -16,7 +16,7 @@ from fluxmusic.evaluation.attributes import SYNTH, AttributeSpace, measure
 from fluxmusic.evaluation.data import Prompt, Reference
 from fluxmusic.evaluation.embedders import Embedder, class_prototypes, zero_shot_probs
 from fluxmusic.evaluation.generation import decode_full, solve_latents, untrained_twin
-from fluxmusic.evaluation.signal_features import comb_figure, note_density
+from fluxmusic.evaluation.signal_features import comb_figure, note_density, rhythm_clarity
 from fluxmusic.pipeline import FluxMusicPipeline
 
 #: Attributes scored for accuracy and how: measured by signal processing or by zero-shot CLAP.
@@ -30,12 +30,14 @@ class Scored:
 
     emb: np.ndarray  # [N, D] unit audio embeddings
     probs: dict[str, np.ndarray]  # vocabulary -> [N, K] zero-shot class distributions
-    measured: list[dict]  # per clip: tempo_bpm, melody_midi, tempo, register, comb, note_density
+    measured: list[dict]  # per clip: tempo_bpm, melody_midi, tempo, register, comb, note_density, rhythm_clarity
 
 
 def measure_clip(wave: np.ndarray, sr: int, space: AttributeSpace = SYNTH) -> dict:
-    """Tempo and register (classes of ``space``), hop-rate comb figure and note density of one clip."""
-    return {**measure(wave, sr, space), "comb": comb_figure(wave, sr), "note_density": note_density(wave, sr)}
+    """Tempo and register (classes of ``space``), hop-rate comb figure, note density and rhythm clarity of one
+    clip."""
+    return {**measure(wave, sr, space), "comb": comb_figure(wave, sr), "note_density": note_density(wave, sr),
+            "rhythm_clarity": rhythm_clarity(wave, sr)}
 
 
 def score_audio(waves: Sequence[np.ndarray], sr: int, embedder: Embedder, protos: dict[str, np.ndarray],
@@ -55,9 +57,9 @@ def vocabulary_prototypes(embedder: Embedder, space: AttributeSpace = SYNTH) -> 
 
 
 def signal_summary(s: Scored) -> dict:
-    """Comb figure and note density over a set of clips (min / median / max; mean density)."""
+    """Comb figure, note density and rhythm clarity over a set of clips (min / median / max / mean)."""
     out: dict = {}
-    for key in ("comb", "note_density"):
+    for key in ("comb", "note_density", "rhythm_clarity"):
         v = np.array([m[key] for m in s.measured], dtype=np.float64)
         v = v[np.isfinite(v)]
         out[key] = ({"min": float(v.min()), "median": float(np.median(v)), "max": float(v.max()),
@@ -227,7 +229,8 @@ def evaluate(pipe: FluxMusicPipeline, prompts: Sequence[Prompt], ref: Reference,
     results["per_prompt"] = [
         {"prompt": texts[i], "seed": seed + i, "stated": stated[i],
          "measured": {k: model_s.measured[i][k]
-                      for k in ("tempo_bpm", "melody_midi", "tempo", "register", "comb", "note_density")},
+                      for k in ("tempo_bpm", "melody_midi", "tempo", "register", "comb", "note_density",
+                           "rhythm_clarity")},
          "instrument": instruments[int(np.argmax(model_s.probs["instrument"][i]))],
          "clap_score": float(M.cosine_rows(text_emb[i : i + 1], model_s.emb[i : i + 1])[0])}
         for i in range(len(prompts))

@@ -27,7 +27,7 @@ def _get(d: dict, *keys):
 def metrics_table(results: dict) -> str:
     """Markdown table: one row per system (model and baselines)."""
     head = ("| system | FAD | CLAP score | KL (mean) | IS (instrument) | acc tempo | acc register | acc instrument "
-            "| acc mean | comb (max) | notes/s |\n|---|---|---|---|---|---|---|---|---|---|---|")
+            "| acc mean | comb (max) | notes/s | rhythm clarity |\n|---|---|---|---|---|---|---|---|---|---|---|---|")
     lines = [head]
     for key, label in SYSTEMS:
         s = results["systems"].get(key)
@@ -37,10 +37,11 @@ def metrics_table(results: dict) -> str:
         kl = kl if kl is not None else _get(s, "kl", "marginal", "mean")
         acc = s.get("attribute_accuracy", {})
         comb, dens = _get(s, "signal", "comb", "max"), _get(s, "signal", "note_density", "mean")
+        clarity = _get(s, "signal", "rhythm_clarity", "median")
         lines.append(f"| {label} | {_f(s.get('fad'), '.4f')} | {_f(s.get('clap_score'))} | {_f(kl)} | "
                      f"{_f(_get(s, 'inception_score', 'instrument'), '.2f')} | {_f(acc.get('tempo'), '.2f')} | "
                      f"{_f(acc.get('register'), '.2f')} | {_f(acc.get('instrument'), '.2f')} | "
-                     f"{_f(acc.get('mean'), '.2f')} | {_f(comb, '.2f')} | {_f(dens, '.2f')} |")
+                     f"{_f(acc.get('mean'), '.2f')} | {_f(comb, '.2f')} | {_f(dens, '.2f')} | {_f(clarity, '.2f')} |")
     rel = _get(results, "systems", "model", "attribute_accuracy_vs_reference")
     if rel:
         lines.append("\nmodel accuracy / reference accuracy (target >= 0.8): " + ", ".join(
