@@ -128,13 +128,9 @@ def read_version_dir(version_dir: str | Path) -> tuple[ModelIndex, FluxMusicConf
 
 def has_media_files(version_dir: str | Path) -> bool:
     """Whether a BLS version directory carries the image / story configs (all of them, or an error)."""
-    version_dir = Path(version_dir)
-    present = [f for f in MEDIA_FILES if (version_dir / f).exists()]
-    if present and len(present) != len(MEDIA_FILES):
-        missing = [f for f in MEDIA_FILES if f not in present]
-        raise FluxMusicError(f"BLS version directory {version_dir} has {', '.join(present)} but not "
-                             f"{', '.join(missing)}: image / story conditioning needs all of them")
-    return bool(present)
+    from fluxmusic.adapters import media_presence
+
+    return media_presence(version_dir, MEDIA_FILES, "BLS version directory")
 
 
 def read_media_specs(version_dir: str | Path) -> dict[str, ComponentSpec] | None:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import io
 import json
 import re
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -208,14 +209,21 @@ def has_media(model_dir: str | Path) -> bool:
     return (Path(model_dir) / ADAPTERS).is_dir()
 
 
+def media_presence(directory: str | Path, names: Sequence[str], what: str) -> bool:
+    """Whether ``directory`` (a ``what``) holds the image / story files or folders ``names``: all of them (True),
+    none (False); some of them is one error naming the rest."""
+    directory = Path(directory)
+    present = [n for n in names if (directory / n).exists()]
+    if present and len(present) != len(names):
+        missing = [n for n in names if n not in present]
+        raise FluxMusicError(f"{what} {directory} has {', '.join(present)} but not {', '.join(missing)}: "
+                             "image / story conditioning needs all of them")
+    return bool(present)
+
+
 def check_media_dirs(model_dir: str | Path) -> None:
     """A model directory with any of the media folders must have all of them (else one error naming the rest)."""
-    model_dir = Path(model_dir)
-    present = [c for c in MEDIA_COMPONENTS if (model_dir / c).is_dir()]
-    if present and len(present) != len(MEDIA_COMPONENTS):
-        missing = [c for c in MEDIA_COMPONENTS if c not in present]
-        raise FluxMusicError(f"model directory {model_dir} has {', '.join(present)} but not {', '.join(missing)}: "
-                             "image / story conditioning needs all three")
+    media_presence(model_dir, MEDIA_COMPONENTS, "model directory")
 
 
 # ------------------------------------------------------------------------------------------------ inputs
