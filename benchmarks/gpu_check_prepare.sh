@@ -12,12 +12,12 @@ done
 # A pure-Python wheel: the platform flags only satisfy pip's cross-platform download rules.
 python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
     --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 -d .gpu_data/wheels "diffusers==${DIFFUSERS_VERSION:-0.42.1}"
-# The vocoder run of benchmarks/gpu_session.sh: soundfile (+ its needs) to decode the packed FLAC, and 1 s of each
-# training clip of a rendered corpus (~48 MB for the recipe corpus).
-if [ -n "${FLUXMUSIC_CORPUS:-}" ]; then
+# The transformer run of benchmarks/gpu_session.sh: the recipe's embedding cache, int8-packed (~44 MB), and
+# soundfile (+ its needs) for the package's audio imports.
+if [ -n "${FLUXMUSIC_CACHE:-}" ]; then
     python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
         --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
         -d .gpu_data/wheels soundfile==0.13.1 cffi==2.0.0 pycparser==2.23
-    python3 benchmarks/vocoder_variants.py pack --manifest "$FLUXMUSIC_CORPUS" --out .gpu_data/vocoder --seconds 1.0
+    python3 benchmarks/gpu_transformer.py pack --cache "$FLUXMUSIC_CACHE" --out .gpu_data/transformer_cache.npz
 fi
 ls -l .gpu_data .gpu_data/wheels

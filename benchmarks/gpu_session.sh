@@ -1,29 +1,22 @@
 #!/bin/bash
-# One device call for a 15-minute GPU lease: the GPU proof (gpu_check.py, budget-scaled) and then three vocoder
-# variants (benchmarks/vocoder_variants.py) trained side by side on packed corpus audio. Stage .gpu_data/ first:
-#   FLUXMUSIC_CORPUS=RUN/corpus/manifest.jsonl sh benchmarks/gpu_check_prepare.sh
+# One device call for a 15-minute GPU lease: retrain the bundled default's transformer (benchmarks/gpu_transformer.py:
+# the recipe's plain then masked stage, each for a wall-clock budget) and then the GPU proof (gpu_check.py,
+# budget-scaled). Stage .gpu_data/ first (the recipe's embedding cache, int8-packed, and the wheels):
+#   FLUXMUSIC_CACHE=RUN/cache sh benchmarks/gpu_check_prepare.sh
 # then move fluxmusic/default_model aside for the call (the tree + carry must stay under 64 MiB) and run
 #   bash benchmarks/gpu_session.sh        (device tool: carry [".gpu_data"], timeout_s 590)
-# $OUT gets back at most 7 files: gc/gpu_check.{md,json,log}, voc_<variant>.safetensors x3, vocoder_logs.tar.gz.
+# $OUT gets back 8 files: tr/transformer-{0,1}.safetensors, tr/config.json, tr/summary.json, train.log and
+# gc/gpu_check.{md,json,log}. Back here: python benchmarks/gpu_transformer.py assemble --shards DIR --out MODEL_DIR
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .gpu_data/wheels/*.whl || exit 9
-export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1
-mkdir -p $OUT/gc /tmp/logs
+export PYTHONPATH=/tmp/site:. PYTHONUNBUFFERED=1
+mkdir -p $OUT/gc $OUT/tr
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
-python3 -c "import torch, transformers, diffusers, soundfile; print(torch.__version__, transformers.__version__, diffusers.__version__)"
+python3 -c "import torch, transformers, diffusers; print(torch.__version__, transformers.__version__, diffusers.__version__)"
 t0=$(date +%s)
-timeout 330 python3 benchmarks/gpu_check.py --out $OUT/gc --testdata .gpu_data/official_tiny_a.npz \
-   --budget ${GC_BUDGET:-300} --skip generation.default --no-onnx 2>&1 | tee $OUT/gc/gpu_check.log | tail -60
-echo "gpu_check rc ${PIPESTATUS[0]} after $(( $(date +%s) - t0 )) s"
-for v in pa_comb pa_comb_p160 pa_p160; do
-  python3 benchmarks/gpu_vocoder.py train --data .gpu_data/vocoder --variant $v --minutes ${TRAIN_MIN:-3.6} \
-     --run /tmp/runs/$v > /tmp/logs/$v.log 2>&1 &
-done
-wait
-for v in pa_comb pa_comb_p160 pa_p160; do
-  tail -3 /tmp/logs/$v.log
-  python3 benchmarks/gpu_vocoder.py export --run /tmp/runs/$v --out /tmp/exp/$v --variant $v > /dev/null 2>&1 \
-    && cp /tmp/exp/$v/model.safetensors $OUT/voc_$v.safetensors && cat /tmp/exp/$v/trained.json
-  cp /tmp/runs/$v/log.jsonl /tmp/logs/$v.jsonl 2>/dev/null
-done
-tar czf $OUT/vocoder_logs.tar.gz -C /tmp logs
-echo "all done after $(( $(date +%s) - t0 )) s"
+timeout 380 python3 benchmarks/gpu_transformer.py train --pack .gpu_data/transformer_cache.npz --out $OUT/tr \
+   --plain-minutes ${PLAIN_MIN:-3.5} --masked-minutes ${MASKED_MIN:-1.5} --batch-size ${BATCH:-64} --device cuda \
+   > $OUT/train.log 2>&1
+echo "transformer rc $? after $(( $(date +%s) - t0 )) s"; grep -v '^train |' $OUT/train.log | tail -30
+timeout 200 python3 benchmarks/gpu_check.py --out $OUT/gc --testdata .gpu_data/official_tiny_a.npz \
+   --budget ${GC_BUDGET:-170} --skip generation.default --no-onnx 2>&1 | tee $OUT/gc/gpu_check.log | tail -40
+echo "gpu_check rc ${PIPESTATUS[0]}; all done after $(( $(date +%s) - t0 )) s"

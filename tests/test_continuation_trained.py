@@ -275,3 +275,42 @@ def test_cli_conditioning_flag(context_model_dir, tmp_path, capsys, one_torch_th
     with pytest.raises(SystemExit) as e:
         main(base + ["--conditioning", "nope", "-o", str(tmp_path / "c.wav")])
     assert e.value.code == 2 and "invalid choice: 'nope'" in capsys.readouterr().err
+
+
+def test_gpu_transformer_round_trip_pack_train_assemble(tiny_model_dir, tiny_cache, tmp_path, one_torch_thread):
+    """benchmarks/gpu_transformer.py end to end on the CPU: the int8 pack unpacks to a readable cache within
+    1 % of the original, both stages train within their budgets, and the shards assemble into a model
+    directory that generates."""
+    import importlib.util
+    from pathlib import Path
+
+    from fluxmusic.pipeline import FluxMusicPipeline
+    from fluxmusic.training.cache import CachedEmbeddingDataset
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_transformer.py"
+    spec = importlib.util.spec_from_file_location("gpu_transformer", path)
+    gt = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gt)
+
+    packed = gt.pack(tiny_cache, tmp_path / "p.npz", tiny_model_dir / "transformer" / "config.json")
+    assert packed["items"] == 8 and packed["latent_relative_rms_error"] < 0.01
+    back, config = gt.unpack(tmp_path / "p.npz", tmp_path / "cache")
+    a, b = CachedEmbeddingDataset(tiny_cache), CachedEmbeddingDataset(back)
+    assert a.items_meta() == b.items_meta() and config == json.loads((tiny_model_dir / "transformer" /
+                                                                      "config.json").read_text())
+    for k in ("latent", "txt", "y"):
+        x, y = a[3][k], b[3][k]
+        assert float((x - y).norm() / x.norm()) < 0.01, k
+
+    summary = gt.train_on_device(tmp_path / "p.npz", tmp_path / "out", 0.01, 0.01, 2, "cpu", tmp_path / "work")
+    assert [s["stage"] for s in summary["stages"]] == ["plain", "masked"]
+    assert all(s["steps"] >= 1 for s in summary["stages"])
+    assert sorted(p.name for p in (tmp_path / "out").glob("transformer-*.safetensors")) == [
+        "transformer-0.safetensors", "transformer-1.safetensors"]
+    model = gt.assemble(tmp_path / "out", tmp_path / "model", tiny_model_dir)
+    pipe = FluxMusicPipeline.from_pretrained(model)
+    assert pipe.takes_context
+    out = pipe("calm piano", steps=1, duration=1.0, seed=0)
+    assert np.isfinite(out.audio[0]).all()
+    with pytest.raises(FluxMusicError, match="exists"):
+        gt.assemble(tmp_path / "out", tmp_path / "model", tiny_model_dir)
