@@ -1,6 +1,6 @@
 """Retrain the bundled default's transformer on a lent GPU, in one short device call.
 
-Why: on this 2-core CPU the transformer saw ~100 k samples and never learned to keep a beat (docs/quality.md,
+Why: on this 2-core CPU the transformer saw ~64 k samples and never learned to keep a beat (docs/quality.md,
 "why tempo is not followed"), while the same architecture overfit on 32 clips plays their beats: it is short of
 training, not of capacity. A GPU gives orders of magnitude more steps in minutes. Three steps:
 
