@@ -49,9 +49,8 @@ def pack(cache_dir: Path, out: Path, config: Path) -> dict:
     from fluxmusic.training.cache import CachedEmbeddingDataset
 
     data = CachedEmbeddingDataset(cache_dir)
-    lat = torch.stack([data[i]["latent"] for i in range(len(data))])
-    txt = torch.stack([data[i]["txt"] for i in range(len(data))])
-    y = torch.stack([data[i]["y"] for i in range(len(data))])
+    items = [data[i] for i in range(len(data))]  # each read once
+    lat, txt, y = (torch.stack([item[k] for item in items]) for k in ("latent", "txt", "y"))
     lq, ls = _quantise(lat, (2, 3))
     tq, ts = _quantise(txt, (2,))
     index = json.loads((cache_dir / "cache.json").read_text())

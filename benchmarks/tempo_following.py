@@ -6,7 +6,8 @@ This script asks the same question with a stronger, corpus-fitted reader and wit
 
 - a **rhythm classifier**: multinomial logistic regression over the onset-envelope autocorrelation at the beat and
   half-beat lags of 48 log-spaced BPMs (40-240), fitted on the manifest's training split (regularisation chosen
-  by 5-fold cross-validation grouped by work). It is corpus-specific (it misreads isochronous click tracks), so it
+  by 5-fold cross-validation grouped by work; scikit-learn, which the eval extra's librosa installs). It is
+  corpus-specific (it misreads isochronous click tracks), so it
   judges audio that sounds like the corpus, and it is a diagnosis, not the eval's estimator;
 - **note density** (onsets per second) per stated tempo word.
 
@@ -34,17 +35,16 @@ import torch
 from fluxmusic.evaluation.attributes import RENDER, estimate_tempo, tempo_evidence
 from fluxmusic.evaluation.evaluate import generate
 from fluxmusic.evaluation.metrics import derangement
-from fluxmusic.evaluation.signal_features import note_density
+from fluxmusic.evaluation.signal_features import RHYTHM_BPMS, note_density
 from fluxmusic.pipeline import FluxMusicPipeline
 
-BPMS = np.geomspace(40.0, 240.0, 48)
 CS = (0.1, 0.3, 1.0, 3.0)
 WORDS = ("slow", "medium", "fast")
 
 
 def rhythm_features(wave: np.ndarray, sr: int) -> np.ndarray:
-    ev = tempo_evidence(wave, sr, BPMS)
-    return np.zeros(2 * len(BPMS)) if ev is None else np.concatenate(ev)
+    ev = tempo_evidence(wave, sr, RHYTHM_BPMS)
+    return np.zeros(2 * len(RHYTHM_BPMS)) if ev is None else np.concatenate(ev)
 
 
 def fit_classifier(rows: list[dict], base: Path):
@@ -59,22 +59,27 @@ def fit_classifier(rows: list[dict], base: Path):
     return LogisticRegression(C=best, max_iter=5000).fit(X, y), {"cv_accuracy_by_C": cv, "C": best}
 
 
-def judge(waves: list[np.ndarray], sr: int, stated: np.ndarray, clf) -> dict:
-    X = np.stack([rhythm_features(w, sr) for w in waves])
-    probs = clf.predict_proba(X)
-    col = {c: i for i, c in enumerate(clf.classes_)}
-    prior_words = np.array([RENDER.tempo_class(estimate_tempo(w, sr, RENDER.tempo_prior)) for w in waves])
-    density = np.array([note_density(w, sr) for w in waves])
-    return {
-        "accuracy_prior_bpm": float(np.mean(prior_words == stated)),
-        "accuracy_rhythm_classifier": float(np.mean(clf.classes_[probs.argmax(1)] == stated)),
-        "by_stated_word": {w: {"n": int((stated == w).sum()),
-                               "p_fast": float(probs[stated == w, col["fast"]].mean()),
-                               "p_slow": float(probs[stated == w, col["slow"]].mean()),
-                               "note_density_median": float(np.median(density[stated == w]))}
-                           for w in WORDS if (stated == w).any()},
-        "_pred": (clf.classes_[probs.argmax(1)], prior_words),
-    }
+def read_tempo(waves: list[np.ndarray], sr: int, clf) -> dict[str, np.ndarray]:
+    """Per clip: the rhythm classifier's word and class probabilities, the eval estimator's word, note density."""
+    probs = clf.predict_proba(np.stack([rhythm_features(w, sr) for w in waves]))
+    return {"rhythm": clf.classes_[probs.argmax(1)], "probs": probs,
+            "prior": np.array([RENDER.tempo_class(estimate_tempo(w, sr, RENDER.tempo_prior)) for w in waves]),
+            "density": np.array([note_density(w, sr) for w in waves])}
+
+
+def accuracy(read: dict[str, np.ndarray], stated: np.ndarray) -> dict[str, float]:
+    return {"accuracy_prior_bpm": float(np.mean(read["prior"] == stated)),
+            "accuracy_rhythm_classifier": float(np.mean(read["rhythm"] == stated))}
+
+
+def summarise(read: dict[str, np.ndarray], stated: np.ndarray, classes: np.ndarray) -> dict:
+    col = {c: i for i, c in enumerate(classes)}
+    return {**accuracy(read, stated),
+            "by_stated_word": {w: {"n": int((stated == w).sum()),
+                                   "p_fast": float(read["probs"][stated == w, col["fast"]].mean()),
+                                   "p_slow": float(read["probs"][stated == w, col["slow"]].mean()),
+                                   "note_density_median": float(np.median(read["density"][stated == w]))}
+                               for w in WORDS if (stated == w).any()}}
 
 
 def main() -> None:
@@ -102,13 +107,10 @@ def main() -> None:
     gen_s = time.perf_counter() - t0
     sr = pipe.sample_rate
     stated = np.array([r["tempo"] for r in val])
-    ref = judge([sf.read(base / r["path"], dtype="float32")[0] for r in val], sr, stated, clf)
-    model = judge(gen, sr, stated, clf)
-    perm = derangement(len(val), 0)
-    (rhythm_pred, prior_pred) = model.pop("_pred")
-    ref.pop("_pred")
-    shuffled = {"accuracy_prior_bpm": float(np.mean(prior_pred == stated[perm])),
-                "accuracy_rhythm_classifier": float(np.mean(rhythm_pred == stated[perm]))}
+    real = read_tempo([sf.read(base / r["path"], dtype="float32")[0] for r in val], sr, clf)
+    generated = read_tempo(gen, sr, clf)
+    ref, model = summarise(real, stated, clf.classes_), summarise(generated, stated, clf.classes_)
+    shuffled = accuracy(generated, stated[derangement(len(val), 0)])
     out = {"model": str(args.model or "bundled default"), "split": args.split, "clips": len(val), "classifier_fit": fit,
            "reference": ref, "generated": model, "generated_vs_shuffled_prompts": shuffled,
            "generate_seconds": gen_s}

@@ -228,9 +228,7 @@ def evaluate(pipe: FluxMusicPipeline, prompts: Sequence[Prompt], ref: Reference,
         results["systems"]["untrained"], _ = system(untrained_twin(pipe, seed), "untrained")
     results["per_prompt"] = [
         {"prompt": texts[i], "seed": seed + i, "stated": stated[i],
-         "measured": {k: model_s.measured[i][k]
-                      for k in ("tempo_bpm", "melody_midi", "tempo", "register", "comb", "note_density",
-                           "rhythm_clarity")},
+         "measured": dict(model_s.measured[i]),  # everything measure_clip reports
          "instrument": instruments[int(np.argmax(model_s.probs["instrument"][i]))],
          "clap_score": float(M.cosine_rows(text_emb[i : i + 1], model_s.emb[i : i + 1])[0])}
         for i in range(len(prompts))
