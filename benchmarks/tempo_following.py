@@ -7,8 +7,8 @@ This script asks the same question with a stronger, corpus-fitted reader and wit
 - a **rhythm classifier**: multinomial logistic regression over the onset-envelope autocorrelation at the beat and
   half-beat lags of 48 log-spaced BPMs (40-240), fitted on the manifest's training split (regularisation chosen
   by 5-fold cross-validation grouped by work; scikit-learn, which the eval extra's librosa installs). It is
-  corpus-specific (it misreads isochronous click tracks), so it
-  judges audio that sounds like the corpus, and it is a diagnosis, not the eval's estimator;
+  corpus-specific (it misreads isochronous click tracks), so it judges audio that sounds like the corpus, and it
+  is a diagnosis, not the eval's estimator;
 - **note density** (onsets per second) per stated tempo word.
 
 For the held-out captions it generates one clip each (the model's defaults, seed i for prompt i, as the eval) and
