@@ -146,6 +146,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_media_arguments(g)
     g.add_argument("--seed", type=int, help="random seed; item i of a batch uses seed + i (default or -1: random)")
     add_sampling_arguments(g)
+    g.add_argument("--bpm", type=float, help="tempo of the beat grid for a model with beat-grid conditioning (the "
+                   "bundled default), in [20, 400]; default: the tempo the prompt names ('96 BPM', 'slow', "
+                   "'allegro', ...), none if it names none")
     g.add_argument("--num-waveforms", type=int, default=1, help="waveforms per prompt")
     g.add_argument("--device", default="cpu", help="torch device (cpu, cuda, cuda:1)")
     g.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES,
@@ -237,7 +240,7 @@ def _generate(args: argparse.Namespace) -> int:
     media = media_kwargs(args)
     request = build_request(
         index.defaults, index.geometry, prompts or None, num_waveforms=args.num_waveforms, seed=args.seed,
-        duration=args.duration, sections=sections, **sampling_kwargs(args), **audio_kwargs(args), **media,
+        duration=args.duration, sections=sections, **sampling_kwargs(args), **audio_kwargs(args), **media, bpm=args.bpm,
     )
     if request.media is not None:
         from fluxmusic.adapters import check_media_dirs, has_media

@@ -39,6 +39,9 @@ class FluxMusicConfig:
     #: Trained masked conditioning (MusicFlow-style continuation / infilling): 0 = off (the official models);
     #: 2 x in_channels = the model also takes, per token, [masked clean latent, mask] (see ``context_in``).
     context_channels: int = 0
+    #: Beat-grid conditioning (fluxmusic.beat): 0 = off; BEAT_CHANNELS = the context input also takes, per token,
+    #: the phase of a pulse train at the requested BPM (after the masked latent and mask; needs the context input).
+    beat_channels: int = 0
     extra: dict = field(default_factory=dict, compare=False, hash=False)
 
     def __post_init__(self) -> None:
@@ -58,10 +61,21 @@ class FluxMusicConfig:
         axes = self.axes_dim
         if not (isinstance(axes, (list, tuple)) and axes and all(_pos_int(a) for a in axes)):
             bad.append(f"axes_dim = {axes!r} (a list of positive integers)")
+        from fluxmusic.beat import BEAT_CHANNELS
+
+        bc = self.beat_channels
+        if not (isinstance(bc, int) and not isinstance(bc, bool) and bc in (0, BEAT_CHANNELS)):
+            bad.append(f"beat_channels = {bc!r} (0: no beat grid, or {BEAT_CHANNELS})")
+            bc = 0
         cc = self.context_channels
-        if not (isinstance(cc, int) and not isinstance(cc, bool) and cc in (0, 2 * self.in_channels)):
-            bad.append(f"context_channels = {cc!r} (0: no context input, or 2 x in_channels = "
-                       f"{2 * self.in_channels if _pos_int(self.in_channels) else 'in_channels * 2'}: the masked "
+        two_c = 2 * self.in_channels if _pos_int(self.in_channels) else "in_channels * 2"
+        if bc:
+            want = two_c + bc if isinstance(two_c, int) else None
+            if not (isinstance(cc, int) and not isinstance(cc, bool) and cc == want):
+                bad.append(f"context_channels = {cc!r} (with beat_channels {bc}: 2 x in_channels + beat_channels = "
+                           f"{want}: the masked clean latent, its mask and the beat grid)")
+        elif not (isinstance(cc, int) and not isinstance(cc, bool) and cc in (0, two_c)):
+            bad.append(f"context_channels = {cc!r} (0: no context input, or 2 x in_channels = {two_c}: the masked "
                        "clean latent and its mask)")
         if bad:
             raise FluxMusicError("transformer config is invalid: " + "; ".join(bad))
@@ -85,8 +99,9 @@ class FluxMusicConfig:
         d = dataclasses.asdict(self)
         d["axes_dim"] = list(self.axes_dim)
         d.pop("extra")
-        if not d["context_channels"]:  # absent = off: configs without it read and write as before
-            d.pop("context_channels")
+        for k in ("context_channels", "beat_channels"):
+            if not d[k]:  # absent = off: configs without it read and write as before
+                d.pop(k)
         return d
 
     @classmethod

@@ -222,6 +222,11 @@ class FluxMusicTransformer(nn.Module):
         return self.final_layer(ops, h[:, txt_h.shape[1] :], vec)
 
     @property
+    def takes_beat(self) -> bool:
+        """Whether the context input also takes the beat grid (``beat_channels`` > 0, :mod:`fluxmusic.beat`)."""
+        return self.config.beat_channels > 0
+
+    @property
     def takes_context(self) -> bool:
         """Whether the model was built for trained masked conditioning (``context_channels`` > 0)."""
         return self.context_in is not None
@@ -237,19 +242,26 @@ def masked_context(x0: Tensor, mask: Tensor) -> Tensor:
     return torch.cat((x0 * m, m), dim=-1)
 
 
-def add_context_input(model: FluxMusicTransformer) -> FluxMusicTransformer:
-    """A copy of a plain transformer extended with the (zero-initialised) context input: it computes exactly what
+def add_context_input(model: FluxMusicTransformer, beat_channels: int = 0) -> FluxMusicTransformer:
+    """A copy of ``model`` extended with the (zero-initialised) context input, or, for a model that has one,
+    with ``beat_channels`` more columns of it (the beat grid, :mod:`fluxmusic.beat`): it computes exactly what
     ``model`` computes until the new weights are trained."""
     import dataclasses
 
-    if model.takes_context:
-        raise ValueError("the transformer already takes a context input")
-    cfg = dataclasses.replace(model.config, context_channels=2 * model.config.in_channels)
+    old = model.config
+    if model.takes_context and (beat_channels == old.beat_channels or old.beat_channels):
+        raise ValueError(f"the transformer already takes a context input (beat_channels {old.beat_channels})")
+    cfg = dataclasses.replace(old, context_channels=2 * old.in_channels + beat_channels, beat_channels=beat_channels)
     new = FluxMusicTransformer(cfg)
     p = next(model.parameters())
     new = new.to(p.device, p.dtype)
-    missing, unexpected = new.load_state_dict(model.state_dict(), strict=False)
+    state = {k: v for k, v in model.state_dict().items() if not k.startswith("context_in.")}
+    missing, unexpected = new.load_state_dict(state, strict=False)
     if unexpected or set(missing) != {"context_in.weight", "context_in.bias"}:
         raise ValueError(f"unexpected state dict difference: missing {missing}, unexpected {unexpected}")
+    if model.context_in is not None:  # the trained context columns keep their weights; the new ones start at 0
+        with torch.no_grad():
+            new.context_in.weight[:, : old.context_channels] = model.context_in.weight
+            new.context_in.bias.copy_(model.context_in.bias)
     new.ops = model.ops
     return new

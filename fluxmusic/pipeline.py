@@ -431,7 +431,8 @@ class FluxMusicPipeline:
             prompts = [lf.prompt_at(new_from) or it.prompt for it in items]
             sub = GenerationRequest(
                 tuple(GenerationItem(p, it.negative_prompt, it.guidance, window_seed(it.seed, w.index),
-                                     w.frames * geo.seconds_per_latent_frame) for p, it in zip(prompts, items)),
+                                     w.frames * geo.seconds_per_latent_frame, it.bpm)
+                      for p, it in zip(prompts, items)),
                 st, w.frames, request.audio if w.index == 0 else None, conditioning=request.conditioning,
             )
             t0 = time.perf_counter()
@@ -449,7 +450,8 @@ class FluxMusicPipeline:
                 if progress is not None:
                     progress(base + i, n_steps)
 
-            x, stats = self.sample_latents(sub, cond, uncond, step_progress, known=known)
+            x, stats = self.sample_latents(sub, cond, uncond, step_progress, known=known,
+                                           beat_start=w.start * geo.seconds_per_latent_frame)
             steps_done += st.steps
             t2 = time.perf_counter()
             prev_latent = x
@@ -492,10 +494,12 @@ class FluxMusicPipeline:
         uncond: Conditioning,
         progress: ProgressFn | None = None,
         known: tuple[Tensor, Tensor] | None = None,
+        beat_start: float = 0.0,
     ) -> tuple[Tensor, dict[str, float]]:
         """Noise -> final scaled latents [B, C, H, W] through :func:`fluxmusic.flow.sample`, and the
         per-waveform evaluation counts. ``known`` (latent [1 or B, C, F, W], frame mask [F]) overrides the
-        request's given audio (long form passes the previous window's tail)."""
+        request's given audio (long form passes the previous window's tail); ``beat_start``: the time of this
+        window's first frame in the song (a beat grid continues across long-form windows)."""
         items, st = request.items, request.settings
         geo = self.geometry
         shape = (geo.latent_channels, request.latent_frames, geo.latent_width)
@@ -513,6 +517,8 @@ class FluxMusicPipeline:
             resample = request.audio.resample if request.audio is not None else 0
             region = self._known_region(x, known[0], known[1], items, resample)
         context = self.trained_context(request, region)
+        if self.beat_channels:
+            context = self.with_beat_grid(request, context, x, grid_h, grid_w, beat_start)
         model_fn = self.backend.velocity
         if context is not None:
             def model_fn(xx: Tensor, tt: Tensor, txt: Tensor, y: Tensor, rope_: Tensor) -> Tensor:
@@ -525,7 +531,7 @@ class FluxMusicPipeline:
         cb = (lambda i, n, _x: progress(i, n)) if progress else None
         step_fn, cache, fn = None, None, velocity
         if st.cache_threshold > 0:
-            if context is not None:
+            if region is not None and context is not None:
                 raise FluxMusicError("step caching (cache_threshold > 0) does not combine with trained "
                                      "conditioning; use cache_threshold 0 or conditioning 'replace'")
             probe = self.cache_probe()
@@ -557,6 +563,33 @@ class FluxMusicPipeline:
     def takes_context(self) -> bool:
         """Whether this model has trained masked conditioning (a transformer with ``context_channels``)."""
         return isinstance(self.backend, ContextBackend) and self.backend.takes_context
+
+    @property
+    def beat_channels(self) -> int:
+        """The transformer's beat-grid channels (``beat_channels`` in its config; 0: no beat-grid conditioning)."""
+        cfg = getattr(self.backend, "transformer_config", None)
+        if cfg is None:
+            cfg = getattr(getattr(self.backend, "transformer", None), "config", None)
+        return int(getattr(cfg, "beat_channels", 0) or 0)
+
+    def with_beat_grid(self, request: GenerationRequest, context: Tensor | None, x: Tensor, grid_h: int,
+                       grid_w: int, start: float) -> Tensor:
+        """The context input of a beat-grid model: [masked latent, mask] (zeros when nothing is known) and each
+        item's beat tokens at its ``bpm`` (:func:`fluxmusic.beat.beat_features`). The grid starts on a beat at
+        0 s of the song, or, when audio is given, on the beat of that audio at the item's tempo."""
+        from fluxmusic.beat import beat_features, estimate_beat_phase
+
+        n, length, channels = x.shape
+        bpm = torch.tensor([float("nan") if it.bpm is None else it.bpm for it in request.items])
+        t0 = torch.zeros(n)
+        if request.audio is not None:
+            t0 = torch.tensor([0.0 if it.bpm is None else
+                               estimate_beat_phase(request.audio.wave, self.sample_rate, it.bpm)[0]
+                               for it in request.items])
+        beat = beat_features(bpm, t0, grid_h * self.geometry.patch, grid_w,
+                             self.geometry.seconds_per_latent_frame, start).to(x)
+        base = x.new_zeros(n, length, 2 * channels) if context is None else context.to(x).expand(n, -1, -1)
+        return torch.cat((base, beat), dim=-1)
 
     def trained_context(self, request: GenerationRequest, region: KnownRegion | None) -> Tensor | None:
         """The context input [B, L, 2C] of a solve with known frames when it uses trained conditioning

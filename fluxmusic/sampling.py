@@ -26,6 +26,7 @@ import secrets
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 
+from fluxmusic.beat import check_bpm, prompt_bpm
 from fluxmusic.continuation import (
     AudioContext,
     AudioInput,
@@ -146,13 +147,15 @@ class SamplingSettings:
 
 @dataclass(frozen=True)
 class GenerationItem:
-    """One waveform to make: its prompt, negative prompt, guidance, seed and duration."""
+    """One waveform to make: its prompt, negative prompt, guidance, seed, duration and the tempo of its beat grid
+    (``bpm``: given, or read from the prompt; None = no beat given; used by models with beat-grid conditioning)."""
 
     prompt: str
     negative_prompt: str
     guidance: float
     seed: int
     duration: float
+    bpm: float | None = None
 
 
 #: How known latent frames condition a solve (continuation, infilling, long form): "trained" = the model's context
@@ -380,6 +383,7 @@ def build_request(
     image_weight: float | None = None,
     story_weight: float | None = None,
     conditioning: str | None = None,
+    bpm: float | None = None,
 ) -> GenerationRequest:
     """Resolve, validate and expand one request (see the module doc). ``geometry`` is the model's
     :class:`fluxmusic.latent.LatentGeometry`; ``guidance`` may be one value per waveform.
@@ -396,6 +400,8 @@ def build_request(
     the conditioning space with weights ``image_weight`` / ``story_weight`` (default 1; the prompt weighs 1); the
     prompt may then be empty.
     ``conditioning`` ("auto", "trained", "replace") picks how the known frames condition the solve.
+    ``bpm`` sets the tempo of the beat grid of a model with beat-grid conditioning (:mod:`fluxmusic.beat`); unset,
+    each prompt's own tempo ("96 BPM", "slow", "allegro", ...) is used, and none where it names none.
     """
     media = resolve_media(image, story, image_weight, story_weight, limits)
     if media is not None and prompt in (None, ""):
@@ -430,8 +436,10 @@ def build_request(
         gs = [settings.guidance] * n
     seconds = check_duration(duration, geometry, max_output_duration(geometry, limits))
     seeds = resolve_seeds(seed, n)
+    given_bpm = check_bpm(bpm)
     items = tuple(
-        GenerationItem(p, settings.negative_prompt, g, s, seconds) for p, g, s in zip(expanded, gs, seeds)
+        GenerationItem(p, settings.negative_prompt, g, s, seconds, given_bpm if given_bpm else prompt_bpm(p))
+        for p, g, s in zip(expanded, gs, seeds)
     )
     context = resolve_audio(
         geometry, seconds, audio, keep=keep, regenerate=regenerate, mode=mode, blend=blend, resample=resample,

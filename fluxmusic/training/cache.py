@@ -142,6 +142,8 @@ class CachedEmbeddingDataset:
             raise FluxMusicError(f"embedding cache {self.dir} has no readable {NULL_NAME}: {e}") from e
         _check_null(self.null_txt, self.null_y, self.shapes, str(self.dir))
         self._handles: dict[int, Any] = {}
+        self._beats: Tensor | None = None
+        self.seconds_per_frame: float | None = None  # set by with_beats
 
     def __len__(self) -> int:
         return len(self.indices)
@@ -154,7 +156,33 @@ class CachedEmbeddingDataset:
                 handle = self._handles[shard] = safe_open(str(self._files[shard]), framework="pt")
             except Exception as e:
                 raise FluxMusicError(f"cannot read cache shard {self._files[shard]}: {e}") from e
-        return {k: handle.get_slice(k)[row].float() for k in KEYS}
+        item = {k: handle.get_slice(k)[row].float() for k in KEYS}
+        if self._beats is not None:
+            item["beat"] = self._beats[self.indices[i]]
+        return item
+
+    def with_beats(self) -> CachedEmbeddingDataset:
+        """This view whose items also carry ``"beat"`` = [bpm, t0 s] (NaN where unknown) from the items'
+        ``bpm`` and ``beat_t0`` metadata (``fluxmusic.beat``: the beat-grid conditioning's training input), with
+        ``seconds_per_frame`` from the cache's metadata."""
+        lines = (self.dir / ITEMS_NAME).read_text().splitlines() if (self.dir / ITEMS_NAME).is_file() else []
+        meta = [json.loads(line) for line in lines]
+        meta += [{}] * (len(self._locate) - len(meta))
+        from fluxmusic.beat import item_bpm
+
+        nan = float("nan")
+        rows = [[item_bpm(m) if m.get("beat_t0") is not None else nan, m.get("beat_t0", nan)] for m in meta]
+        if all(r[1] != r[1] for r in rows):
+            raise FluxMusicError(f"embedding cache {self.dir} has no beat phases (beat_t0 in items.jsonl); "
+                                 "add them with python -m fluxmusic.training.beat_phases")
+        spf = self.metadata.get("seconds_per_latent_frame")
+        if not (isinstance(spf, (int, float)) and spf > 0):
+            raise FluxMusicError(f"embedding cache {self.dir} does not say its seconds_per_latent_frame (cache.json "
+                                 "metadata); add the beat phases with python -m fluxmusic.training.beat_phases")
+        sub = self.subset(list(range(len(self.indices))))
+        sub.seconds_per_frame = float(spf)
+        sub._beats = torch.tensor([[nan if v is None else float(v) for v in r] for r in rows], dtype=torch.float32)
+        return sub
 
     def subset(self, indices: list[int]) -> CachedEmbeddingDataset:
         sub = object.__new__(CachedEmbeddingDataset)

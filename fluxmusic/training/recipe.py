@@ -16,6 +16,9 @@ also resumes from its own checkpoint):
 8. ``parts/transformer_masked``  trained masked conditioning (continuation / infilling): the transformer with a
                     zero-initialised context input, fine-tuned with the masked flow loss (runs/transformer_masked);
                     recipes with ``masked_stage`` only
+8b. ``parts/transformer_beat``  beat-grid conditioning (fluxmusic.beat): each clip's beat phase read from its
+                    audio into the cache, then the masked transformer with zero-initialised beat columns,
+                    fine-tuned the same way (runs/transformer_beat); recipes with ``beat_stage`` only
 9. ``model/``       the assembled model directory (DESIGN.md section 5), with its sampling defaults
 
 Every stage runs on the shared training loop (``fluxmusic.training.loop.train``). ``--budget-minutes``
@@ -123,6 +126,9 @@ class Recipe:
     # (MaskedFinetuneTask); None: the model directory gets the plain transformer (training-free continuation only)
     masked_stage: Stage | None = None
     masked_context_lr: float = 1e-3  # peak lr of the new, zero-initialised context input (the rest: the stage's)
+    # Beat-grid conditioning: the masked transformer given the beat grid (fluxmusic.beat) and fine-tuned further
+    # (needs masked_stage; its context input trains at masked_context_lr); None: no beat grid
+    beat_stage: Stage | None = None
     # Rounds of the vocoder's mel-match projection (VocosConfig.mel_match_iterations) and its momentum
     # (mel_match_momentum), set in the assembled model directory: parameter-free, so no stage trains it (0: off)
     vocoder_mel_match: int = 0
@@ -188,6 +194,7 @@ RECIPES: dict[str, Recipe] = {
                                     depth=1, depth_single_blocks=1, axes_dim=(4, 6, 6)),
         transformer_stage=Stage(steps=3, batch_size=4, lr=1e-3),
         masked_stage=Stage(steps=3, batch_size=4, lr=1e-3, val_at_start=True),
+        beat_stage=Stage(steps=2, batch_size=4, lr=1e-3),
         defaults={"steps": 2, "guidance": 3.0, "solver": "euler", "shift": None}, name="fluxmusic-toy", log_every=1,
     ),
 }
@@ -209,6 +216,9 @@ class RecipeRun:
         if budget_minutes is not None and not (budget_minutes > 0 and math.isfinite(budget_minutes)):
             raise FluxMusicError(f"--budget-minutes must be a positive number, got {budget_minutes}")
         self.scale = 1.0 if budget_minutes is None else budget_minutes / recipe.nominal_minutes
+        if recipe.beat_stage is not None and recipe.masked_stage is None:
+            raise FluxMusicError(f"recipe {recipe.name}: beat_stage fine-tunes the masked transformer; it needs "
+                                 "masked_stage")
         self.stream = stream or sys.stderr
         self.parts = self.out / "parts"
         self.timings: dict[str, float] = {}
@@ -249,13 +259,17 @@ class RecipeRun:
         self._stage("transformer", self.parts / "transformer", self.train_transformer)
         if self.r.masked_stage is not None:
             self._stage("transformer_masked", self.parts / "transformer_masked", self.train_transformer_masked)
+        if self.r.beat_stage is not None:
+            self._stage("transformer_beat", self.parts / "transformer_beat", lambda: self.train_transformer_beat(
+                manifest))
         if vocoder is not None:
             self._join_vocoder(vocoder)
         model = self.out / "model"
         stale = self.out / ".model.plain"  # a model assembled before this recipe had its masked stage
         shutil.rmtree(stale, ignore_errors=True)
-        if model.exists() and self.r.masked_stage is not None and not _takes_context(model / "transformer"):
-            self.say("assemble: model/ holds the plain transformer (assembled before the masked stage); again")
+        if model.exists() and _transformer_stage(model / "transformer") != self.final_transformer.name:
+            self.say(f"assemble: model/ holds a transformer from before the {self.final_transformer.name} stage; "
+                     "again")
             model.rename(stale)
         self._stage("assemble", model, lambda: self.assemble(model))
         shutil.rmtree(stale, ignore_errors=True)
@@ -406,13 +420,33 @@ class RecipeRun:
                                   context_lr=self.r.masked_context_lr)
         self._train(task, self.r.masked_stage, "transformer_masked", self.parts / "transformer_masked")
 
+    def train_transformer_beat(self, manifest: Path) -> None:
+        from fluxmusic.training.beat_phases import add_beat_phases
+        from fluxmusic.training.transformer_task import MaskedFinetuneTask, cache_splits
+
+        assert self.r.beat_stage is not None and self.r.masked_stage is not None
+        if not _has_beat_phases(self.out / "cache"):
+            phased = add_beat_phases(self.out / "cache", manifest)
+            self.say(f"transformer_beat: beat phases of the cache's clips: {phased}")
+        train, val = cache_splits(self.out / "cache")
+        train, val = train.with_beats(), val.with_beats() if val is not None else None
+        task = MaskedFinetuneTask(self.parts / "transformer_masked", train, train.null_txt, train.null_y, val=val,
+                                  context_lr=self.r.masked_context_lr, beat=True)
+        self._train(task, self.r.beat_stage, "transformer_beat", self.parts / "transformer_beat")
+
+    @property
+    def final_transformer(self) -> Path:
+        """The transformer the model directory gets: the last transformer stage of the recipe."""
+        last = ("transformer_beat" if self.r.beat_stage is not None else
+                "transformer_masked" if self.r.masked_stage is not None else "transformer")
+        return self.parts / last
+
     def assemble(self, model: Path) -> None:
         from fluxmusic.modeldir import assemble
 
         parts = {k: self.parts / k for k in
                  ("transformer", "text_encoder", "tokenizer", "clap", "clap_tokenizer", "vae", "vocoder")}
-        if self.r.masked_stage is not None:
-            parts["transformer"] = self.parts / "transformer_masked"
+        parts["transformer"] = self.final_transformer
         assemble(model, **parts, defaults=dict(self.r.defaults), name=self.r.name, **self.text_lengths())
         if self.r.vocoder_mel_match:
             set_vocoder_mel_match(model / "vocoder", self.r.vocoder_mel_match, self.r.vocoder_mel_match_momentum)
@@ -453,11 +487,26 @@ def vocoder_task(recipe: Recipe, train_bank, val_bank, seed: int, phase: Vocoder
                        stft_resolutions=COMB_RESOLUTIONS if comb else STFT_RESOLUTIONS, init_checkpoint=init_checkpoint)
 
 
-def _takes_context(transformer_dir: Path) -> bool:
+def _transformer_stage(transformer_dir: Path) -> str:
+    """Which recipe stage made a transformer directory, by its config: transformer, transformer_masked (context
+    input) or transformer_beat (beat grid too)."""
     try:
-        return bool(json.loads((transformer_dir / "config.json").read_text()).get("context_channels"))
+        cfg = json.loads((transformer_dir / "config.json").read_text())
+    except (OSError, ValueError):
+        return "transformer"
+    if not isinstance(cfg, dict):
+        return "transformer"
+    return ("transformer_beat" if cfg.get("beat_channels") else
+            "transformer_masked" if cfg.get("context_channels") else "transformer")
+
+
+def _has_beat_phases(cache: Path) -> bool:
+    try:
+        meta = json.loads((cache / "cache.json").read_text()).get("metadata", {})
+        items = [json.loads(line) for line in (cache / "items.jsonl").read_text().splitlines()]
     except (OSError, ValueError, AttributeError):
         return False
+    return "seconds_per_latent_frame" in meta and any("beat_t0" in it for it in items)
 
 
 def _live_pid(path: Path) -> int | None:

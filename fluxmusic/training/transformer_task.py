@@ -27,6 +27,9 @@ P_UNCOND = 0.1
 #: full generation (nothing known), prefix (continuation: the first frames known) and middle (infilling: a span
 #: regenerated, both sides known).
 MASK_MIX = {"full": 0.3, "prefix": 0.4, "middle": 0.3}
+#: Beat-grid conditioning (models with ``beat_channels``): the grid is withheld (flag 0) with this probability, so
+#: the model also generates when a prompt names no tempo.
+P_NO_BEAT = 0.2
 
 
 def sample_frame_masks(batch: int, frames: int, generator: torch.Generator,
@@ -56,17 +59,30 @@ def sample_frame_masks(batch: int, frames: int, generator: torch.Generator,
     return m
 
 
-def masked_flow_loss(model: Callable[..., Tensor], x0: Tensor, noise: Tensor, t: Tensor, mask: Tensor) -> Tensor:
+def masked_flow_loss(model: Callable[..., Tensor], x0: Tensor, noise: Tensor, t: Tensor, mask: Tensor,
+                     beat: Tensor | None = None) -> Tensor:
     """The flow loss of trained masked conditioning: the model sees z_t everywhere plus the context
-    [x0 * mask, mask] (:func:`fluxmusic.model.masked_context`), and the MSE to eps - x0 counts only the
-    frames to generate (every frame when nothing is known). ``mask`` is per token and channel like ``x0``."""
+    [x0 * mask, mask] (:func:`fluxmusic.model.masked_context`; then the beat-grid tokens ``beat`` for a model
+    with ``beat_channels``), and the MSE to eps - x0 counts only the frames to generate (every frame when
+    nothing is known). ``mask`` is per token and channel like ``x0``."""
     from fluxmusic.flow import interpolate
     from fluxmusic.model import masked_context
 
-    pred = model(interpolate(x0, noise, t), t, masked_context(x0, mask))
+    context = masked_context(x0, mask)
+    if beat is not None:
+        context = torch.cat((context, beat.to(context)), dim=-1)
+    pred = model(interpolate(x0, noise, t), t, context)
     err = (pred.float() - (noise - x0).float()) ** 2
     w = (1.0 - mask).float()
     return (err * w).sum() / w.sum().clamp_min(1.0)
+
+
+def batch_spf(data: Dataset) -> float:
+    """Seconds per latent frame of a beat-carrying cache view (:meth:`CachedEmbeddingDataset.with_beats`)."""
+    spf = getattr(data, "seconds_per_frame", None)
+    if spf is None:
+        raise FluxMusicError("beat-grid training needs CachedEmbeddingDataset.with_beats() data")
+    return float(spf)
 
 
 def cfg_dropout(
@@ -154,10 +170,28 @@ class TransformerTask(TrainTask):
         if unwrap(model).takes_context:
             frames = sample_frame_masks(b, h, generator).to(x0)
             mask = patchify(frames[:, None, :, None].expand(b, latent.shape[1], h, w).contiguous())
-            loss = masked_flow_loss(lambda x, tt, c: model(x, tt, txt, y, rope, context=c), x0, noise, t, mask)
+            beat = None
+            if unwrap(model).takes_beat:
+                beat = self.beat_tokens(batch, h, w, generator)
+                stats["beat"] = float(beat[:, 0, 0].mean())
+            loss = masked_flow_loss(lambda x, tt, c: model(x, tt, txt, y, rope, context=c), x0, noise, t, mask,
+                                    beat)
             return loss, {**stats, "known": float(frames.mean())}
         loss = flow_loss(lambda x, tt: model(x, tt, txt, y, rope), x0, noise, t)
         return loss, stats
+
+    def beat_tokens(self, batch: dict[str, Tensor], h: int, w: int, generator: torch.Generator) -> Tensor:
+        """The beat-grid tokens of a batch (its ``"beat"`` [B, 2] = bpm, t0 from
+        :meth:`CachedEmbeddingDataset.with_beats`), withheld with probability :data:`P_NO_BEAT`."""
+        from fluxmusic.beat import beat_features
+
+        if "beat" not in batch:
+            raise FluxMusicError("this transformer takes the beat grid, but the training items carry no 'beat' "
+                                 "(bpm, t0): train it on CachedEmbeddingDataset.with_beats()")
+        bpm, t0 = batch["beat"][:, 0].cpu(), batch["beat"][:, 1].cpu()
+        drop = torch.rand(bpm.shape[0], generator=generator, device=generator.device).cpu() < P_NO_BEAT
+        bpm = torch.where(drop, torch.full_like(bpm, float("nan")), bpm)
+        return beat_features(bpm, t0, h, w // PATCH, batch_spf(self.train)).to(batch["latent"].device)
 
     def sample(self, model: nn.Module, out_dir: Path, step: int) -> dict[str, float] | None:
         """Euler + CFG from the first validation (else training) items' conditioning; saves latents (+ WAVs)."""
@@ -229,12 +263,16 @@ class MaskedFinetuneTask(TransformerTask):
     with :func:`masked_flow_loss` over the masks of :data:`MASK_MIX` and the usual CFG dropout (the inherited
     ``loss`` takes that route for a model with a context input). The new ``context_in`` weights get their own
     peak lr ``context_lr``: they start from zero and must learn what the pretrained weights already know.
+    With ``beat`` the context input also takes the beat grid (:mod:`fluxmusic.beat`; a masked base gains those
+    columns), trained from the items' [bpm, t0] (``train`` from :meth:`CachedEmbeddingDataset.with_beats`).
     """
 
     name = "transformer_masked"
 
     def __init__(self, base: str | Path, train: Dataset, null_txt: Tensor, null_y: Tensor,
-                 val: Dataset | None = None, context_lr: float = 1e-3, p_uncond: float = P_UNCOND) -> None:
+                 val: Dataset | None = None, context_lr: float = 1e-3, p_uncond: float = P_UNCOND,
+                 beat: bool = False) -> None:
+        from fluxmusic.beat import BEAT_CHANNELS
         from fluxmusic.transformer_io import CONFIG_NAME, WEIGHTS_NAME
 
         self.base = Path(base)
@@ -243,17 +281,21 @@ class MaskedFinetuneTask(TransformerTask):
             raise FluxMusicError(f"base transformer {self.base} has no {' / '.join(missing)}; give the trained plain "
                                  "transformer directory (config.json + model.safetensors)")
         base_config = FluxMusicConfig.load(self.base / CONFIG_NAME)
-        # A base that already takes the context input (an earlier fine-tune) is trained further as it is.
-        self.continues = bool(base_config.context_channels)
-        if self.continues and base_config.context_channels != 2 * base_config.in_channels:
-            raise FluxMusicError(f"base transformer {self.base} takes a context input of "
-                                 f"{base_config.context_channels} channels; this task's is 2 x in_channels = "
-                                 f"{2 * base_config.in_channels}")
+        beat_channels = BEAT_CHANNELS if beat else 0
+        if base_config.beat_channels and not beat:
+            raise FluxMusicError(f"base transformer {self.base} takes the beat grid; train it further with beat on")
+        config = dataclasses.replace(base_config, context_channels=2 * base_config.in_channels + beat_channels,
+                                     beat_channels=beat_channels)
+        # A base that already takes this context input (an earlier fine-tune) is trained further as it is; a
+        # masked one gains the beat columns (zero-initialised).
+        self.continues = base_config.context_channels == config.context_channels
         if not (isinstance(context_lr, (int, float)) and math.isfinite(context_lr) and context_lr > 0):
             raise FluxMusicError(f"context lr must be a finite number > 0, got {context_lr!r}")
-        config = dataclasses.replace(base_config, context_channels=2 * base_config.in_channels)
+        if beat:
+            batch_spf(train)
         super().__init__(config, train, null_txt, null_y, val=val, p_uncond=p_uncond)
         self.context_lr = float(context_lr)
+        self.beat = beat
         # The checkpoint continues a fine-tune of these exact weights: a retrained base must not resume it.
         self.base_sha256 = _file_sha256(self.base / WEIGHTS_NAME)
 
@@ -261,7 +303,7 @@ class MaskedFinetuneTask(TransformerTask):
         from fluxmusic.transformer_io import load_transformer
 
         model = load_transformer(self.base)
-        return (model if self.continues else add_context_input(model)).train()
+        return (model if self.continues else add_context_input(model, self.config.beat_channels)).train()
 
     def param_groups(self, model: nn.Module) -> list[dict[str, Any]]:
         named = list(model.named_parameters())
@@ -269,8 +311,9 @@ class MaskedFinetuneTask(TransformerTask):
                 {"params": [p for n, p in named if n.startswith("context_in.")], "lr": self.context_lr}]
 
     def fingerprint(self) -> dict[str, Any]:
+        beat = {"p_no_beat": P_NO_BEAT} if self.beat else {}
         return {**super().fingerprint(), "base_sha256": self.base_sha256, "mask_mix": dict(MASK_MIX),
-                "p_uncond": self.p_uncond}
+                "p_uncond": self.p_uncond, **beat}
 
     def export(self, model: nn.Module, out_dir: Path) -> Path | None:
         from fluxmusic.training.saving import atomic_save_dir

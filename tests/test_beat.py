@@ -1,0 +1,248 @@
+"""Beat-grid conditioning (fluxmusic.beat): the features, the tempo read from a prompt, the phase read from audio,
+the zero-initialised beat columns, the fine-tune that trains them, and generation that feeds them."""
+
+import json
+import math
+import shutil
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+
+from fluxmusic.beat import (
+    BEAT_CHANNELS,
+    beat_features,
+    bpm_from_prompt,
+    check_bpm,
+    estimate_beat_phase,
+    prompt_bpm,
+)
+from fluxmusic.config import FluxMusicConfig
+from fluxmusic.errors import FluxMusicError
+from fluxmusic.model import FluxMusicTransformer, add_context_input, masked_context
+
+SR = 16000
+
+
+def click_track(bpm: float, t0: float, seconds: float = 6.0) -> np.ndarray:
+    """Decaying 1 kHz clicks on every beat of ``bpm`` from ``t0``, over low noise."""
+    n = int(seconds * SR)
+    x = 0.01 * np.random.default_rng(0).standard_normal(n)
+    click = np.sin(2 * np.pi * 1000 * np.arange(800) / SR) * np.exp(-np.arange(800) / 120)
+    for t in np.arange(t0, seconds, 60.0 / bpm):
+        i = int(t * SR)
+        x[i : i + 800] += click[: n - i]
+    return x.astype(np.float32)
+
+
+def test_features_put_phase_zero_on_the_beats_and_zeros_without_one():
+    spf = 0.08
+    f = beat_features(torch.tensor([120.0, float("nan")]), torch.tensor([0.04, 0.0]), 8, 3, spf)
+    assert f.shape == (2, 4 * 3, BEAT_CHANNELS)
+    assert torch.all(f[1] == 0)  # no beat given: flag 0 and no phase
+    assert torch.all(f[0, :, 0] == 1)
+    rows = f[0].reshape(4, 3, BEAT_CHANNELS)
+    assert torch.equal(rows[:, 0], rows[:, 2])  # every frequency token of a time step carries the same grid
+    # frame 0's centre (0.04 s) is the beat: cos 1 for both harmonics; 120 BPM = 0.5 s = 6.25 frames a beat
+    assert rows[0, 0, 1] == pytest.approx(1.0) and rows[0, 0, 3] == pytest.approx(1.0)
+    frame5 = rows[2, 0, 1 + 4]  # token 2, its second frame (frame 5): phase 5 * 0.08 / 0.5 = 0.8 beats
+    assert frame5 == pytest.approx(math.cos(2 * math.pi * 0.8), abs=1e-6)
+    later = beat_features(torch.tensor([120.0]), torch.tensor([0.04]), 8, 1, spf, start_s=0.5)
+    assert torch.allclose(later[0], rows[:, 0], atol=1e-6)  # one beat later the grid repeats
+    with pytest.raises(FluxMusicError, match="multiple of the patch size"):
+        beat_features(torch.tensor([120.0]), torch.tensor([0.0]), 7, 1, spf)
+
+
+@pytest.mark.parametrize("prompt, bpm", [
+    ("Loud piece for woodwinds in D major, 104 beats per minute", 104.0), ("a jig at 132.5 BPM", 132.5),
+    ("A slow Bach chorale on church organ", 77.0), ("an allegro for strings", 140.0), ("fast reel", 152.0),
+    ("calm piano", None), ("12 bars", None),
+])
+def test_tempo_is_read_from_the_prompt(prompt, bpm):
+    assert bpm_from_prompt(prompt) == bpm
+
+
+def test_bpm_checks():
+    assert prompt_bpm("a march at 1000 bpm") is None and bpm_from_prompt("a march at 1000 bpm") == 1000.0
+    assert check_bpm(96) == 96.0 and check_bpm(None) is None
+    for bad in (0, 1000, float("nan"), "fast", True):
+        with pytest.raises(FluxMusicError, match=r"bpm .* must be a number in \[20, 400\]"):
+            check_bpm(bad)
+
+
+@pytest.mark.parametrize("bpm, t0", [(120.0, 0.13), (75.0, 0.5), (170.0, 0.02)])
+def test_phase_is_read_from_audio(bpm, t0):
+    est, lock = estimate_beat_phase(click_track(bpm, t0), SR, bpm)
+    period = 60.0 / bpm
+    err = (est - t0 + period / 2) % period - period / 2
+    assert 0.0 <= err < 0.03 and lock > 3.0  # the onset envelope peaks 15-20 ms after an attack
+    _, noise_lock = estimate_beat_phase(0.1 * np.random.default_rng(1).standard_normal(6 * SR).astype(np.float32),
+                                        SR, bpm)
+    assert noise_lock < lock / 2
+
+
+def _tiny_cfg(**kw) -> FluxMusicConfig:
+    return FluxMusicConfig(in_channels=32, vec_in_dim=16, context_in_dim=24, hidden_size=32, num_heads=2, depth=1,
+                           depth_single_blocks=1, axes_dim=(4, 6, 6), **kw)
+
+
+def test_config_and_zero_initialised_beat_columns():
+    cfg = _tiny_cfg(context_channels=64 + BEAT_CHANNELS, beat_channels=BEAT_CHANNELS)
+    assert FluxMusicConfig.from_dict(cfg.to_dict()) == cfg and cfg.to_dict()["beat_channels"] == BEAT_CHANNELS
+    assert "beat_channels" not in _tiny_cfg(context_channels=64).to_dict()
+    with pytest.raises(FluxMusicError, match=r"context_channels = 64 \(with beat_channels 9: 2 x in_channels \+ "
+                       r"beat_channels = 73"):
+        _tiny_cfg(context_channels=64, beat_channels=BEAT_CHANNELS)
+    with pytest.raises(FluxMusicError, match=r"beat_channels = 4 \(0: no beat grid, or 9\)"):
+        _tiny_cfg(context_channels=68, beat_channels=4)
+
+    torch.manual_seed(0)
+    masked = add_context_input(FluxMusicTransformer(_tiny_cfg()))
+    with torch.no_grad():
+        masked.context_in.weight.normal_()  # a trained-looking masked model
+    beat = add_context_input(masked, BEAT_CHANNELS).eval()
+    assert beat.takes_beat and not masked.takes_beat
+    g = torch.Generator().manual_seed(0)
+    x, t, txt, y = torch.randn(2, 8, 32, generator=g), torch.rand(2, generator=g), torch.randn(2, 5, 24), \
+        torch.randn(2, 16)
+    rope = masked.rope_for(5, 4, 2)
+    ctx = masked_context(torch.randn_like(x), (torch.arange(8) < 3).float()[None, :, None])
+    grid = beat_features(torch.tensor([100.0, 140.0]), torch.zeros(2), 8, 2, 0.08)
+    with torch.no_grad():
+        ref = masked.eval()(x, t, txt, y, rope, context=ctx)
+        assert torch.equal(beat(x, t, txt, y, rope, context=torch.cat((ctx, grid), -1)), ref)  # step 0 = the base
+    with pytest.raises(ValueError, match="already takes a context input"):
+        add_context_input(beat, BEAT_CHANNELS)
+
+
+@pytest.fixture(scope="module")
+def beat_cache(tmp_path_factory, tiny_model_dir):
+    """A tiny embedding cache whose items come from click-track clips of a manifest, with the beat phases added
+    by the real CLI."""
+    from fluxmusic.pipeline import FluxMusicPipeline
+    from fluxmusic.training.beat_phases import main
+    from fluxmusic.training.cache import write_cache
+
+    root = tmp_path_factory.mktemp("beatcache")
+    pipe = FluxMusicPipeline.from_pretrained(tiny_model_dir)
+    geo = pipe.geometry
+    seconds = geo.max_latent_frames * geo.seconds_per_latent_frame
+    cond, null = pipe.conditioning(["slow", "fast"]), pipe.conditioning([""])
+    rows, items = [], []
+    for i in range(8):
+        bpm, t0 = 80.0 + 15 * i, 0.05 * i
+        path = root / f"clip{i}.wav"
+        sf.write(path, click_track(bpm, t0, seconds), SR)
+        meta = {"caption": f"clip {i}", "bpm": bpm, "work": f"w{i}", "transpose": 0, "note_density": 1.0 + i,
+                "split": "val" if i % 4 == 0 else "train"}
+        rows.append({"path": str(path), **meta})
+        wave = torch.from_numpy(click_track(bpm, t0, seconds))[None]
+        items.append({"latent": pipe.encode_audio(wave)[0], "txt": cond.txt[i % 2], "y": cond.y[i % 2], **meta})
+    (root / "manifest.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cache = write_cache(root / "cache", items, null_txt=null.txt[0], null_y=null.y[0])
+    assert main(["--cache", str(cache), "--manifest", str(root / "manifest.jsonl"), "--seconds", str(seconds)]) == 0
+    return cache
+
+
+def test_phases_cli_writes_each_items_phase(beat_cache):
+    from fluxmusic.training.cache import CachedEmbeddingDataset
+
+    meta = [json.loads(line) for line in (beat_cache / "items.jsonl").read_text().splitlines()]
+    for i, m in enumerate(meta):
+        period = 60.0 / m["bpm"]
+        err = (m["beat_t0"] - 0.05 * i + period / 2) % period - period / 2
+        assert 0.0 <= err < 0.03
+    ds = CachedEmbeddingDataset(beat_cache).with_beats()
+    assert ds.seconds_per_frame > 0 and ds[3]["beat"][0] == pytest.approx(125.0)
+
+
+def test_cache_without_phases_says_how_to_add_them(tiny_model_dir, tmp_path):
+    from fluxmusic.training.cache import CachedEmbeddingDataset, write_cache
+
+    null = torch.zeros(5, 4), torch.zeros(6)
+    cache = write_cache(tmp_path / "c", [{"latent": torch.zeros(2, 4, 4), "txt": null[0], "y": null[1],
+                                          "caption": "x", "bpm": 90}], null_txt=null[0], null_y=null[1])
+    with pytest.raises(FluxMusicError, match="no beat phases .* fluxmusic.training.beat_phases"):
+        CachedEmbeddingDataset(cache).with_beats()
+
+
+def test_beat_finetune_trains_the_beat_columns(tiny_model_dir, beat_cache, tmp_path, one_torch_thread):
+    from fluxmusic.training.masked_finetune import main
+    from fluxmusic.transformer_io import load_transformer
+
+    def args(base, out, beat=True):
+        return ["--transformer", str(base), "--cache", str(beat_cache), "--out", str(out), "--steps", "4",
+                "--batch-size", "2", "--lr", "1e-3", "--val-items", "2", *(["--beat"] if beat else [])]
+
+    out = tmp_path / "beat"
+    assert main(args(tiny_model_dir / "transformer", out)) == 0
+    model = load_transformer(out)
+    assert model.takes_beat and model.config.context_channels == 2 * model.config.in_channels + BEAT_CHANNELS
+    w = model.context_in.weight.detach()
+    assert float(w[:, -BEAT_CHANNELS:].abs().sum()) > 0  # the zero-initialised beat columns were trained
+    assert json.loads((out / "finetune.json").read_text())["beat"] is True
+    # a beat model is trained further as it is, and refuses training without its beat grid
+    assert main(args(out, tmp_path / "more")) == 0
+    assert load_transformer(tmp_path / "more").takes_beat
+    assert main(args(out, tmp_path / "nobeat", beat=False)) == 2
+    assert not (tmp_path / "nobeat").exists()
+
+
+@pytest.fixture(scope="module")
+def beat_model_dir(tiny_model_dir, tmp_path_factory):
+    """The tiny model with a beat-grid transformer whose beat columns are seeded, non-zero values."""
+    from fluxmusic.transformer_io import load_transformer, save_transformer
+
+    d = tmp_path_factory.mktemp("beatmodel") / "model"
+    shutil.copytree(tiny_model_dir, d)
+    ext = add_context_input(load_transformer(tiny_model_dir / "transformer"), BEAT_CHANNELS)
+    with torch.no_grad():
+        ext.context_in.weight[:, -BEAT_CHANNELS:].normal_(0, 1.0, generator=torch.Generator().manual_seed(0))
+    shutil.rmtree(d / "transformer")
+    save_transformer(ext, d / "transformer")
+    return d
+
+
+def test_generation_feeds_the_grid_from_the_prompt_or_bpm(beat_model_dir, monkeypatch, one_torch_thread):
+    from fluxmusic.pipeline import FluxMusicPipeline
+
+    pipe = FluxMusicPipeline.from_pretrained(beat_model_dir)
+    assert pipe.beat_channels == BEAT_CHANNELS
+    seen = []
+    real = pipe.backend.velocity
+
+    def spy(x, t, txt, y, rope, context=None):
+        seen.append(context)
+        return real(x, t, txt, y, rope, context=context)
+
+    monkeypatch.setattr(pipe.backend, "velocity", spy)
+    slow = pipe("a slow chorale", duration=2.56, seed=0)
+    assert seen and all(c is not None and c.shape[-1] == 64 + BEAT_CHANNELS for c in seen)
+    assert torch.all(seen[0][..., 64] == 1) and torch.all(seen[0][..., :64] == 0)  # grid given, no known audio
+    as_bpm = pipe("a slow chorale", duration=2.56, seed=0, bpm=77)
+    np.testing.assert_array_equal(slow.audio[0], as_bpm.audio[0])  # "slow" = 77 BPM
+    fast = pipe("a slow chorale", duration=2.56, seed=0, bpm=150)
+    assert not np.array_equal(slow.audio[0], fast.audio[0])
+    seen.clear()
+    pipe("calm piano", duration=2.56, seed=0)
+    assert torch.all(seen[0][..., 64] == 0)  # the prompt names no tempo: no grid
+    long = pipe("a slow chorale", duration=12.0, overlap=2.56, seed=0)
+    assert long.windows >= 2
+    wave = click_track(100.0, 0.2, 3.0)
+    cont = pipe("music at 100 BPM", audio=wave, keep="0:2", duration=2.56, seed=0)
+    assert np.isfinite(cont.audio[0]).all()
+    with pytest.raises(FluxMusicError, match=r"bpm 0 must be a number in \[20, 400\]"):
+        pipe.request("calm piano", bpm=0)
+
+
+def test_generate_cli_takes_bpm(beat_model_dir, tmp_path, one_torch_thread):
+    from fluxmusic.cli import main
+
+    out = tmp_path / "a.wav"
+    assert main(["generate", "calm piano", "-o", str(out), "--model", str(beat_model_dir), "--duration", "2.56",
+                 "--bpm", "96", "--seed", "1", "--threads", "1"]) == 0
+    assert out.is_file()
+    assert main(["generate", "calm piano", "-o", str(tmp_path / "b.wav"), "--model", str(beat_model_dir),
+                 "--bpm", "9999"]) != 0
+    assert not (tmp_path / "b.wav").exists()
