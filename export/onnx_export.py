@@ -268,8 +268,10 @@ def example_inputs(ctx: ExportContext, component: str, batch: int = 2, seed: int
         txt = torch.randn(batch, lt, ctx.t5_width, generator=gen)
         y = torch.randn(batch, ctx.clap_width, generator=gen)
         extra = {}
-        if any(i.name == CONTEXT_INPUT for i in ctx.specs["transformer"].inputs):
-            extra[CONTEXT_INPUT] = example_context(torch.randn(batch, gh * gw, ch, generator=gen), gw)
+        spec = next((i for i in ctx.specs["transformer"].inputs if i.name == CONTEXT_INPUT), None)
+        if spec is not None:
+            extra[CONTEXT_INPUT] = example_context(torch.randn(batch, gh * gw, ch, generator=gen), gw,
+                                                   spec.shape[2] - 2 * ch, g.seconds_per_latent_frame)
         if component == "transformer":
             return {"x": x, "t": t, "txt": txt, "y": y, **extra}
         return {
@@ -290,9 +292,12 @@ def example_inputs(ctx: ExportContext, component: str, batch: int = 2, seed: int
     raise FluxMusicError(f"unknown component {component!r}; allowed: {', '.join(ALL_COMPONENTS)}")
 
 
-def example_context(x0: Tensor, grid_w: int) -> Tensor:
+def example_context(x0: Tensor, grid_w: int, beat_channels: int = 0, seconds_per_frame: float = 0.08) -> Tensor:
     """A trained-conditioning context for tracing and validation: row 0 knows nothing (text-to-music, all
-    zeros), the other rows a prefix of latent frames (continuation) of growing length, as the pipeline sends."""
+    zeros), the other rows a prefix of latent frames (continuation) of growing length, as the pipeline sends;
+    a beat-grid model's rows then get beat grids of growing tempo (row 0: none)."""
+    from fluxmusic.beat import beat_features
+    from fluxmusic.latent import PATCH
     from fluxmusic.model import masked_context
 
     b, n, _ = x0.shape
@@ -300,7 +305,12 @@ def example_context(x0: Tensor, grid_w: int) -> Tensor:
     mask = torch.zeros(b, n, 1)
     for i in range(1, b):
         mask[i, : grid_w * max(1, frames * i // (b + 1))] = 1.0
-    return masked_context(x0, mask)
+    context = masked_context(x0, mask)
+    if not beat_channels:
+        return context
+    bpm = torch.tensor([float("nan")] + [60.0 + 40.0 * i for i in range(1, b)])
+    beat = beat_features(bpm, torch.zeros(b), frames * PATCH, grid_w, seconds_per_frame)
+    return torch.cat((context, beat), dim=-1)
 
 
 def _vocab(ctx: ExportContext, component: str) -> int:

@@ -67,16 +67,6 @@ def item_bpm(meta: dict) -> float | None:
     return float(bpm) if isinstance(bpm, (int, float)) and not isinstance(bpm, bool) and bpm > 0 else None
 
 
-def check_bpm(bpm: float | None) -> float | None:
-    """``bpm`` as a float in :data:`BPM_RANGE`, or None; one clear error otherwise."""
-    if bpm is None:
-        return None
-    lo, hi = BPM_RANGE
-    if isinstance(bpm, bool) or not isinstance(bpm, (int, float)) or not math.isfinite(bpm) or not lo <= bpm <= hi:
-        raise FluxMusicError(f"bpm {bpm!r} must be a number in [{lo:g}, {hi:g}] (or unset: read from the prompt)")
-    return float(bpm)
-
-
 def beat_features(bpm: Tensor, t0: Tensor, frames: int, grid_w: int, seconds_per_frame: float,
                   start_s: float = 0.0) -> Tensor:
     """Beat-grid tokens [B, (frames/PATCH) * grid_w, BEAT_CHANNELS] in :func:`fluxmusic.latent.patchify`'s order.
@@ -109,7 +99,9 @@ def estimate_beat_phase(wave: np.ndarray, sr: int, bpm: float) -> tuple[float, f
     env = onset_envelope(np.asarray(wave, dtype=np.float32).reshape(-1), sr)
     env = np.clip(env - np.median(env), 0.0, None)
     fps = sr / _HOP
-    period = 60.0 / check_bpm(bpm) * fps
+    if not (isinstance(bpm, (int, float)) and math.isfinite(bpm) and BPM_RANGE[0] <= bpm <= BPM_RANGE[1]):
+        raise FluxMusicError(f"bpm {bpm!r} is invalid; allowed: a number in [{BPM_RANGE[0]:g}, {BPM_RANGE[1]:g}]")
+    period = 60.0 / bpm * fps
     frames = np.arange(len(env))
     offsets = np.arange(0.0, period, 0.5)
     scores = np.array([np.interp(np.arange(o, len(env) - 1, period), frames, env).mean() for o in offsets])

@@ -44,6 +44,9 @@ def add_sampling_arguments(g: argparse.ArgumentParser) -> None:
                    help="per-step guidance scale: constant, linear (g * 2 (1 - t)) or cosine (g * (1 + cos(pi t))); "
                    "the ramps rise from 0 at the noise end to 2 g at the data end, mean g (default: the model's, "
                    "normally constant)")
+    g.add_argument("--bpm", type=float, help="tempo of the beat grid for a model with beat-grid conditioning (the "
+                   "bundled default), in [20, 400]; default: the tempo the prompt names ('96 BPM', 'slow', "
+                   "'allegro', ...), none if it names none")
 
 
 def add_audio_arguments(g: argparse.ArgumentParser) -> None:
@@ -119,7 +122,7 @@ def sampling_kwargs(args: argparse.Namespace) -> dict:
         "negative_prompt": args.negative_prompt, "preset": preset,
         "guidance_interval": tuple(args.guidance_interval) if args.guidance_interval else None,
         "cache_threshold": args.cache_threshold,
-        "guidance_schedule": getattr(args, "guidance_schedule", None),
+        "guidance_schedule": getattr(args, "guidance_schedule", None), "bpm": getattr(args, "bpm", None),
     }
 
 
@@ -146,9 +149,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_media_arguments(g)
     g.add_argument("--seed", type=int, help="random seed; item i of a batch uses seed + i (default or -1: random)")
     add_sampling_arguments(g)
-    g.add_argument("--bpm", type=float, help="tempo of the beat grid for a model with beat-grid conditioning (the "
-                   "bundled default), in [20, 400]; default: the tempo the prompt names ('96 BPM', 'slow', "
-                   "'allegro', ...), none if it names none")
     g.add_argument("--num-waveforms", type=int, default=1, help="waveforms per prompt")
     g.add_argument("--device", default="cpu", help="torch device (cpu, cuda, cuda:1)")
     g.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES,
@@ -240,7 +240,7 @@ def _generate(args: argparse.Namespace) -> int:
     media = media_kwargs(args)
     request = build_request(
         index.defaults, index.geometry, prompts or None, num_waveforms=args.num_waveforms, seed=args.seed,
-        duration=args.duration, sections=sections, **sampling_kwargs(args), **audio_kwargs(args), **media, bpm=args.bpm,
+        duration=args.duration, sections=sections, **sampling_kwargs(args), **audio_kwargs(args), **media,
     )
     if request.media is not None:
         from fluxmusic.adapters import check_media_dirs, has_media

@@ -26,7 +26,7 @@ import secrets
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 
-from fluxmusic.beat import check_bpm, prompt_bpm
+from fluxmusic.beat import BPM_RANGE, prompt_bpm
 from fluxmusic.continuation import (
     AudioContext,
     AudioInput,
@@ -436,7 +436,7 @@ def build_request(
         gs = [settings.guidance] * n
     seconds = check_duration(duration, geometry, max_output_duration(geometry, limits))
     seeds = resolve_seeds(seed, n)
-    given_bpm = check_bpm(bpm)
+    given_bpm = None if bpm is None else check_number("bpm", bpm, *BPM_RANGE)
     items = tuple(
         GenerationItem(p, settings.negative_prompt, g, s, seconds, given_bpm if given_bpm else prompt_bpm(p))
         for p, g, s in zip(expanded, gs, seeds)

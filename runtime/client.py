@@ -93,6 +93,7 @@ def build_request(
     story: str | None = None,
     image_weight: float | None = None,
     story_weight: float | None = None,
+    bpm: float | None = None,
 ):
     """A ``GenerateRequest`` (``GenerateStreamRequest`` with ``stream``: the same fields); None leaves a field
     unset (the server's default). ``shift=1.0`` is no shift. ``audio`` is encoded audio bytes or a path to an
@@ -110,7 +111,7 @@ def build_request(
                         ("cache_threshold", cache_threshold), ("keep", keep), ("regenerate", regenerate),
                         ("mode", mode), ("blend", blend), ("resample", resample), ("splice", splice),
                         ("overlap", overlap), ("crossfade", crossfade), ("story", story),
-                        ("image_weight", image_weight), ("story_weight", story_weight)):
+                        ("image_weight", image_weight), ("story_weight", story_weight), ("bpm", bpm)):
         if value is not None:
             setattr(req, name, value)
     if audio is not None:

@@ -145,6 +145,7 @@ def parse_request(req, limits: Limits, pipe) -> RequestSpec:
         story=req.story or None,
         image_weight=_opt(req, "image_weight"),
         story_weight=_opt(req, "story_weight"),
+        bpm=_opt(req, "bpm"),
     )
     if request.media is not None:
         # a model without adapters: INVALID_ARGUMENT now, not an internal error later

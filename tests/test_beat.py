@@ -14,7 +14,6 @@ from fluxmusic.beat import (
     BEAT_CHANNELS,
     beat_features,
     bpm_from_prompt,
-    check_bpm,
     estimate_beat_phase,
     prompt_bpm,
 )
@@ -63,12 +62,16 @@ def test_tempo_is_read_from_the_prompt(prompt, bpm):
     assert bpm_from_prompt(prompt) == bpm
 
 
-def test_bpm_checks():
+def test_bpm_checks(tiny_pipe):
     assert prompt_bpm("a march at 1000 bpm") is None and bpm_from_prompt("a march at 1000 bpm") == 1000.0
-    assert check_bpm(96) == 96.0 and check_bpm(None) is None
+    assert tiny_pipe.request("calm piano", bpm=96).items[0].bpm == 96.0
+    assert tiny_pipe.request("calm piano").items[0].bpm is None
+    assert tiny_pipe.request("a slow piece at 1000 bpm").items[0].bpm is None  # out of range: not a tempo
     for bad in (0, 1000, float("nan"), "fast", True):
-        with pytest.raises(FluxMusicError, match=r"bpm .* must be a number in \[20, 400\]"):
-            check_bpm(bad)
+        with pytest.raises(FluxMusicError, match=r"bpm .* is invalid; allowed: a number in \[20, 400\]"):
+            tiny_pipe.request("calm piano", bpm=bad)
+    with pytest.raises(FluxMusicError, match=r"bpm 0 is invalid"):
+        estimate_beat_phase(np.zeros(SR, dtype=np.float32), SR, 0)
 
 
 @pytest.mark.parametrize("bpm, t0", [(120.0, 0.13), (75.0, 0.5), (170.0, 0.02)])
@@ -232,7 +235,7 @@ def test_generation_feeds_the_grid_from_the_prompt_or_bpm(beat_model_dir, monkey
     wave = click_track(100.0, 0.2, 3.0)
     cont = pipe("music at 100 BPM", audio=wave, keep="0:2", duration=2.56, seed=0)
     assert np.isfinite(cont.audio[0]).all()
-    with pytest.raises(FluxMusicError, match=r"bpm 0 must be a number in \[20, 400\]"):
+    with pytest.raises(FluxMusicError, match=r"bpm 0 is invalid"):
         pipe.request("calm piano", bpm=0)
 
 
@@ -246,3 +249,62 @@ def test_generate_cli_takes_bpm(beat_model_dir, tmp_path, one_torch_thread):
     assert main(["generate", "calm piano", "-o", str(tmp_path / "b.wav"), "--model", str(beat_model_dir),
                  "--bpm", "9999"]) != 0
     assert not (tmp_path / "b.wav").exists()
+
+
+def test_onnx_beat_model_equals_torch(beat_model_dir, tmp_path, monkeypatch, one_torch_thread):
+    """The beat grid rides in the graphs' context input: text-to-music on the onnx backend (velocity graph and
+    fused step graph) gets the same context and ends at the same latents as torch fp32."""
+    pytest.importorskip("onnxruntime")
+    from fluxmusic.export.onnx_export import export_onnx, read_manifest
+
+    from fluxmusic.pipeline import FluxMusicPipeline
+
+    out = tmp_path / "onnx"
+    export_onnx(beat_model_dir, out, step_graph=True, progress=None)
+    width = read_manifest(out)["components"]["transformer"]["inputs"][-1]["shape"][-1]
+    assert width == 64 + BEAT_CHANNELS
+    ref = FluxMusicPipeline.from_pretrained(beat_model_dir, dtype="fp32")
+    onnx = FluxMusicPipeline.from_pretrained(beat_model_dir, backend="onnx", onnx_dir=out)
+    assert onnx.beat_channels == BEAT_CHANNELS
+    latents: list = []
+    for pipe in (ref, onnx):
+        real_d = pipe.backend.vae_decode
+        monkeypatch.setattr(pipe.backend, "vae_decode", lambda z, real_d=real_d: latents.append(z) or real_d(z))
+    for fused in (True, False):
+        if not fused:
+            del onnx.backend.graphs["euler_step"]
+        latents.clear()
+        for pipe in (ref, onnx):
+            pipe("a fast reel", seed=0, steps=4, solver="euler", duration=2.56)
+        za, zb = latents
+        assert float((za - zb).abs().max()) <= 1e-4 * float(za.abs().max()), fused
+
+
+def test_grpc_takes_bpm_and_says_the_model_has_a_beat_grid(beat_model_dir, one_torch_thread):
+    pytest.importorskip("grpc_health")
+    import grpc
+    from fluxmusic.runtime.client import FluxMusicClient
+    from fluxmusic.runtime.server import FluxMusicServer, ServerConfig
+
+    from fluxmusic.pipeline import FluxMusicPipeline
+
+    pipe, ref = FluxMusicPipeline.from_pretrained(beat_model_dir), FluxMusicPipeline.from_pretrained(beat_model_dir)
+    server = FluxMusicServer(pipe, ServerConfig(port=0)).start()
+    try:
+        with FluxMusicClient(server.target) as client:
+            assert client.model_info().limits.beat_grid
+            kw = dict(duration=0.64, steps=2, seed=4)
+            got = client.generate("calm piano", encoding="pcm_f32le", bpm=150, **kw).audio[0]
+            np.testing.assert_array_equal(got, ref("calm piano", bpm=150, **kw).audio[0])
+            assert not np.array_equal(got, ref("calm piano", **kw).audio[0])
+            with pytest.raises(grpc.RpcError) as e:
+                client.stub.Generate(client_request("calm piano", bpm=1000.0))
+            assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and e.value.details().startswith("bpm ")
+    finally:
+        server.stop(grace=0)
+
+
+def client_request(prompt: str, **kw):
+    from fluxmusic.runtime.client import build_request
+
+    return build_request(prompt, **kw)

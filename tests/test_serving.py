@@ -320,6 +320,7 @@ INVALID = [
     ("seed", dict(seed=2**63 - 1, num_waveforms=2)),
     ("num_waveforms", dict(num_waveforms=9)),
     ("encoding", dict(encoding=7)),
+    ("bpm", dict(bpm=1000.0)),
 ]
 
 
