@@ -171,10 +171,14 @@ class EulerStepGraph(nn.Module):
     def __init__(self, model: nn.Module, grid_w: int, dtype: torch.dtype = torch.float32) -> None:
         super().__init__()
         self.velocity = TransformerGraph(model, grid_w, dtype)
+        self.beat_channels = model.config.beat_channels
 
     def forward(self, x, t, dt, txt, y, null_txt, null_y, guidance, context=None):
-        # cond and uncond rows see the same known audio (as the pipeline's CFG batch)
-        ctx = None if context is None else torch.cat((context, context), 0)
+        # cond and uncond rows see the same known audio (as the pipeline's CFG batch); the uncond rows are not
+        # given the beat grid (fluxmusic.beat.without_beat)
+        from fluxmusic.beat import without_beat
+
+        ctx = None if context is None else torch.cat((context, without_beat(context, self.beat_channels)), 0)
         v = self.velocity(
             torch.cat((x, x), 0), torch.cat((t, t), 0), torch.cat((txt, null_txt), 0), torch.cat((y, null_y), 0),
             ctx,

@@ -521,17 +521,24 @@ class FluxMusicPipeline:
             context = self.with_beat_grid(request, context, x, grid_h, grid_w, beat_start)
         model_fn = self.backend.velocity
         if context is not None:
+            from fluxmusic.beat import without_beat
+
+            # CFG runs [cond; uncond] as one batch: both halves see the same known audio; the uncond half is not
+            # given the beat grid (beat guidance, fluxmusic.beat.without_beat).
+            pair = torch.cat((context, without_beat(context, self.beat_channels)))
+
             def model_fn(xx: Tensor, tt: Tensor, txt: Tensor, y: Tensor, rope_: Tensor) -> Tensor:
-                # CFG runs [cond; uncond] as one batch: both halves see the same known audio.
-                c = context if xx.shape[0] == context.shape[0] else context.repeat(xx.shape[0] // context.shape[0],
-                                                                                 1, 1)
+                c = context if xx.shape[0] == context.shape[0] else pair
                 return self.backend.velocity(xx, tt, txt, y, rope_, context=c)
         velocity = GuidedVelocity(model_fn, cond, uncond, guidance, rope, st.guidance_interval,
                                   st.guidance_schedule)
         cb = (lambda i, n, _x: progress(i, n)) if progress else None
         step_fn, cache, fn = None, None, velocity
         if st.cache_threshold > 0:
-            if region is not None and context is not None:
+            if self.beat_channels:
+                raise FluxMusicError("step caching (cache_threshold > 0) does not combine with this model's beat "
+                                     "grid (beat_channels in its config.json); use cache_threshold 0")
+            if context is not None:
                 raise FluxMusicError("step caching (cache_threshold > 0) does not combine with trained "
                                      "conditioning; use cache_threshold 0 or conditioning 'replace'")
             probe = self.cache_probe()

@@ -221,8 +221,10 @@ def test_generation_feeds_the_grid_from_the_prompt_or_bpm(beat_model_dir, monkey
 
     monkeypatch.setattr(pipe.backend, "velocity", spy)
     slow = pipe("a slow chorale", duration=2.56, seed=0)
-    assert seen and all(c is not None and c.shape[-1] == 64 + BEAT_CHANNELS for c in seen)
-    assert torch.all(seen[0][..., 64] == 1) and torch.all(seen[0][..., :64] == 0)  # grid given, no known audio
+    assert seen and all(c is not None and c.shape[0] == 2 and c.shape[-1] == 64 + BEAT_CHANNELS for c in seen)
+    assert torch.all(seen[0][..., :64] == 0)  # no known audio
+    # beat guidance: the cond row gets the grid, the uncond row (null prompt) does not
+    assert torch.all(seen[0][0, :, 64] == 1) and torch.all(seen[0][1, :, 64:] == 0)
     as_bpm = pipe("a slow chorale", duration=2.56, seed=0, bpm=77)
     np.testing.assert_array_equal(slow.audio[0], as_bpm.audio[0])  # "slow" = 77 BPM
     fast = pipe("a slow chorale", duration=2.56, seed=0, bpm=150)
@@ -237,6 +239,8 @@ def test_generation_feeds_the_grid_from_the_prompt_or_bpm(beat_model_dir, monkey
     assert np.isfinite(cont.audio[0]).all()
     with pytest.raises(FluxMusicError, match=r"bpm 0 is invalid"):
         pipe.request("calm piano", bpm=0)
+    with pytest.raises(FluxMusicError, match="step caching .* beat grid"):
+        pipe("a slow chorale", duration=2.56, seed=0, cache_threshold=0.1)
 
 
 def test_generate_cli_takes_bpm(beat_model_dir, tmp_path, one_torch_thread):
