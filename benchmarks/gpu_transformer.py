@@ -6,10 +6,10 @@ training, not of capacity. A GPU gives orders of magnitude more steps in minutes
 
     # here: the recipe's embedding cache, int8-packed (~44 MB; the device call carries at most 64 MiB in all)
     python benchmarks/gpu_transformer.py pack --cache RUN/cache --out .gpu_data/transformer_cache.npz
-    # on the device (benchmarks/gpu_session.sh): the recipe's two transformer stages, each for a wall-clock
+    # on the device (benchmarks/gpu_session.sh): the recipe's transformer stages, each for a wall-clock
     # budget, constant lr after warmup with EMA; the result comes back fp16 in two shards (< 16 MiB per file)
     python benchmarks/gpu_transformer.py train --pack .gpu_data/transformer_cache.npz --out $OUT/tr \\
-        --plain-minutes 4 --masked-minutes 2 --device cuda
+        --plain-minutes 3 --masked-minutes 1 --beat-minutes 1 --device cuda
     # here: a model directory = the bundled default with that transformer, for `fluxmusic eval`
     python benchmarks/gpu_transformer.py assemble --shards DIR --out MODEL_DIR
 
@@ -86,9 +86,9 @@ def _stage(stage, batch_size: int, lr_scale: float, steps: int):
 
 
 def train_on_device(pack_path: Path, out: Path, plain_minutes: float, masked_minutes: float, batch_size: int,
-                    device: str, work: Path) -> dict:
-    """Both transformer stages of the default recipe within the budgets; the masked stage's EMA weights go to
-    ``out`` as fp16 safetensors in two shards, with its config and a summary."""
+                    device: str, work: Path, beat_minutes: float = 1.5) -> dict:
+    """The transformer stages of the default recipe (plain, masked, beat grid) within the budgets; the last
+    stage's EMA weights go to ``out`` as fp16 safetensors in two shards, with its config and a summary."""
     from safetensors.torch import save_file
 
     from fluxmusic.config import FluxMusicConfig
@@ -101,20 +101,29 @@ def train_on_device(pack_path: Path, out: Path, plain_minutes: float, masked_min
     assert recipe.masked_stage is not None
     shutil.rmtree(work, ignore_errors=True)
     cache, config = unpack(pack_path, work / "cache")
-    config.pop("context_channels", None)  # the plain stage; the masked stage adds the context input
+    for key in ("context_channels", "beat_channels"):  # the plain stage; later stages add these inputs
+        config.pop(key, None)
     plain_config = FluxMusicConfig.from_dict(config)
     train_ds, val_ds = cache_splits(cache, 64)
     lr_scale = batch_size / recipe.transformer_stage.batch_size  # linear scaling, capped below
     summary: dict = {"device": device, "batch_size": batch_size, "items": len(train_ds)}
     runs = []
-    for name, minutes in (("plain", plain_minutes), ("masked", masked_minutes)):
+    stages = [("plain", plain_minutes), ("masked", masked_minutes)]
+    if beat_minutes > 0 and recipe.beat_stage is not None:
+        stages.append(("beat", beat_minutes))
+    for name, minutes in stages:
         if name == "plain":
             task = TransformerTask(plain_config, train_ds, train_ds.null_txt, train_ds.null_y, val=val_ds)
             stage = _stage(recipe.transformer_stage, batch_size, min(lr_scale, 2.0), 1_000_000)
-        else:
+        elif name == "masked":
             task = MaskedFinetuneTask(work / "plain" / "export", train_ds, train_ds.null_txt, train_ds.null_y,
                                       val=val_ds, context_lr=recipe.masked_context_lr)
             stage = _stage(recipe.masked_stage, batch_size, min(lr_scale, 2.0), 1_000_000)
+        else:  # the beat grid needs the cache's beat phases (python -m fluxmusic.training.beat_phases before pack)
+            beat_train, beat_val = train_ds.with_beats(), val_ds.with_beats() if val_ds is not None else None
+            task = MaskedFinetuneTask(work / "masked" / "export", beat_train, beat_train.null_txt,
+                                      beat_train.null_y, val=beat_val, context_lr=recipe.masked_context_lr, beat=True)
+            stage = _stage(recipe.beat_stage, batch_size, min(lr_scale, 2.0), 1_000_000)
         cfg = dataclasses.replace(stage.train_config(1.0, 0, 100, device), ckpt_every=1_000_000)
         t0 = time.perf_counter()
         result = train(task, cfg, work / name, export_dir=work / name / "export", stream=sys.stderr,
@@ -125,7 +134,7 @@ def train_on_device(pack_path: Path, out: Path, plain_minutes: float, masked_min
                                            if r["event"] == "val"]})
         print(json.dumps(runs[-1]), flush=True)
     summary["stages"] = runs
-    model = load_transformer(work / "masked" / "export")
+    model = load_transformer(work / stages[-1][0] / "export")
     state = {k: v.half().contiguous() for k, v in model.state_dict().items()}
     keys = sorted(state)
     out.mkdir(parents=True, exist_ok=True)
@@ -171,6 +180,7 @@ def main() -> None:
     t.add_argument("--out", required=True, type=Path)
     t.add_argument("--plain-minutes", type=float, default=4.0)
     t.add_argument("--masked-minutes", type=float, default=2.0)
+    t.add_argument("--beat-minutes", type=float, default=1.5, help="the beat-grid stage (0: none)")
     t.add_argument("--batch-size", type=int, default=64)
     t.add_argument("--device", default="cuda")
     t.add_argument("--work", type=Path, default=Path("/tmp/gpu_transformer"))
@@ -184,7 +194,7 @@ def main() -> None:
             print(json.dumps(pack(args.cache, args.out, args.config), indent=2))
         elif args.cmd == "train":
             print(json.dumps(train_on_device(args.pack, args.out, args.plain_minutes, args.masked_minutes,
-                                             args.batch_size, args.device, args.work), indent=2))
+                                             args.batch_size, args.device, args.work, args.beat_minutes), indent=2))
         else:
             print(assemble(args.shards, args.out, args.base_model))
     except FluxMusicError as e:

@@ -312,3 +312,23 @@ def client_request(prompt: str, **kw):
     from fluxmusic.runtime.client import build_request
 
     return build_request(prompt, **kw)
+
+
+def test_gpu_transformer_trains_the_beat_stage_too(beat_cache, tiny_model_dir, tmp_path, one_torch_thread):
+    """benchmarks/gpu_transformer.py: the pack keeps the beat phases, and its third stage trains the beat grid."""
+    import importlib.util
+    from pathlib import Path
+
+    from fluxmusic.pipeline import FluxMusicPipeline
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_transformer.py"
+    spec = importlib.util.spec_from_file_location("gpu_transformer", path)
+    gt = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gt)
+    gt.pack(beat_cache, tmp_path / "p.npz", tiny_model_dir / "transformer" / "config.json")
+    summary = gt.train_on_device(tmp_path / "p.npz", tmp_path / "out", 0.01, 0.01, 2, "cpu", tmp_path / "work",
+                                 beat_minutes=0.01)
+    assert [s["stage"] for s in summary["stages"]] == ["plain", "masked", "beat"]
+    pipe = FluxMusicPipeline.from_pretrained(gt.assemble(tmp_path / "out", tmp_path / "model", tiny_model_dir))
+    assert pipe.beat_channels == BEAT_CHANNELS
+    assert np.isfinite(pipe("a fast reel", steps=1, duration=1.0, seed=0).audio[0]).all()

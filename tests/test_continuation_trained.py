@@ -302,7 +302,8 @@ def test_gpu_transformer_round_trip_pack_train_assemble(tiny_model_dir, tiny_cac
         x, y = a[3][k], b[3][k]
         assert float((x - y).norm() / x.norm()) < 0.01, k
 
-    summary = gt.train_on_device(tmp_path / "p.npz", tmp_path / "out", 0.01, 0.01, 2, "cpu", tmp_path / "work")
+    summary = gt.train_on_device(tmp_path / "p.npz", tmp_path / "out", 0.01, 0.01, 2, "cpu", tmp_path / "work",
+                                 beat_minutes=0)
     assert [s["stage"] for s in summary["stages"]] == ["plain", "masked"]
     assert all(s["steps"] >= 1 for s in summary["stages"])
     assert sorted(p.name for p in (tmp_path / "out").glob("transformer-*.safetensors")) == [
