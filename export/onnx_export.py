@@ -171,14 +171,14 @@ class EulerStepGraph(nn.Module):
     def __init__(self, model: nn.Module, grid_w: int, dtype: torch.dtype = torch.float32) -> None:
         super().__init__()
         self.velocity = TransformerGraph(model, grid_w, dtype)
-        self.beat_channels = model.config.beat_channels
+        self.control_channels = model.control_channels
 
     def forward(self, x, t, dt, txt, y, null_txt, null_y, guidance, context=None):
         # cond and uncond rows see the same known audio (as the pipeline's CFG batch); the uncond rows are not
-        # given the beat grid (fluxmusic.beat.without_beat)
+        # given the beat grid or the register hint (fluxmusic.beat.without_beat)
         from fluxmusic.beat import without_beat
 
-        ctx = None if context is None else torch.cat((context, without_beat(context, self.beat_channels)), 0)
+        ctx = None if context is None else torch.cat((context, without_beat(context, self.control_channels)), 0)
         v = self.velocity(
             torch.cat((x, x), 0), torch.cat((t, t), 0), torch.cat((txt, null_txt), 0), torch.cat((y, null_y), 0),
             ctx,
@@ -233,6 +233,7 @@ class ExportContext:
     clap_width: int
     null_txt: Tensor
     null_y: Tensor
+    transformer_config: object = None  # the transformer's FluxMusicConfig
 
 
 def _load_context(model_dir: Path) -> ExportContext:
@@ -246,7 +247,7 @@ def _load_context(model_dir: Path) -> ExportContext:
     clap_width = int(clap_cfg.get("text_config", clap_cfg).get("hidden_size", 768))
     null = read_null_embeddings(model_dir)
     specs = component_specs(cfg, index.geometry, t5_width, clap_width, include_step=True, include_encoder=True)
-    return ExportContext(model_dir, index, specs, t5_width, clap_width, null.txt, null.y)
+    return ExportContext(model_dir, index, specs, t5_width, clap_width, null.txt, null.y, cfg)
 
 
 def example_inputs(ctx: ExportContext, component: str, batch: int = 2, seed: int = 0) -> dict[str, Tensor]:
@@ -272,10 +273,11 @@ def example_inputs(ctx: ExportContext, component: str, batch: int = 2, seed: int
         txt = torch.randn(batch, lt, ctx.t5_width, generator=gen)
         y = torch.randn(batch, ctx.clap_width, generator=gen)
         extra = {}
-        spec = next((i for i in ctx.specs["transformer"].inputs if i.name == CONTEXT_INPUT), None)
-        if spec is not None:
+        if any(i.name == CONTEXT_INPUT for i in ctx.specs["transformer"].inputs):
+            cfg = ctx.transformer_config
             extra[CONTEXT_INPUT] = example_context(torch.randn(batch, gh * gw, ch, generator=gen), gw,
-                                                   spec.shape[2] - 2 * ch, g.seconds_per_latent_frame)
+                                                   cfg.beat_channels, g.seconds_per_latent_frame,
+                                                   cfg.register_channels)
         if component == "transformer":
             return {"x": x, "t": t, "txt": txt, "y": y, **extra}
         return {
@@ -296,25 +298,31 @@ def example_inputs(ctx: ExportContext, component: str, batch: int = 2, seed: int
     raise FluxMusicError(f"unknown component {component!r}; allowed: {', '.join(ALL_COMPONENTS)}")
 
 
-def example_context(x0: Tensor, grid_w: int, beat_channels: int = 0, seconds_per_frame: float = 0.08) -> Tensor:
+def example_context(x0: Tensor, grid_w: int, beat_channels: int = 0, seconds_per_frame: float = 0.08,
+                    register_channels: int = 0) -> Tensor:
     """A trained-conditioning context for tracing and validation: row 0 knows nothing (text-to-music, all
     zeros), the other rows a prefix of latent frames (continuation) of growing length, as the pipeline sends;
-    a beat-grid model's rows then get beat grids of growing tempo (row 0: none)."""
+    a beat-grid model's rows then get beat grids of growing tempo, a register-hint model's the registers in turn
+    (row 0: none)."""
     from fluxmusic.beat import beat_features
     from fluxmusic.latent import PATCH
     from fluxmusic.model import masked_context
+    from fluxmusic.register import REGISTER_MIDI, register_features
 
     b, n, _ = x0.shape
     frames = n // grid_w
     mask = torch.zeros(b, n, 1)
     for i in range(1, b):
         mask[i, : grid_w * max(1, frames * i // (b + 1))] = 1.0
-    context = masked_context(x0, mask)
-    if not beat_channels:
-        return context
-    bpm = torch.tensor([float("nan")] + [60.0 + 40.0 * i for i in range(1, b)])
-    beat = beat_features(bpm, torch.zeros(b), frames * PATCH, grid_w, seconds_per_frame)
-    return torch.cat((context, beat), dim=-1)
+    parts = [masked_context(x0, mask)]
+    if beat_channels:
+        bpm = torch.tensor([float("nan")] + [60.0 + 40.0 * i for i in range(1, b)])
+        parts.append(beat_features(bpm, torch.zeros(b), frames * PATCH, grid_w, seconds_per_frame))
+    if register_channels:
+        pitches = list(REGISTER_MIDI.values())
+        midi = torch.tensor([float("nan")] + [pitches[i % len(pitches)] for i in range(1, b)])
+        parts.append(register_features(midi, n))
+    return torch.cat(parts, dim=-1)
 
 
 def _vocab(ctx: ExportContext, component: str) -> int:

@@ -47,6 +47,9 @@ def add_sampling_arguments(g: argparse.ArgumentParser) -> None:
     g.add_argument("--bpm", type=float, help="tempo of the beat grid for a model with beat-grid conditioning (the "
                    "bundled default), in [20, 400]; default: the tempo the prompt names ('96 BPM', 'slow', "
                    "'allegro', ...), none if it names none")
+    g.add_argument("--register", choices=("low", "mid", "high"),
+                   help="the melody's register for a model with a register hint (the bundled default); default: the "
+                   "register the prompt names ('in a high register'), none if it names none")
 
 
 def add_audio_arguments(g: argparse.ArgumentParser) -> None:
@@ -123,6 +126,7 @@ def sampling_kwargs(args: argparse.Namespace) -> dict:
         "guidance_interval": tuple(args.guidance_interval) if args.guidance_interval else None,
         "cache_threshold": args.cache_threshold,
         "guidance_schedule": getattr(args, "guidance_schedule", None), "bpm": getattr(args, "bpm", None),
+        "register": getattr(args, "register", None),
     }
 
 

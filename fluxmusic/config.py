@@ -42,6 +42,9 @@ class FluxMusicConfig:
     #: Beat-grid conditioning (fluxmusic.beat): 0 = off; BEAT_CHANNELS = the context input also takes, per token,
     #: the phase of a pulse train at the requested BPM (after the masked latent and mask; needs the context input).
     beat_channels: int = 0
+    #: Register hint (fluxmusic.register): 0 = off; REGISTER_CHANNELS = the context input also takes, per token, the
+    #: melody's target pitch (after the beat grid's channels; needs the context input).
+    register_channels: int = 0
     extra: dict = field(default_factory=dict, compare=False, hash=False)
 
     def __post_init__(self) -> None:
@@ -62,18 +65,24 @@ class FluxMusicConfig:
         if not (isinstance(axes, (list, tuple)) and axes and all(_pos_int(a) for a in axes)):
             bad.append(f"axes_dim = {axes!r} (a list of positive integers)")
         from fluxmusic.beat import BEAT_CHANNELS
+        from fluxmusic.register import REGISTER_CHANNELS
 
-        bc = self.beat_channels
-        if not (isinstance(bc, int) and not isinstance(bc, bool) and bc in (0, BEAT_CHANNELS)):
-            bad.append(f"beat_channels = {bc!r} (0: no beat grid, or {BEAT_CHANNELS})")
-            bc = 0
+        extra = 0  # the channels the beat grid and the register hint add to the context input
+        for name, allowed, what in (("beat_channels", BEAT_CHANNELS, "beat grid"),
+                                    ("register_channels", REGISTER_CHANNELS, "register hint")):
+            v = getattr(self, name)
+            if isinstance(v, int) and not isinstance(v, bool) and v in (0, allowed):
+                extra += v
+            else:
+                bad.append(f"{name} = {v!r} (0: no {what}, or {allowed})")
         cc = self.context_channels
         two_c = 2 * self.in_channels if _pos_int(self.in_channels) else "in_channels * 2"
-        if bc:
-            want = two_c + bc if isinstance(two_c, int) else None
+        if extra:
+            want = two_c + extra if isinstance(two_c, int) else None
             if not (isinstance(cc, int) and not isinstance(cc, bool) and cc == want):
-                bad.append(f"context_channels = {cc!r} (with beat_channels {bc}: 2 x in_channels + beat_channels = "
-                           f"{want}: the masked clean latent, its mask and the beat grid)")
+                bad.append(f"context_channels = {cc!r} (with beat_channels {self.beat_channels} and register_channels "
+                           f"{self.register_channels}: 2 x in_channels + both = {want}: the masked clean latent, "
+                           "its mask, then the beat grid and the register hint)")
         elif not (isinstance(cc, int) and not isinstance(cc, bool) and cc in (0, two_c)):
             bad.append(f"context_channels = {cc!r} (0: no context input, or 2 x in_channels = {two_c}: the masked "
                        "clean latent and its mask)")
@@ -99,7 +108,7 @@ class FluxMusicConfig:
         d = dataclasses.asdict(self)
         d["axes_dim"] = list(self.axes_dim)
         d.pop("extra")
-        for k in ("context_channels", "beat_channels"):
+        for k in ("context_channels", "beat_channels", "register_channels"):
             if not d[k]:  # absent = off: configs without it read and write as before
                 d.pop(k)
         return d

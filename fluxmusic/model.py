@@ -227,6 +227,11 @@ class FluxMusicTransformer(nn.Module):
         return self.config.beat_channels > 0
 
     @property
+    def control_channels(self) -> int:
+        """The context input's trailing control columns: the beat grid's plus the register hint's."""
+        return self.config.beat_channels + self.config.register_channels
+
+    @property
     def takes_context(self) -> bool:
         """Whether the model was built for trained masked conditioning (``context_channels`` > 0)."""
         return self.context_in is not None
@@ -242,16 +247,20 @@ def masked_context(x0: Tensor, mask: Tensor) -> Tensor:
     return torch.cat((x0 * m, m), dim=-1)
 
 
-def add_context_input(model: FluxMusicTransformer, beat_channels: int = 0) -> FluxMusicTransformer:
-    """A copy of ``model`` extended with the (zero-initialised) context input, or, for a model that has one,
-    with ``beat_channels`` more columns of it (the beat grid, :mod:`fluxmusic.beat`): it computes exactly what
-    ``model`` computes until the new weights are trained."""
+def add_context_input(model: FluxMusicTransformer, beat_channels: int = 0,
+                      register_channels: int = 0) -> FluxMusicTransformer:
+    """A copy of ``model`` extended with the (zero-initialised) context input, or, for a model that has one, with
+    more columns of it: the beat grid (``beat_channels``, :mod:`fluxmusic.beat`) and / or the register hint
+    (``register_channels``, :mod:`fluxmusic.register`). It computes exactly what ``model`` computes until the new
+    weights are trained; columns the model already has keep their weights."""
     import dataclasses
 
     old = model.config
-    if model.takes_context and (beat_channels == old.beat_channels or old.beat_channels):
-        raise ValueError(f"the transformer already takes a context input (beat_channels {old.beat_channels})")
-    cfg = dataclasses.replace(old, context_channels=2 * old.in_channels + beat_channels, beat_channels=beat_channels)
+    want = {"beat_channels": beat_channels, "register_channels": register_channels}
+    have = {k: getattr(old, k) for k in want}
+    if model.takes_context and (want == have or any(have[k] and not want[k] for k in want)):
+        raise ValueError(f"the transformer already takes a context input ({have}); cannot extend it to {want}")
+    cfg = dataclasses.replace(old, context_channels=2 * old.in_channels + beat_channels + register_channels, **want)
     new = FluxMusicTransformer(cfg)
     p = next(model.parameters())
     new = new.to(p.device, p.dtype)
@@ -260,8 +269,14 @@ def add_context_input(model: FluxMusicTransformer, beat_channels: int = 0) -> Fl
     if unexpected or set(missing) != {"context_in.weight", "context_in.bias"}:
         raise ValueError(f"unexpected state dict difference: missing {missing}, unexpected {unexpected}")
     if model.context_in is not None:  # the trained context columns keep their weights; the new ones start at 0
+        two_c = 2 * old.in_channels
+        w_old, w_new = model.context_in.weight, new.context_in.weight
         with torch.no_grad():
-            new.context_in.weight[:, : old.context_channels] = model.context_in.weight
+            w_new[:, :two_c] = w_old[:, :two_c]
+            if have["beat_channels"]:
+                w_new[:, two_c : two_c + beat_channels] = w_old[:, two_c : two_c + beat_channels]
+            if have["register_channels"]:
+                w_new[:, -register_channels:] = w_old[:, -register_channels:]
             new.context_in.bias.copy_(model.context_in.bias)
     new.ops = model.ops
     return new

@@ -431,7 +431,7 @@ class FluxMusicPipeline:
             prompts = [lf.prompt_at(new_from) or it.prompt for it in items]
             sub = GenerationRequest(
                 tuple(GenerationItem(p, it.negative_prompt, it.guidance, window_seed(it.seed, w.index),
-                                     w.frames * geo.seconds_per_latent_frame, it.bpm)
+                                     w.frames * geo.seconds_per_latent_frame, it.bpm, it.register)
                       for p, it in zip(prompts, items)),
                 st, w.frames, request.audio if w.index == 0 else None, conditioning=request.conditioning,
             )
@@ -517,15 +517,16 @@ class FluxMusicPipeline:
             resample = request.audio.resample if request.audio is not None else 0
             region = self._known_region(x, known[0], known[1], items, resample)
         context = self.trained_context(request, region)
-        if self.beat_channels:
-            context = self.with_beat_grid(request, context, x, grid_h, grid_w, beat_start)
+        beat_ch, register_ch = self.control_channels
+        if beat_ch or register_ch:
+            context = self.with_controls(request, context, x, grid_h, grid_w, beat_start)
         model_fn = self.backend.velocity
         if context is not None:
             from fluxmusic.beat import without_beat
 
             # CFG runs [cond; uncond] as one batch: both halves see the same known audio; the uncond half is not
-            # given the beat grid (beat guidance, fluxmusic.beat.without_beat).
-            pair = torch.cat((context, without_beat(context, self.beat_channels)))
+            # given the beat grid or the register hint (guidance toward them, fluxmusic.beat.without_beat).
+            pair = torch.cat((context, without_beat(context, beat_ch + register_ch)))
 
             def model_fn(xx: Tensor, tt: Tensor, txt: Tensor, y: Tensor, rope_: Tensor) -> Tensor:
                 c = context if xx.shape[0] == context.shape[0] else pair
@@ -535,9 +536,10 @@ class FluxMusicPipeline:
         cb = (lambda i, n, _x: progress(i, n)) if progress else None
         step_fn, cache, fn = None, None, velocity
         if st.cache_threshold > 0:
-            if self.beat_channels:
+            if beat_ch or register_ch:
                 raise FluxMusicError("step caching (cache_threshold > 0) does not combine with this model's beat "
-                                     "grid (beat_channels in its config.json); use cache_threshold 0")
+                                     "grid / register hint (beat_channels / register_channels in its config.json); "
+                                     "use cache_threshold 0")
             if context is not None:
                 raise FluxMusicError("step caching (cache_threshold > 0) does not combine with trained "
                                      "conditioning; use cache_threshold 0 or conditioning 'replace'")
@@ -572,31 +574,44 @@ class FluxMusicPipeline:
         return isinstance(self.backend, ContextBackend) and self.backend.takes_context
 
     @property
-    def beat_channels(self) -> int:
-        """The transformer's beat-grid channels (``beat_channels`` in its config; 0: no beat-grid conditioning)."""
+    def control_channels(self) -> tuple[int, int]:
+        """The transformer's (beat-grid, register-hint) channels (``beat_channels``, ``register_channels`` in its
+        config; 0: not taken)."""
         cfg = getattr(self.backend, "transformer_config", None)
         if cfg is None:
             cfg = getattr(getattr(self.backend, "transformer", None), "config", None)
-        return int(getattr(cfg, "beat_channels", 0) or 0)
+        return (int(getattr(cfg, "beat_channels", 0) or 0), int(getattr(cfg, "register_channels", 0) or 0))
 
-    def with_beat_grid(self, request: GenerationRequest, context: Tensor | None, x: Tensor, grid_h: int,
-                       grid_w: int, start: float) -> Tensor:
-        """The context input of a beat-grid model: [masked latent, mask] (zeros when nothing is known) and each
-        item's beat tokens at its ``bpm`` (:func:`fluxmusic.beat.beat_features`). The grid starts on a beat at
-        0 s of the song, or, when audio is given, on the beat of that audio at the item's tempo."""
+    @property
+    def beat_channels(self) -> int:
+        """The transformer's beat-grid channels (0: no beat-grid conditioning)."""
+        return self.control_channels[0]
+
+    def with_controls(self, request: GenerationRequest, context: Tensor | None, x: Tensor, grid_h: int,
+                      grid_w: int, start: float) -> Tensor:
+        """The context input of a model with controls: [masked latent, mask] (zeros when nothing is known), then
+        each item's beat tokens at its ``bpm`` (:func:`fluxmusic.beat.beat_features`) and / or its register hint
+        (:func:`fluxmusic.register.register_features`), as the model takes them. The grid starts on a beat at 0 s
+        of the song, or, when audio is given, on the beat of that audio at the item's tempo."""
         from fluxmusic.beat import beat_features, estimate_beat_phase
+        from fluxmusic.register import register_features, register_midi
 
         n, length, channels = x.shape
-        bpm = torch.tensor([float("nan") if it.bpm is None else it.bpm for it in request.items])
-        t0 = torch.zeros(n)
-        if request.audio is not None:
-            t0 = torch.tensor([0.0 if it.bpm is None else
-                               estimate_beat_phase(request.audio.wave, self.sample_rate, it.bpm)[0]
-                               for it in request.items])
-        beat = beat_features(bpm, t0, grid_h * self.geometry.patch, grid_w,
-                             self.geometry.seconds_per_latent_frame, start).to(x)
-        base = x.new_zeros(n, length, 2 * channels) if context is None else context.to(x).expand(n, -1, -1)
-        return torch.cat((base, beat), dim=-1)
+        beat_ch, register_ch = self.control_channels
+        parts = [x.new_zeros(n, length, 2 * channels) if context is None else context.to(x).expand(n, -1, -1)]
+        if beat_ch:
+            bpm = torch.tensor([float("nan") if it.bpm is None else it.bpm for it in request.items])
+            t0 = torch.zeros(n)
+            if request.audio is not None:
+                t0 = torch.tensor([0.0 if it.bpm is None else
+                                   estimate_beat_phase(request.audio.wave, self.sample_rate, it.bpm)[0]
+                                   for it in request.items])
+            parts.append(beat_features(bpm, t0, grid_h * self.geometry.patch, grid_w,
+                                       self.geometry.seconds_per_latent_frame, start).to(x))
+        if register_ch:
+            midi = torch.tensor([register_midi(it.register) for it in request.items])
+            parts.append(register_features(midi, length).to(x))
+        return torch.cat(parts, dim=-1)
 
     def trained_context(self, request: GenerationRequest, region: KnownRegion | None) -> Tensor | None:
         """The context input [B, L, 2C] of a solve with known frames when it uses trained conditioning

@@ -38,6 +38,7 @@ from fluxmusic.continuation import (
 )
 from fluxmusic.errors import FluxMusicError
 from fluxmusic.flow import GUIDANCE_SCHEDULES, SHIFT_RANGE, SOLVERS, function_evaluations
+from fluxmusic.register import REGISTER_MIDI, register_from_prompt
 
 MAX_SEED = 2**63 - 1
 #: The seed that asks for a random one (as does leaving the seed out), on every front end.
@@ -148,7 +149,9 @@ class SamplingSettings:
 @dataclass(frozen=True)
 class GenerationItem:
     """One waveform to make: its prompt, negative prompt, guidance, seed, duration and the tempo of its beat grid
-    (``bpm``: given, or read from the prompt; None = no beat given; used by models with beat-grid conditioning)."""
+    (``bpm``: given, or read from the prompt; None = no beat given; used by models with beat-grid conditioning) and
+    the melody's register (``register``: "low", "mid" or "high", given or read from the prompt; models with a
+    register hint)."""
 
     prompt: str
     negative_prompt: str
@@ -156,6 +159,7 @@ class GenerationItem:
     seed: int
     duration: float
     bpm: float | None = None
+    register: str | None = None
 
 
 #: How known latent frames condition a solve (continuation, infilling, long form): "trained" = the model's context
@@ -384,6 +388,7 @@ def build_request(
     story_weight: float | None = None,
     conditioning: str | None = None,
     bpm: float | None = None,
+    register: str | None = None,
 ) -> GenerationRequest:
     """Resolve, validate and expand one request (see the module doc). ``geometry`` is the model's
     :class:`fluxmusic.latent.LatentGeometry`; ``guidance`` may be one value per waveform.
@@ -401,7 +406,9 @@ def build_request(
     prompt may then be empty.
     ``conditioning`` ("auto", "trained", "replace") picks how the known frames condition the solve.
     ``bpm`` sets the tempo of the beat grid of a model with beat-grid conditioning (:mod:`fluxmusic.beat`); unset,
-    each prompt's own tempo ("96 BPM", "slow", "allegro", ...) is used, and none where it names none.
+    each prompt's own tempo ("96 BPM", "slow", "allegro", ...) is used, and none where it names none. ``register``
+    ("low", "mid", "high") likewise sets the register hint of a model that takes one (:mod:`fluxmusic.register`);
+    unset, the register the prompt names ("in a high register").
     """
     media = resolve_media(image, story, image_weight, story_weight, limits)
     if media is not None and prompt in (None, ""):
@@ -437,8 +444,11 @@ def build_request(
     seconds = check_duration(duration, geometry, max_output_duration(geometry, limits))
     seeds = resolve_seeds(seed, n)
     given_bpm = None if bpm is None else check_number("bpm", bpm, *BPM_RANGE)
+    if register is not None and register not in REGISTER_MIDI:
+        raise invalid("register", register, ", ".join(REGISTER_MIDI) + " (or unset: the prompt's)")
     items = tuple(
-        GenerationItem(p, settings.negative_prompt, g, s, seconds, given_bpm if given_bpm else prompt_bpm(p))
+        GenerationItem(p, settings.negative_prompt, g, s, seconds, given_bpm if given_bpm else prompt_bpm(p),
+                       register or register_from_prompt(p))
         for p, g, s in zip(expanded, gs, seeds)
     )
     context = resolve_audio(

@@ -94,6 +94,7 @@ def build_request(
     image_weight: float | None = None,
     story_weight: float | None = None,
     bpm: float | None = None,
+    register: str | None = None,
 ):
     """A ``GenerateRequest`` (``GenerateStreamRequest`` with ``stream``: the same fields); None leaves a field
     unset (the server's default). ``shift=1.0`` is no shift. ``audio`` is encoded audio bytes or a path to an
@@ -104,7 +105,8 @@ def build_request(
     message = pb2.GenerateStreamRequest if stream else pb2.GenerateRequest
     req = message(prompt=prompt, negative_prompt=negative_prompt or "", solver=solver or "",
                   num_waveforms=num_waveforms, encoding=ENCODING_VALUE[encoding], preset=preset or "",
-                  guidance_schedule=guidance_schedule or "", conditioning=conditioning or "")
+                  guidance_schedule=guidance_schedule or "", conditioning=conditioning or "",
+                  register=register or "")
     lo, hi = guidance_interval if guidance_interval is not None else (None, None)
     for name, value in (("duration", duration), ("steps", steps), ("guidance", guidance), ("shift", shift),
                         ("seed", seed), ("guidance_interval_min", lo), ("guidance_interval_max", hi),

@@ -146,6 +146,7 @@ def parse_request(req, limits: Limits, pipe) -> RequestSpec:
         image_weight=_opt(req, "image_weight"),
         story_weight=_opt(req, "story_weight"),
         bpm=_opt(req, "bpm"),
+        register=req.register or None,
     )
     if request.media is not None:
         # a model without adapters: INVALID_ARGUMENT now, not an internal error later

@@ -1,5 +1,6 @@
-"""Beat-grid conditioning (fluxmusic.beat): the features, the tempo read from a prompt, the phase read from audio,
-the zero-initialised beat columns, the fine-tune that trains them, and generation that feeds them."""
+"""Beat-grid conditioning (fluxmusic.beat) and the register hint (fluxmusic.register): the features, the tempo and
+register read from a prompt, the phase read from audio, the zero-initialised control columns, the fine-tune that
+trains them, and generation that feeds them (torch, ONNX, gRPC)."""
 
 import json
 import math
@@ -20,6 +21,7 @@ from fluxmusic.beat import (
 from fluxmusic.config import FluxMusicConfig
 from fluxmusic.errors import FluxMusicError
 from fluxmusic.model import FluxMusicTransformer, add_context_input, masked_context
+from fluxmusic.register import REGISTER_CHANNELS, register_features, register_from_prompt
 
 SR = 16000
 
@@ -94,8 +96,8 @@ def test_config_and_zero_initialised_beat_columns():
     cfg = _tiny_cfg(context_channels=64 + BEAT_CHANNELS, beat_channels=BEAT_CHANNELS)
     assert FluxMusicConfig.from_dict(cfg.to_dict()) == cfg and cfg.to_dict()["beat_channels"] == BEAT_CHANNELS
     assert "beat_channels" not in _tiny_cfg(context_channels=64).to_dict()
-    with pytest.raises(FluxMusicError, match=r"context_channels = 64 \(with beat_channels 9: 2 x in_channels \+ "
-                       r"beat_channels = 73"):
+    with pytest.raises(FluxMusicError, match=r"context_channels = 64 \(with beat_channels 9 and register_channels 0: "
+                       r"2 x in_channels \+ both = 73"):
         _tiny_cfg(context_channels=64, beat_channels=BEAT_CHANNELS)
     with pytest.raises(FluxMusicError, match=r"beat_channels = 4 \(0: no beat grid, or 9\)"):
         _tiny_cfg(context_channels=68, beat_channels=4)
@@ -138,7 +140,7 @@ def beat_cache(tmp_path_factory, tiny_model_dir):
         path = root / f"clip{i}.wav"
         sf.write(path, click_track(bpm, t0, seconds), SR)
         meta = {"caption": f"clip {i}", "bpm": bpm, "work": f"w{i}", "transpose": 0, "note_density": 1.0 + i,
-                "split": "val" if i % 4 == 0 else "train"}
+                "split": "val" if i % 4 == 0 else "train", "register": ("mid", "high")[i % 2]}
         rows.append({"path": str(path), **meta})
         wave = torch.from_numpy(click_track(bpm, t0, seconds))[None]
         items.append({"latent": pipe.encode_audio(wave)[0], "txt": cond.txt[i % 2], "y": cond.y[i % 2], **meta})
@@ -158,6 +160,7 @@ def test_phases_cli_writes_each_items_phase(beat_cache):
         assert 0.0 <= err < 0.03
     ds = CachedEmbeddingDataset(beat_cache).with_beats()
     assert ds.seconds_per_frame > 0 and ds[3]["beat"][0] == pytest.approx(125.0)
+    assert float(ds[3]["register"]) == 80.0 and float(ds[2]["register"]) == 66.0
 
 
 def test_cache_without_phases_says_how_to_add_them(tiny_model_dir, tmp_path):
@@ -243,6 +246,74 @@ def test_generation_feeds_the_grid_from_the_prompt_or_bpm(beat_model_dir, monkey
         pipe("a slow chorale", duration=2.56, seed=0, cache_threshold=0.1)
 
 
+@pytest.fixture(scope="module")
+def control_model_dir(beat_model_dir, tmp_path_factory):
+    """The beat model further extended with the register hint, its new columns seeded, non-zero values."""
+    from fluxmusic.transformer_io import load_transformer, save_transformer
+
+    d = tmp_path_factory.mktemp("ctlmodel") / "model"
+    shutil.copytree(beat_model_dir, d)
+    beat = load_transformer(beat_model_dir / "transformer")
+    ext = add_context_input(beat, BEAT_CHANNELS, REGISTER_CHANNELS)
+    assert torch.equal(ext.context_in.weight[:, :-REGISTER_CHANNELS], beat.context_in.weight)  # beat kept
+    with torch.no_grad():
+        ext.context_in.weight[:, -REGISTER_CHANNELS:].normal_(0, 1.0, generator=torch.Generator().manual_seed(2))
+    shutil.rmtree(d / "transformer")
+    save_transformer(ext, d / "transformer")
+    return d
+
+
+@pytest.mark.parametrize("prompt, word", [
+    ("A medium major piece on harp, solo texture, mid register", "mid"), ("violin in a high register", "high"),
+    ("a low-pitched drone", "low"), ("cello in the bass range", "low"), ("calm piano", None),
+    ("high energy rock", None),
+])
+def test_register_is_read_from_the_prompt(prompt, word):
+    assert register_from_prompt(prompt) == word
+
+
+def test_register_hint_features_and_generation(control_model_dir, monkeypatch, one_torch_thread):
+    from fluxmusic.pipeline import FluxMusicPipeline
+
+    f = register_features(torch.tensor([80.0, float("nan")]), 6)
+    assert f.shape == (2, 6, REGISTER_CHANNELS) and torch.all(f[1] == 0)
+    assert torch.allclose(f[0], torch.tensor([1.0, (80.0 - 66.0) / 12]).expand(6, -1))
+    pipe = FluxMusicPipeline.from_pretrained(control_model_dir)
+    assert pipe.control_channels == (BEAT_CHANNELS, REGISTER_CHANNELS)
+    seen = []
+    real = pipe.backend.velocity
+    monkeypatch.setattr(pipe.backend, "velocity", lambda *a, context=None: seen.append(context) or real(
+        *a, context=context))
+    high = pipe("a slow tune in a high register", duration=2.56, seed=0)
+    c = seen[0]
+    assert c.shape[-1] == 64 + BEAT_CHANNELS + REGISTER_CHANNELS
+    assert torch.all(c[0, :, -2] == 1) and torch.allclose(c[0, :, -1], torch.tensor((80.0 - 66.0) / 12))
+    assert torch.all(c[1, :, 64:] == 0)  # the uncond row gets neither control
+    same = pipe("a slow tune in a high register", duration=2.56, seed=0, register="high")
+    np.testing.assert_array_equal(high.audio[0], same.audio[0])
+    low = pipe("a slow tune in a high register", duration=2.56, seed=0, register="low")  # explicit wins
+    assert not np.array_equal(high.audio[0], low.audio[0])
+    with pytest.raises(FluxMusicError, match=r"register 'soprano' is invalid; allowed: low, mid, high"):
+        pipe.request("calm piano", register="soprano")
+
+
+def test_register_finetune_keeps_the_beat_and_trains_the_hint(beat_model_dir, beat_cache, tmp_path,
+                                                              one_torch_thread):
+    from fluxmusic.training.masked_finetune import main
+    from fluxmusic.transformer_io import load_transformer
+
+    out = tmp_path / "reg"
+    assert main(["--transformer", str(beat_model_dir / "transformer"), "--cache", str(beat_cache), "--out", str(out),
+                 "--steps", "3", "--batch-size", "2", "--lr", "1e-3", "--val-items", "2", "--beat",
+                 "--register"]) == 0
+    model = load_transformer(out)
+    assert model.control_channels == BEAT_CHANNELS + REGISTER_CHANNELS
+    assert float(model.context_in.weight.detach()[:, -REGISTER_CHANNELS:].abs().sum()) > 0
+    # without --register a register model is refused, not silently cut down
+    assert main(["--transformer", str(out), "--cache", str(beat_cache), "--out", str(tmp_path / "x"), "--steps",
+                 "2", "--beat"]) == 2
+
+
 def test_generate_cli_takes_bpm(beat_model_dir, tmp_path, one_torch_thread):
     from fluxmusic.cli import main
 
@@ -255,7 +326,7 @@ def test_generate_cli_takes_bpm(beat_model_dir, tmp_path, one_torch_thread):
     assert not (tmp_path / "b.wav").exists()
 
 
-def test_onnx_beat_model_equals_torch(beat_model_dir, tmp_path, monkeypatch, one_torch_thread):
+def test_onnx_control_model_equals_torch(control_model_dir, tmp_path, monkeypatch, one_torch_thread):
     """The beat grid rides in the graphs' context input: text-to-music on the onnx backend (velocity graph and
     fused step graph) gets the same context and ends at the same latents as torch fp32."""
     pytest.importorskip("onnxruntime")
@@ -264,11 +335,11 @@ def test_onnx_beat_model_equals_torch(beat_model_dir, tmp_path, monkeypatch, one
     from fluxmusic.pipeline import FluxMusicPipeline
 
     out = tmp_path / "onnx"
-    export_onnx(beat_model_dir, out, step_graph=True, progress=None)
+    export_onnx(control_model_dir, out, step_graph=True, progress=None)
     width = read_manifest(out)["components"]["transformer"]["inputs"][-1]["shape"][-1]
-    assert width == 64 + BEAT_CHANNELS
-    ref = FluxMusicPipeline.from_pretrained(beat_model_dir, dtype="fp32")
-    onnx = FluxMusicPipeline.from_pretrained(beat_model_dir, backend="onnx", onnx_dir=out)
+    assert width == 64 + BEAT_CHANNELS + REGISTER_CHANNELS
+    ref = FluxMusicPipeline.from_pretrained(control_model_dir, dtype="fp32")
+    onnx = FluxMusicPipeline.from_pretrained(control_model_dir, backend="onnx", onnx_dir=out)
     assert onnx.beat_channels == BEAT_CHANNELS
     latents: list = []
     for pipe in (ref, onnx):
@@ -279,12 +350,12 @@ def test_onnx_beat_model_equals_torch(beat_model_dir, tmp_path, monkeypatch, one
             del onnx.backend.graphs["euler_step"]
         latents.clear()
         for pipe in (ref, onnx):
-            pipe("a fast reel", seed=0, steps=4, solver="euler", duration=2.56)
+            pipe("a fast reel in a high register", seed=0, steps=4, solver="euler", duration=2.56)
         za, zb = latents
         assert float((za - zb).abs().max()) <= 1e-4 * float(za.abs().max()), fused
 
 
-def test_grpc_takes_bpm_and_says_the_model_has_a_beat_grid(beat_model_dir, one_torch_thread):
+def test_grpc_takes_bpm_and_register(control_model_dir, one_torch_thread):
     pytest.importorskip("grpc_health")
     import grpc
     from fluxmusic.runtime.client import FluxMusicClient
@@ -292,18 +363,23 @@ def test_grpc_takes_bpm_and_says_the_model_has_a_beat_grid(beat_model_dir, one_t
 
     from fluxmusic.pipeline import FluxMusicPipeline
 
-    pipe, ref = FluxMusicPipeline.from_pretrained(beat_model_dir), FluxMusicPipeline.from_pretrained(beat_model_dir)
+    pipe = FluxMusicPipeline.from_pretrained(control_model_dir)
+    ref = FluxMusicPipeline.from_pretrained(control_model_dir)
     server = FluxMusicServer(pipe, ServerConfig(port=0)).start()
     try:
         with FluxMusicClient(server.target) as client:
-            assert client.model_info().limits.beat_grid
+            limits = client.model_info().limits
+            assert limits.beat_grid and limits.register_hint
             kw = dict(duration=0.64, steps=2, seed=4)
-            got = client.generate("calm piano", encoding="pcm_f32le", bpm=150, **kw).audio[0]
-            np.testing.assert_array_equal(got, ref("calm piano", bpm=150, **kw).audio[0])
+            got = client.generate("calm piano", encoding="pcm_f32le", bpm=150, register="high", **kw).audio[0]
+            np.testing.assert_array_equal(got, ref("calm piano", bpm=150, register="high", **kw).audio[0])
             assert not np.array_equal(got, ref("calm piano", **kw).audio[0])
             with pytest.raises(grpc.RpcError) as e:
                 client.stub.Generate(client_request("calm piano", bpm=1000.0))
             assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and e.value.details().startswith("bpm ")
+            with pytest.raises(grpc.RpcError) as e:
+                client.stub.Generate(client_request("calm piano", register="alto"))
+            assert e.value.details().startswith("register ")
     finally:
         server.stop(grace=0)
 

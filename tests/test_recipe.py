@@ -21,7 +21,7 @@ def test_toy_recipe_builds_a_model_directory_that_generates(tmp_path):
     from fluxmusic.transformer_io import load_transformer
 
     # A recipe without the masked stage assembles the plain transformer...
-    no_masked = dataclasses.replace(RECIPES["toy"], masked_stage=None, beat_stage=None)
+    no_masked = dataclasses.replace(RECIPES["toy"], masked_stage=None, beat_stage=None, register_stage=None)
     plain = RecipeRun(no_masked, tmp_path / "run", stream=io.StringIO()).run()
     assert "context_channels" not in json.loads((plain / "transformer" / "config.json").read_text())
     assert not (tmp_path / "run" / "parts" / "transformer_masked").exists()
@@ -30,17 +30,17 @@ def test_toy_recipe_builds_a_model_directory_that_generates(tmp_path):
     model = RecipeRun(RECIPES["toy"], tmp_path / "run", stream=log).run()
     started = [line for line in log.getvalue().splitlines() if line.endswith(": starting")]
     assert started == ["recipe: transformer_masked: starting", "recipe: transformer_beat: starting",
-                       "recipe: assemble: starting"], started
+                       "recipe: transformer_register: starting", "recipe: assemble: starting"], started
     assert "beat phases of the cache's clips" in log.getvalue()  # the synth corpus's tempo_bpm, phased from audio
     index = json.loads((model / "model_index.json").read_text())
     # The VAE's 8x compression reaches the model directory's geometry (not constants).
     assert index["geometry"]["vae_downsample"] == 8 and index["defaults"]["steps"] == 2
     transformer = load_transformer(model / "transformer")
-    assert transformer.config.context_channels == 2 * transformer.config.in_channels + BEAT_CHANNELS
-    assert transformer.takes_beat
-    assert float(transformer.context_in.weight.detach()[:, -BEAT_CHANNELS:].abs().sum()) > 0  # trained from zero
+    assert transformer.config.context_channels == 2 * transformer.config.in_channels + BEAT_CHANNELS + 2
+    assert transformer.takes_beat and transformer.config.register_channels == 2
+    assert float(transformer.context_in.weight.detach()[:, -BEAT_CHANNELS - 2:].abs().sum()) > 0  # trained from 0
     pipe = FluxMusicPipeline.from_pretrained(model)
-    assert pipe.takes_context and pipe.beat_channels == BEAT_CHANNELS
+    assert pipe.takes_context and pipe.control_channels == (BEAT_CHANNELS, 2)
     out = pipe("a fast piano melody", duration=2.56, seed=0)
     assert out.audio[0].shape == (40960,) and np.isfinite(out.audio[0]).all()
     cont = pipe("a fast piano melody", audio=out.audio[0], keep="0:1", duration=2.56, seed=1)

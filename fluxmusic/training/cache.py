@@ -143,6 +143,7 @@ class CachedEmbeddingDataset:
         _check_null(self.null_txt, self.null_y, self.shapes, str(self.dir))
         self._handles: dict[int, Any] = {}
         self._beats: Tensor | None = None
+        self._registers: Tensor | None = None
         self.seconds_per_frame: float | None = None  # set by with_beats
 
     def __len__(self) -> int:
@@ -159,12 +160,14 @@ class CachedEmbeddingDataset:
         item = {k: handle.get_slice(k)[row].float() for k in KEYS}
         if self._beats is not None:
             item["beat"] = self._beats[self.indices[i]]
+            item["register"] = self._registers[self.indices[i]]
         return item
 
     def with_beats(self) -> CachedEmbeddingDataset:
         """This view whose items also carry ``"beat"`` = [bpm, t0 s] (NaN where unknown) from the items'
         ``bpm`` and ``beat_t0`` metadata (``fluxmusic.beat``: the beat-grid conditioning's training input), with
-        ``seconds_per_frame`` from the cache's metadata."""
+        ``seconds_per_frame`` from the cache's metadata, and ``"register"`` = the target MIDI pitch of the item's
+        ``register`` word (``fluxmusic.register``; NaN where it has none)."""
         lines = (self.dir / ITEMS_NAME).read_text().splitlines() if (self.dir / ITEMS_NAME).is_file() else []
         meta = [json.loads(line) for line in lines]
         meta += [{}] * (len(self._locate) - len(meta))
@@ -181,6 +184,9 @@ class CachedEmbeddingDataset:
                                  "metadata); add the beat phases with python -m fluxmusic.training.beat_phases")
         sub = self.subset(list(range(len(self.indices))))
         sub.seconds_per_frame = float(spf)
+        from fluxmusic.register import register_midi
+
+        sub._registers = torch.tensor([register_midi(m.get("register")) for m in meta], dtype=torch.float32)
         sub._beats = torch.tensor([[nan if v is None else float(v) for v in r] for r in rows], dtype=torch.float32)
         return sub
 

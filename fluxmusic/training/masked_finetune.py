@@ -42,7 +42,7 @@ def finetune_masked(transformer_dir: str | Path, cache_dir: str | Path, out_dir:
                     steps: int | None = None, batch_size: int | None = None, lr: float | None = None,
                     context_lr: float | None = None, seed: int = 0, minutes: float | None = None,
                     val_items: int = _VAL_ITEMS, device: str = "cpu", run_dir: str | Path | None = None,
-                    stream: TextIO | None = None, beat: bool = False) -> dict:
+                    stream: TextIO | None = None, beat: bool = False, register: bool = False) -> dict:
     """Extend ``transformer_dir`` with the context input and train it ``steps`` steps (or until ``minutes`` have
     passed: it then stops there, with the lr schedule of ``steps``) on the cache's train items, validating on its
     first ``val_items`` val items; write the EMA weights to ``out_dir`` (which must not exist). Unset options take
@@ -62,10 +62,11 @@ def finetune_masked(transformer_dir: str | Path, cache_dir: str | Path, out_dir:
                                 batch_size=stage.batch_size if batch_size is None else batch_size,
                                 lr=stage.lr if lr is None else lr)
     train_ds, val_ds = cache_splits(cache_dir, val_items)
-    if beat:
+    if beat or register:
         train_ds, val_ds = train_ds.with_beats(), val_ds.with_beats() if val_ds is not None else None
     task = MaskedFinetuneTask(transformer_dir, train_ds, train_ds.null_txt, train_ds.null_y, val=val_ds,
-                              context_lr=default_context_lr if context_lr is None else context_lr, beat=beat)
+                              context_lr=default_context_lr if context_lr is None else context_lr, beat=beat,
+                              register=register)
     cfg = stage.train_config(1.0, seed, 10, device)
     run = Path(run_dir) if run_dir is not None else out.with_name(out.name + ".run")
     tmp = out.with_name(out.name + ".partial")
@@ -79,6 +80,7 @@ def finetune_masked(transformer_dir: str | Path, cache_dir: str | Path, out_dir:
         "from": str(transformer_dir), "cache": str(cache_dir), "run_dir": str(run), "steps": result.step,
         "planned_steps": cfg.steps, "batch_size": cfg.batch_size, "lr": cfg.lr, "context_lr": task.context_lr,
         "warmup_steps": cfg.warmup_steps, "ema_decay": cfg.ema_decay, "seed": seed, "device": device, "beat": beat,
+        "register": register,
         "train_items": len(train_ds), "val_items": len(val_ds) if val_ds is not None else 0,
         "train_seconds": time.perf_counter() - t0,
         # masked flow loss on the val items with fixed noise, times, masks and CFG drops: comparable across steps
@@ -105,6 +107,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--beat", action="store_true",
                     help="also train beat-grid conditioning (fluxmusic.beat; the cache needs its beat phases)")
+    ap.add_argument("--register", action="store_true",
+                    help="also train the register hint (fluxmusic.register; from the items' register words)")
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     ap.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
     args = ap.parse_args(argv)
@@ -117,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
         summary = finetune_masked(args.transformer, args.cache, args.out, steps=args.steps,
                                   batch_size=args.batch_size, lr=args.lr, context_lr=args.context_lr, seed=args.seed,
                                   minutes=args.minutes, val_items=args.val_items, device=args.device,
-                                  run_dir=args.run_dir, beat=args.beat)
+                                  run_dir=args.run_dir, beat=args.beat, register=args.register)
     except FluxMusicError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -19,6 +19,9 @@ also resumes from its own checkpoint):
 8b. ``parts/transformer_beat``  beat-grid conditioning (fluxmusic.beat): each clip's beat phase read from its
                     audio into the cache, then the masked transformer with zero-initialised beat columns,
                     fine-tuned the same way (runs/transformer_beat); recipes with ``beat_stage`` only
+8c. ``parts/transformer_register``  the register hint (fluxmusic.register): the beat transformer with
+                    zero-initialised register columns, fine-tuned the same way (runs/transformer_register); recipes
+                    with ``register_stage`` only
 9. ``model/``       the assembled model directory (DESIGN.md section 5), with its sampling defaults
 
 Every stage runs on the shared training loop (``fluxmusic.training.loop.train``). ``--budget-minutes``
@@ -129,6 +132,9 @@ class Recipe:
     # Beat-grid conditioning: the masked transformer given the beat grid (fluxmusic.beat) and fine-tuned further
     # (needs masked_stage; its context input trains at masked_context_lr); None: no beat grid
     beat_stage: Stage | None = None
+    # The register hint: the beat transformer given the melody's register (fluxmusic.register) and fine-tuned
+    # further (needs beat_stage); None: no register hint
+    register_stage: Stage | None = None
     # Rounds of the vocoder's mel-match projection (VocosConfig.mel_match_iterations) and its momentum
     # (mel_match_momentum), set in the assembled model directory: parameter-free, so no stage trains it (0: off)
     vocoder_mel_match: int = 0
@@ -169,6 +175,8 @@ RECIPES: dict[str, Recipe] = {
         masked_stage=Stage(steps=3000, batch_size=8, lr=1e-4, ema_decay=0.995, warmup_steps=150, val_at_start=True),
         # ~2 s per step here (one thread): 80 min; the bundled one stopped at a 58-minute limit (docs/default-model.md)
         beat_stage=Stage(steps=2400, batch_size=16, lr=2e-4, ema_decay=0.995, warmup_steps=120, val_at_start=True),
+        # from the beat stage's export: the register columns start at zero; ~40 min here
+        register_stage=Stage(steps=1200, batch_size=16, lr=2e-4, ema_decay=0.995, warmup_steps=60, val_at_start=True),
         # AB2 14 / shift 3: the cheapest setting as accurate as the official Euler-50 (latent distance to a
         # Heun-40 solution 0.030 vs 0.037) with FAD/CLAP within their noise (fluxmusic eval --sweep,
         # docs/performance.md section 5); AB2 12 misses by 2-4%.
@@ -197,6 +205,7 @@ RECIPES: dict[str, Recipe] = {
         transformer_stage=Stage(steps=3, batch_size=4, lr=1e-3),
         masked_stage=Stage(steps=3, batch_size=4, lr=1e-3, val_at_start=True),
         beat_stage=Stage(steps=2, batch_size=4, lr=1e-3),
+        register_stage=Stage(steps=2, batch_size=4, lr=1e-3),
         defaults={"steps": 2, "guidance": 3.0, "solver": "euler", "shift": None}, name="fluxmusic-toy", log_every=1,
     ),
 }
@@ -221,6 +230,9 @@ class RecipeRun:
         if recipe.beat_stage is not None and recipe.masked_stage is None:
             raise FluxMusicError(f"recipe {recipe.name}: beat_stage fine-tunes the masked transformer; it needs "
                                  "masked_stage")
+        if recipe.register_stage is not None and recipe.beat_stage is None:
+            raise FluxMusicError(f"recipe {recipe.name}: register_stage fine-tunes the beat transformer; it needs "
+                                 "beat_stage")
         self.stream = stream or sys.stderr
         self.parts = self.out / "parts"
         self.timings: dict[str, float] = {}
@@ -264,6 +276,9 @@ class RecipeRun:
         if self.r.beat_stage is not None:
             self._stage("transformer_beat", self.parts / "transformer_beat", lambda: self.train_transformer_beat(
                 manifest))
+        if self.r.register_stage is not None:
+            self._stage("transformer_register", self.parts / "transformer_register",
+                        lambda: self.train_transformer_beat(manifest, register=True))
         if vocoder is not None:
             self._join_vocoder(vocoder)
         model = self.out / "model"
@@ -422,24 +437,29 @@ class RecipeRun:
                                   context_lr=self.r.masked_context_lr)
         self._train(task, self.r.masked_stage, "transformer_masked", self.parts / "transformer_masked")
 
-    def train_transformer_beat(self, manifest: Path) -> None:
+    def train_transformer_beat(self, manifest: Path, register: bool = False) -> None:
+        """The beat stage (from the masked transformer), or with ``register`` the register stage (from the beat
+        transformer, both controls trained)."""
         from fluxmusic.training.beat_phases import add_beat_phases
         from fluxmusic.training.transformer_task import MaskedFinetuneTask, cache_splits
 
-        assert self.r.beat_stage is not None and self.r.masked_stage is not None
+        stage, base, name = ((self.r.register_stage, "transformer_beat", "transformer_register") if register else
+                             (self.r.beat_stage, "transformer_masked", "transformer_beat"))
+        assert stage is not None
         if not _has_beat_phases(self.out / "cache"):
             phased = add_beat_phases(self.out / "cache", manifest)
-            self.say(f"transformer_beat: beat phases of the cache's clips: {phased}")
+            self.say(f"{name}: beat phases of the cache's clips: {phased}")
         train, val = cache_splits(self.out / "cache")
         train, val = train.with_beats(), val.with_beats() if val is not None else None
-        task = MaskedFinetuneTask(self.parts / "transformer_masked", train, train.null_txt, train.null_y, val=val,
-                                  context_lr=self.r.masked_context_lr, beat=True)
-        self._train(task, self.r.beat_stage, "transformer_beat", self.parts / "transformer_beat")
+        task = MaskedFinetuneTask(self.parts / base, train, train.null_txt, train.null_y, val=val,
+                                  context_lr=self.r.masked_context_lr, beat=True, register=register)
+        self._train(task, stage, name, self.parts / name)
 
     @property
     def final_transformer(self) -> Path:
         """The transformer the model directory gets: the last transformer stage of the recipe."""
-        last = ("transformer_beat" if self.r.beat_stage is not None else
+        last = ("transformer_register" if self.r.register_stage is not None else
+                "transformer_beat" if self.r.beat_stage is not None else
                 "transformer_masked" if self.r.masked_stage is not None else "transformer")
         return self.parts / last
 
@@ -491,14 +511,15 @@ def vocoder_task(recipe: Recipe, train_bank, val_bank, seed: int, phase: Vocoder
 
 def _transformer_stage(transformer_dir: Path) -> str:
     """Which recipe stage made a transformer directory, by its config: transformer, transformer_masked (context
-    input) or transformer_beat (beat grid too)."""
+    input), transformer_beat (beat grid too) or transformer_register (and the register hint)."""
     try:
         cfg = json.loads((transformer_dir / "config.json").read_text())
     except (OSError, ValueError):
         return "transformer"
     if not isinstance(cfg, dict):
         return "transformer"
-    return ("transformer_beat" if cfg.get("beat_channels") else
+    return ("transformer_register" if cfg.get("register_channels") else
+            "transformer_beat" if cfg.get("beat_channels") else
             "transformer_masked" if cfg.get("context_channels") else "transformer")
 
 

@@ -30,6 +30,8 @@ MASK_MIX = {"full": 0.3, "prefix": 0.4, "middle": 0.3}
 #: Beat-grid conditioning (models with ``beat_channels``): the grid is withheld (flag 0) with this probability, so
 #: the model also generates when a prompt names no tempo.
 P_NO_BEAT = 0.2
+#: The register hint (models with ``register_channels``) is withheld with this probability.
+P_NO_REGISTER = 0.2
 
 
 def sample_frame_masks(batch: int, frames: int, generator: torch.Generator,
@@ -171,27 +173,39 @@ class TransformerTask(TrainTask):
             frames = sample_frame_masks(b, h, generator).to(x0)
             mask = patchify(frames[:, None, :, None].expand(b, latent.shape[1], h, w).contiguous())
             beat = None
-            if unwrap(model).takes_beat:
-                beat = self.beat_tokens(batch, h, w, generator)
-                stats["beat"] = float(beat[:, 0, 0].mean())
+            if unwrap(model).control_channels:
+                beat = self.control_tokens(unwrap(model).config, batch, h, w, generator)
+                stats["controls"] = float((beat[:, 0] != 0).any(-1).float().mean())
             loss = masked_flow_loss(lambda x, tt, c: model(x, tt, txt, y, rope, context=c), x0, noise, t, mask,
                                     beat)
             return loss, {**stats, "known": float(frames.mean())}
         loss = flow_loss(lambda x, tt: model(x, tt, txt, y, rope), x0, noise, t)
         return loss, stats
 
-    def beat_tokens(self, batch: dict[str, Tensor], h: int, w: int, generator: torch.Generator) -> Tensor:
-        """The beat-grid tokens of a batch (its ``"beat"`` [B, 2] = bpm, t0 from
-        :meth:`CachedEmbeddingDataset.with_beats`), withheld with probability :data:`P_NO_BEAT`."""
+    def control_tokens(self, config: FluxMusicConfig, batch: dict[str, Tensor], h: int, w: int,
+                       generator: torch.Generator) -> Tensor:
+        """The control tokens of a batch: the beat grid (its ``"beat"`` [B, 2] = bpm, t0, withheld with probability
+        :data:`P_NO_BEAT`) and / or the register hint (its ``"register"`` [B] target MIDI, withheld with
+        :data:`P_NO_REGISTER`), as the model's config has them (data from
+        :meth:`CachedEmbeddingDataset.with_beats`)."""
         from fluxmusic.beat import beat_features
+        from fluxmusic.register import register_features
 
         if "beat" not in batch:
-            raise FluxMusicError("this transformer takes the beat grid, but the training items carry no 'beat' "
-                                 "(bpm, t0): train it on CachedEmbeddingDataset.with_beats()")
-        bpm, t0 = batch["beat"][:, 0].cpu(), batch["beat"][:, 1].cpu()
-        drop = torch.rand(bpm.shape[0], generator=generator, device=generator.device).cpu() < P_NO_BEAT
-        bpm = torch.where(drop, torch.full_like(bpm, float("nan")), bpm)
-        return beat_features(bpm, t0, h, w // PATCH, batch_spf(self.train)).to(batch["latent"].device)
+            raise FluxMusicError("this transformer takes the beat grid / register hint, but the training items carry "
+                                 "no 'beat' / 'register': train it on CachedEmbeddingDataset.with_beats()")
+        parts = []
+        b, device = batch["latent"].shape[0], batch["latent"].device
+        u = torch.rand(2, b, generator=generator, device=generator.device).cpu()
+        if config.beat_channels:
+            bpm, t0 = batch["beat"][:, 0].cpu(), batch["beat"][:, 1].cpu()
+            bpm = torch.where(u[0] < P_NO_BEAT, torch.full_like(bpm, float("nan")), bpm)
+            parts.append(beat_features(bpm, t0, h, w // PATCH, batch_spf(self.train)))
+        if config.register_channels:
+            midi = batch["register"].cpu()
+            midi = torch.where(u[1] < P_NO_REGISTER, torch.full_like(midi, float("nan")), midi)
+            parts.append(register_features(midi, (h // PATCH) * (w // PATCH)))
+        return torch.cat(parts, dim=-1).to(device)
 
     def sample(self, model: nn.Module, out_dir: Path, step: int) -> dict[str, float] | None:
         """Euler + CFG from the first validation (else training) items' conditioning; saves latents (+ WAVs)."""
@@ -271,8 +285,9 @@ class MaskedFinetuneTask(TransformerTask):
 
     def __init__(self, base: str | Path, train: Dataset, null_txt: Tensor, null_y: Tensor,
                  val: Dataset | None = None, context_lr: float = 1e-3, p_uncond: float = P_UNCOND,
-                 beat: bool = False) -> None:
+                 beat: bool = False, register: bool = False) -> None:
         from fluxmusic.beat import BEAT_CHANNELS
+        from fluxmusic.register import REGISTER_CHANNELS
         from fluxmusic.transformer_io import CONFIG_NAME, WEIGHTS_NAME
 
         self.base = Path(base)
@@ -282,20 +297,24 @@ class MaskedFinetuneTask(TransformerTask):
                                  "transformer directory (config.json + model.safetensors)")
         base_config = FluxMusicConfig.load(self.base / CONFIG_NAME)
         beat_channels = BEAT_CHANNELS if beat else 0
-        if base_config.beat_channels and not beat:
-            raise FluxMusicError(f"base transformer {self.base} takes the beat grid; train it further with beat on")
-        config = dataclasses.replace(base_config, context_channels=2 * base_config.in_channels + beat_channels,
-                                     beat_channels=beat_channels)
+        register_channels = REGISTER_CHANNELS if register else 0
+        for name, on, what in (("beat_channels", beat, "beat"), ("register_channels", register, "register")):
+            if getattr(base_config, name) and not on:
+                raise FluxMusicError(f"base transformer {self.base} takes the {what} input; train it further with "
+                                     f"{what} on")
+        config = dataclasses.replace(
+            base_config, context_channels=2 * base_config.in_channels + beat_channels + register_channels,
+            beat_channels=beat_channels, register_channels=register_channels)
         # A base that already takes this context input (an earlier fine-tune) is trained further as it is; a
-        # masked one gains the beat columns (zero-initialised).
-        self.continues = base_config.context_channels == config.context_channels
+        # masked one gains the control columns (zero-initialised).
+        self.continues = base_config == config
         if not (isinstance(context_lr, (int, float)) and math.isfinite(context_lr) and context_lr > 0):
             raise FluxMusicError(f"context lr must be a finite number > 0, got {context_lr!r}")
-        if beat:
+        if beat or register:
             batch_spf(train)
         super().__init__(config, train, null_txt, null_y, val=val, p_uncond=p_uncond)
         self.context_lr = float(context_lr)
-        self.beat = beat
+        self.beat, self.register = beat, register
         # The checkpoint continues a fine-tune of these exact weights: a retrained base must not resume it.
         self.base_sha256 = _file_sha256(self.base / WEIGHTS_NAME)
 
@@ -303,7 +322,9 @@ class MaskedFinetuneTask(TransformerTask):
         from fluxmusic.transformer_io import load_transformer
 
         model = load_transformer(self.base)
-        return (model if self.continues else add_context_input(model, self.config.beat_channels)).train()
+        if self.continues:
+            return model.train()
+        return add_context_input(model, self.config.beat_channels, self.config.register_channels).train()
 
     def param_groups(self, model: nn.Module) -> list[dict[str, Any]]:
         named = list(model.named_parameters())
@@ -311,9 +332,11 @@ class MaskedFinetuneTask(TransformerTask):
                 {"params": [p for n, p in named if n.startswith("context_in.")], "lr": self.context_lr}]
 
     def fingerprint(self) -> dict[str, Any]:
-        beat = {"p_no_beat": P_NO_BEAT} if self.beat else {}
+        controls = {"p_no_beat": P_NO_BEAT} if self.beat else {}
+        if self.register:
+            controls["p_no_register"] = P_NO_REGISTER
         return {**super().fingerprint(), "base_sha256": self.base_sha256, "mask_mix": dict(MASK_MIX),
-                "p_uncond": self.p_uncond, **beat}
+                "p_uncond": self.p_uncond, **controls}
 
     def export(self, model: nn.Module, out_dir: Path) -> Path | None:
         from fluxmusic.training.saving import atomic_save_dir
