@@ -408,3 +408,20 @@ def test_gpu_transformer_trains_the_beat_stage_too(beat_cache, tiny_model_dir, t
     pipe = FluxMusicPipeline.from_pretrained(gt.assemble(tmp_path / "out", tmp_path / "model", tiny_model_dir))
     assert pipe.beat_channels == BEAT_CHANNELS
     assert np.isfinite(pipe("a fast reel", steps=1, duration=1.0, seed=0).audio[0]).all()
+
+
+def test_eval_sweep_on_a_control_model_skips_step_caching(control_model_dir, tmp_path, capsys, one_torch_thread):
+    """`fluxmusic eval --sweep` on a model with a beat grid / register hint runs, without the step-cache variants
+    (which the pipeline refuses on such a model)."""
+    from fluxmusic.cli import main
+    from fluxmusic.data.synth import make_corpus
+
+    corpus = make_corpus(tmp_path / "corpus", hours=4 * 10.24 / 3600, seed=3, progress=False)
+    out = tmp_path / "res.json"
+    assert main(["eval", "--model", str(control_model_dir), "--prompts", str(corpus), "--reference",
+                 str(corpus.parent), "--quiet", "--steps", "2", "--no-untrained", "--out", str(out), "--sweep",
+                 "--sweep-prompts", "2", "--sweep-steps", "1,2", "--sweep-target", "2", "--sweep-reference-steps",
+                 "4", "--sweep-caches", "0.2", "--sweep-solvers", "euler"]) == 0
+    assert "no step-cache variants" in capsys.readouterr().err
+    rows = json.loads(out.read_text())["steps_sweep"]["rows"]
+    assert rows and not any(r.get("cache_threshold") for r in rows)

@@ -223,6 +223,10 @@ def run(args: argparse.Namespace) -> int:
         from fluxmusic.evaluation.sweep import steps_sweep
 
         n = min(sweep_n, len(prompts))
+        if any(pipe.control_channels) and sweep_options.get("cache_thresholds"):
+            # step caching does not combine with a beat grid / register hint (the pipeline refuses it)
+            print("sweep: no step-cache variants (this model takes a beat grid / register hint)", file=sys.stderr)
+            sweep_options["cache_thresholds"] = []
         results["steps_sweep"] = steps_sweep(
             pipe, [p.text for p in prompts[:n]], scored["text_emb"][:n], scored["reference"].emb, embedder,
             guidance=guidance, seed=args.seed, steps=sweep_steps,
