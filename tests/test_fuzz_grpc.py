@@ -248,10 +248,20 @@ def mutations(rng: random.Random):
         elif kind == 4:
             yield bytes(v) + bytes([rng.randint(1, 15) << 3]) + b"\xff" * rng.randint(9, 12)
         elif kind == 5:
-            yield bytes(v) + bytes([rng.choice(strings) << 3 | 2, 0x7F]) + b"ab"
+            yield bytes(v) + _varint(rng.choice(strings) << 3 | 2) + bytes([0x7F]) + b"ab"
         else:
             bad = rng.choice([b"\xff", b"\xc3\x28", b"\xe2\x28\xa1", b"\xed\xa0\x80", b"\xf8\x88\x80\x80\x80"])
-            yield bytes(v) + bytes([rng.choice(strings) << 3 | 2, len(bad)]) + bad
+            yield bytes(v) + _varint(rng.choice(strings) << 3 | 2) + bytes([len(bad)]) + bad
+
+
+def _varint(n: int) -> bytes:
+    """Protobuf base-128 varint (field tags above 15 take two bytes)."""
+    out = bytearray()
+    while True:
+        low, n = n & 0x7F, n >> 7
+        out.append(low | (0x80 if n else 0))
+        if not n:
+            return bytes(out)
 
 
 def _pending(data: bytes) -> bool:
