@@ -321,7 +321,7 @@ def example_context(x0: Tensor, grid_w: int, beat_channels: int = 0, seconds_per
     if register_channels:
         pitches = list(REGISTER_MIDI.values())
         midi = torch.tensor([float("nan")] + [pitches[i % len(pitches)] for i in range(1, b)])
-        parts.append(register_features(midi, n))
+        parts.append(register_features(midi, frames, grid_w))
     return torch.cat(parts, dim=-1)
 
 

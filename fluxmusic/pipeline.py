@@ -610,7 +610,7 @@ class FluxMusicPipeline:
                                        self.geometry.seconds_per_latent_frame, start).to(x))
         if register_ch:
             midi = torch.tensor([register_midi(it.register) for it in request.items])
-            parts.append(register_features(midi, length).to(x))
+            parts.append(register_features(midi, grid_h, grid_w, self.sample_rate).to(x))
         return torch.cat(parts, dim=-1)
 
     def trained_context(self, request: GenerationRequest, region: KnownRegion | None) -> Tensor | None:

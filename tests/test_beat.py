@@ -275,9 +275,13 @@ def test_register_is_read_from_the_prompt(prompt, word):
 def test_register_hint_features_and_generation(control_model_dir, monkeypatch, one_torch_thread):
     from fluxmusic.pipeline import FluxMusicPipeline
 
-    f = register_features(torch.tensor([80.0, float("nan")]), 6)
-    assert f.shape == (2, 6, REGISTER_CHANNELS) and torch.all(f[1] == 0)
-    assert torch.allclose(f[0], torch.tensor([1.0, (80.0 - 66.0) / 12]).expand(6, -1))
+    f = register_features(torch.tensor([80.0, 50.0, float("nan")]), 2, 4)
+    assert f.shape == (3, 8, REGISTER_CHANNELS) and torch.all(f[2] == 0)
+    assert torch.allclose(f[0, :, :2], torch.tensor([1.0, (80.0 - 66.0) / 12]).expand(8, -1))
+    assert torch.equal(f[0, :4], f[0, 4:])  # the same on every time step
+    band = f[0, :4, 2]  # token centre minus the pitch's place on the frequency axis: 80 (831 Hz) sits in token 1
+    assert torch.allclose(band[1:] - band[:-1], torch.ones(3)) and -0.5 < float(band[1]) < 0.5
+    assert float(f[1, 0, 2]) > float(band[0])  # MIDI 50 lies lower, so every token sits further above it
     pipe = FluxMusicPipeline.from_pretrained(control_model_dir)
     assert pipe.control_channels == (BEAT_CHANNELS, REGISTER_CHANNELS)
     seen = []
@@ -287,7 +291,7 @@ def test_register_hint_features_and_generation(control_model_dir, monkeypatch, o
     high = pipe("a slow tune in a high register", duration=2.56, seed=0)
     c = seen[0]
     assert c.shape[-1] == 64 + BEAT_CHANNELS + REGISTER_CHANNELS
-    assert torch.all(c[0, :, -2] == 1) and torch.allclose(c[0, :, -1], torch.tensor((80.0 - 66.0) / 12))
+    assert torch.all(c[0, :, -3] == 1) and torch.allclose(c[0, :, -2], torch.tensor((80.0 - 66.0) / 12))
     assert torch.all(c[1, :, 64:] == 0)  # the uncond row gets neither control
     same = pipe("a slow tune in a high register", duration=2.56, seed=0, register="high")
     np.testing.assert_array_equal(high.audio[0], same.audio[0])

@@ -36,11 +36,11 @@ def test_toy_recipe_builds_a_model_directory_that_generates(tmp_path):
     # The VAE's 8x compression reaches the model directory's geometry (not constants).
     assert index["geometry"]["vae_downsample"] == 8 and index["defaults"]["steps"] == 2
     transformer = load_transformer(model / "transformer")
-    assert transformer.config.context_channels == 2 * transformer.config.in_channels + BEAT_CHANNELS + 2
-    assert transformer.takes_beat and transformer.config.register_channels == 2
-    assert float(transformer.context_in.weight.detach()[:, -BEAT_CHANNELS - 2:].abs().sum()) > 0  # trained from 0
+    assert transformer.config.context_channels == 2 * transformer.config.in_channels + BEAT_CHANNELS + 3
+    assert transformer.takes_beat and transformer.config.register_channels == 3
+    assert float(transformer.context_in.weight.detach()[:, -BEAT_CHANNELS - 3:].abs().sum()) > 0  # trained from 0
     pipe = FluxMusicPipeline.from_pretrained(model)
-    assert pipe.takes_context and pipe.control_channels == (BEAT_CHANNELS, 2)
+    assert pipe.takes_context and pipe.control_channels == (BEAT_CHANNELS, 3)
     out = pipe("a fast piano melody", duration=2.56, seed=0)
     assert out.audio[0].shape == (40960,) and np.isfinite(out.audio[0]).all()
     cont = pipe("a fast piano melody", audio=out.audio[0], keep="0:1", duration=2.56, seed=1)

@@ -87,6 +87,12 @@ def batch_spf(data: Dataset) -> float:
     return float(spf)
 
 
+def batch_sample_rate(data: Dataset) -> int:
+    """The sample rate of the audio a cache view's latents came from (its ``sample_rate`` metadata, else 16 kHz,
+    the published system's): the register hint places pitches on a mel axis up to half of it."""
+    return int(getattr(data, "metadata", {}).get("sample_rate", 16000))
+
+
 def cfg_dropout(
     txt: Tensor, y: Tensor, null_txt: Tensor, null_y: Tensor, p: float, generator: torch.Generator
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -204,7 +210,7 @@ class TransformerTask(TrainTask):
         if config.register_channels:
             midi = batch["register"].cpu()
             midi = torch.where(u[1] < P_NO_REGISTER, torch.full_like(midi, float("nan")), midi)
-            parts.append(register_features(midi, (h // PATCH) * (w // PATCH)))
+            parts.append(register_features(midi, h // PATCH, w // PATCH, batch_sample_rate(self.train)))
         return torch.cat(parts, dim=-1).to(device)
 
     def sample(self, model: nn.Module, out_dir: Path, step: int) -> dict[str, float] | None:
