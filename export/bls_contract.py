@@ -86,6 +86,10 @@ BLS_INPUTS = (
     # Given audio / long form: how the known frames condition the solve ("auto", "trained", "replace"; as the
     # gRPC request's and the CLI's --conditioning). "trained" needs a transformer with the context input.
     BlsTensor("conditioning", "TYPE_STRING", (1,), optional=True),
+    # Controls of a model that takes them (the bundled default): the beat grid's tempo and the register hint
+    # (absent: read from the prompt, as everywhere; docs/generate.md).
+    BlsTensor("bpm", "TYPE_FP32", (1,), optional=True),
+    BlsTensor("register", "TYPE_STRING", (1,), optional=True),
 )
 #: Inputs that carry an array, not one value.
 BLS_ARRAY_INPUTS = ("audio",)

@@ -100,6 +100,8 @@ class BlsRequest:
     image_weight: float | None = None
     story_weight: float | None = None
     conditioning: str | None = None
+    bpm: float | None = None
+    register: str | None = None
 
     def options(self) -> dict:
         """Keywords for ``fluxmusic.sampling.build_request`` (the one resolution and validation)."""
@@ -118,7 +120,7 @@ class BlsRequest:
             "guidance_schedule": self.guidance_schedule,
             "overlap": self.overlap, "crossfade": self.crossfade, "sections": self.parsed_sections(),
             "image": self.image, "story": self.story, "image_weight": self.image_weight,
-            "story_weight": self.story_weight,
+            "story_weight": self.story_weight, "bpm": self.bpm, "register": self.register,
         }
 
     def parsed_sections(self) -> list | None:

@@ -429,3 +429,20 @@ def test_eval_sweep_on_a_control_model_skips_step_caching(control_model_dir, tmp
     assert "no step-cache variants" in capsys.readouterr().err
     rows = json.loads(out.read_text())["steps_sweep"]["rows"]
     assert rows and not any(r.get("cache_threshold") for r in rows)
+
+
+def test_triton_bls_request_takes_bpm_and_register(tiny_pipe):
+    """The BLS model's bpm / register inputs reach the request as the gRPC fields and CLI options do."""
+    from fluxmusic.runtime.triton_bls import parse_request
+    from fluxmusic.sampling import build_request
+
+    req = parse_request({"prompt": np.array([b"calm piano"], dtype=object), "bpm": np.array([96.0], np.float32),
+                         "register": np.array([b"high"], dtype=object)})
+    built = build_request(tiny_pipe.defaults, tiny_pipe.geometry, req.prompt, **req.options())
+    assert (built.items[0].bpm, built.items[0].register) == (96.0, "high")
+    plain = parse_request({"prompt": np.array([b"a slow tune in a low register"], dtype=object)})
+    item = build_request(tiny_pipe.defaults, tiny_pipe.geometry, plain.prompt, **plain.options()).items[0]
+    assert (item.bpm, item.register) == (77.0, "low")
+    bad = parse_request({"prompt": np.array([b"x"], dtype=object), "register": np.array([b"alto"], dtype=object)})
+    with pytest.raises(FluxMusicError, match="register 'alto' is invalid"):
+        build_request(tiny_pipe.defaults, tiny_pipe.geometry, bad.prompt, **bad.options())

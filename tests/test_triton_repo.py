@@ -80,7 +80,7 @@ def test_repository_configs_parse_with_triton_schema(setup):
                             "preset", "guidance_interval_min", "guidance_interval_max", "cache_threshold",
                             "audio", "audio_sample_rate", "keep", "regenerate", "mode",
                             "guidance_schedule", "blend", "resample", "splice", "overlap", "crossfade", "sections",
-                            "image", "story", "image_weight", "story_weight", "conditioning"]
+                            "image", "story", "image_weight", "story_weight", "conditioning", "bpm", "register"]
     assert not inputs["prompt"].optional and all(inputs[n].optional for n in list(inputs)[1:])
     version = repo / "fluxmusic" / "1"
     for f in ("model.py", "model_index.json", "null_embeddings.safetensors", "transformer_config.json",
@@ -308,7 +308,7 @@ def test_client_example_sends_what_the_bls_model_declares():
     inputs = client.build_inputs(PROMPT, "", 2.0, 4, 3.0, 5, "ab2", 1.0, "official", (0.0, 0.75), 0.1,
                                  np.zeros(1000, np.float32), 8000, "0:1", None, "continue", "cosine", 0.1, 1, True,
                                  2.56, 0.25, ["0:8 a", "8: b"], b"\x89PNG", "A story.", 0.5, 2.0,
-                                 "trained")
+                                 "trained", 96.0, "high")
     inputs += client.build_inputs(PROMPT, regenerate="0.5:1")[1:]
     sent = {i.name(): (i.datatype(), [-1 if n in ("audio", "sections") else d for d in i.shape()]) for i, n in
             ((i, i.name()) for i in inputs)}

@@ -52,6 +52,8 @@ def build_inputs(
     image_weight: float | None = None,
     story_weight: float | None = None,
     conditioning: str | None = None,
+    bpm: float | None = None,
+    register: str | None = None,
 ) -> list[grpcclient.InferInput]:
     """Request tensors of the ``fluxmusic`` model; an omitted setting takes the model's default (or the preset's).
     ``shift=1`` is no time shift; ``preset="official"`` is the official sampler. ``audio`` (mono float32 samples at
@@ -60,7 +62,8 @@ def build_inputs(
     is long form (``overlap``, ``crossfade`` seconds; ``sections`` "START:END prompt" with prompt ""). ``image``
     (an image file's bytes) and ``story`` (text) condition through the repository's image / story models, mixed
     with the prompt (weight 1; may be "") by ``image_weight`` / ``story_weight``. ``conditioning`` (auto, trained,
-    replace) picks how given audio conditions the solve."""
+    replace) picks how given audio conditions the solve; ``bpm`` and ``register`` (low, mid, high) set the beat grid
+    and register hint of a model that takes them (absent: the prompt's)."""
 
     def text(v: str | None):
         return None if v is None else np.array([v.encode()], np.object_)
@@ -102,6 +105,8 @@ def build_inputs(
         "image_weight": (fp32(image_weight), "FP32"),
         "story_weight": (fp32(story_weight), "FP32"),
         "conditioning": (text(conditioning), "BYTES"),
+        "bpm": (fp32(bpm), "FP32"),
+        "register": (text(register), "BYTES"),
     }
     inputs = []
     for name, (array, datatype) in values.items():
@@ -168,6 +173,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--story-weight", type=float)
     p.add_argument("--conditioning", choices=("auto", "trained", "replace"),
                    help="how given audio conditions the solve (trained: the transformer's context input)")
+    p.add_argument("--bpm", type=float, help="beat-grid tempo (a model with a beat grid; default: the prompt's)")
+    p.add_argument("--register", choices=("low", "mid", "high"), help="register hint (default: the prompt's)")
     p.add_argument("--overlap", type=float, help="long form: seconds of context per window")
     p.add_argument("--crossfade", type=float, help="long form: seconds of crossfade at each seam")
     p.add_argument("--section", action="append", help="long form: 'START:END prompt' (repeat; prompt \"\")")
@@ -178,7 +185,7 @@ def main(argv: list[str] | None = None) -> int:
     inputs = build_inputs(args.prompt, args.negative_prompt, args.duration, args.steps, args.guidance, args.seed,
                           overlap=args.overlap, crossfade=args.crossfade, sections=args.section, image=image,
                           story=story, image_weight=args.image_weight, story_weight=args.story_weight,
-                          conditioning=args.conditioning)
+                          conditioning=args.conditioning, bpm=args.bpm, register=args.register)
     client = grpcclient.InferenceServerClient(args.url)
     try:
         audio, seed, sample_rate = (generate_streaming if args.stream else generate)(client, inputs)
