@@ -434,6 +434,7 @@ def test_eval_sweep_on_a_control_model_skips_step_caching(control_model_dir, tmp
 def test_triton_bls_request_takes_bpm_and_register(tiny_pipe):
     """The BLS model's bpm / register inputs reach the request as the gRPC fields and CLI options do."""
     from fluxmusic.runtime.triton_bls import parse_request
+
     from fluxmusic.sampling import build_request
 
     req = parse_request({"prompt": np.array([b"calm piano"], dtype=object), "bpm": np.array([96.0], np.float32),
