@@ -434,6 +434,7 @@ class FluxMusicPipeline:
                                      w.frames * geo.seconds_per_latent_frame, it.bpm, it.register)
                       for p, it in zip(prompts, items)),
                 st, w.frames, request.audio if w.index == 0 else None, conditioning=request.conditioning,
+                controls=request.controls,
             )
             t0 = time.perf_counter()
             cond = self._conditioning(prompts, media)
@@ -517,6 +518,7 @@ class FluxMusicPipeline:
             resample = request.audio.resample if request.audio is not None else 0
             region = self._known_region(x, known[0], known[1], items, resample)
         context = self.trained_context(request, region)
+        self.check_controls(request)
         beat_ch, register_ch = self.control_channels
         if beat_ch or register_ch:
             context = self.with_controls(request, context, x, grid_h, grid_w, beat_start)
@@ -581,6 +583,15 @@ class FluxMusicPipeline:
         if cfg is None:
             cfg = getattr(getattr(self.backend, "transformer", None), "config", None)
         return (int(getattr(cfg, "beat_channels", 0) or 0), int(getattr(cfg, "register_channels", 0) or 0))
+
+    def check_controls(self, request: GenerationRequest) -> None:
+        """An explicitly set control (``bpm``, ``register``) needs a transformer that takes it: one clear error, not
+        a setting silently ignored (the same words in a prompt condition through the text)."""
+        for name, channels, what in zip(("bpm", "register"), self.control_channels,
+                                        ("beat grid (beat_channels)", "register hint (register_channels)")):
+            if name in request.controls and not channels:
+                raise FluxMusicError(f"{name} is set, but this model's transformer takes no {what}; leave {name} "
+                                     "unset (the prompt's words still condition it through the text)")
 
     @property
     def beat_channels(self) -> int:

@@ -206,6 +206,8 @@ class GenerationRequest:
     #: how known latent frames condition the solve: "auto" (trained when the model takes a context input,
     #: else replace), "trained" or "replace" (training-free, RePaint-style); see docs/continuation.md
     conditioning: str = "auto"
+    #: controls set explicitly ("bpm", "register"): the model must take them (one read from a prompt need not)
+    controls: tuple[str, ...] = ()
 
     @property
     def batch_key(self) -> tuple:
@@ -221,8 +223,9 @@ class GenerationRequest:
             if o.batch_key != self.batch_key:
                 raise FluxMusicError(f"cannot batch settings {o.batch_key} with {self.batch_key}")
             items += o.items
+        controls = tuple(sorted(set(self.controls).union(*(o.controls for o in others))))
         return GenerationRequest(tuple(items), self.settings, self.latent_frames, self.audio, self.long_form,
-                                 self.media, self.conditioning)
+                                 self.media, self.conditioning, controls)
 
 
 # ------------------------------------------------------------------------------------------------ checks
@@ -465,7 +468,8 @@ def build_request(
             raise invalid("conditioning", conditioning, ", ".join(CONDITIONING))
         if context is None and long_form is None:
             raise FluxMusicError("conditioning applies to given audio (audio=, --audio) or long form only")
-    return GenerationRequest(items, settings, frames, context, long_form, media, conditioning or "auto")
+    controls = tuple(name for name, v in (("bpm", bpm), ("register", register)) if v is not None)
+    return GenerationRequest(items, settings, frames, context, long_form, media, conditioning or "auto", controls)
 
 
 def resolve_media(image: object, story: object, image_weight: object, story_weight: object,

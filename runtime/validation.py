@@ -148,6 +148,7 @@ def parse_request(req, limits: Limits, pipe) -> RequestSpec:
         bpm=_opt(req, "bpm"),
         register=req.register or None,
     )
+    pipe.check_controls(request)  # an explicit bpm / register the model cannot take: INVALID_ARGUMENT now
     if request.media is not None:
         # a model without adapters: INVALID_ARGUMENT now, not an internal error later
         if not hasattr(pipe, "media_encoder"):

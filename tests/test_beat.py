@@ -359,7 +359,7 @@ def test_onnx_control_model_equals_torch(control_model_dir, tmp_path, monkeypatc
         assert float((za - zb).abs().max()) <= 1e-4 * float(za.abs().max()), fused
 
 
-def test_grpc_takes_bpm_and_register(control_model_dir, one_torch_thread):
+def test_grpc_takes_bpm_and_register(control_model_dir, beat_model_dir, one_torch_thread):
     pytest.importorskip("grpc_health")
     import grpc
     from fluxmusic.runtime.client import FluxMusicClient
@@ -386,6 +386,15 @@ def test_grpc_takes_bpm_and_register(control_model_dir, one_torch_thread):
             assert e.value.details().startswith("register ")
     finally:
         server.stop(grace=0)
+    plain = FluxMusicServer(FluxMusicPipeline.from_pretrained(beat_model_dir), ServerConfig(port=0)).start()
+    try:
+        with FluxMusicClient(plain.target) as client:
+            assert not client.model_info().limits.register_hint
+            with pytest.raises(grpc.RpcError) as e:
+                client.stub.Generate(client_request("calm piano", register="high"))
+            assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "takes no register hint" in e.value.details()
+    finally:
+        plain.stop(grace=0)
 
 
 def client_request(prompt: str, **kw):
@@ -447,3 +456,17 @@ def test_triton_bls_request_takes_bpm_and_register(tiny_pipe):
     bad = parse_request({"prompt": np.array([b"x"], dtype=object), "register": np.array([b"alto"], dtype=object)})
     with pytest.raises(FluxMusicError, match="register 'alto' is invalid"):
         build_request(tiny_pipe.defaults, tiny_pipe.geometry, bad.prompt, **bad.options())
+
+
+def test_explicit_controls_need_a_model_that_takes_them(tiny_pipe, beat_model_dir, one_torch_thread):
+    """--bpm / --register on a model without the input is one clear error, not silently ignored; the same words in a
+    prompt are fine (they condition through the text)."""
+    from fluxmusic.pipeline import FluxMusicPipeline
+
+    with pytest.raises(FluxMusicError, match="bpm is set, but this model's transformer takes no beat grid"):
+        tiny_pipe("calm piano", duration=0.64, steps=1, bpm=90)
+    tiny_pipe("calm piano at 90 BPM in a high register", duration=0.64, steps=1)
+    beat = FluxMusicPipeline.from_pretrained(beat_model_dir)
+    beat("calm piano", duration=0.64, steps=1, bpm=90)
+    with pytest.raises(FluxMusicError, match="register is set, but this model's transformer takes no register hint"):
+        beat("calm piano", duration=0.64, steps=1, register="high")
