@@ -150,7 +150,7 @@ RECIPES: dict[str, Recipe] = {
     # Real music: ~1200 music21 scores rendered with FluidSynth; VAE 8x down with 16 latent channels
     # (256 transformer tokens for 10.24 s); Vocos vocoder trained with MPD + spectrogram discriminators.
     "default": Recipe(
-        hours=1.0, seed=0, nominal_minutes=125.0, corpus="render",
+        hours=1.0, seed=0, nominal_minutes=205.0, corpus="render",  # +80 min for the beat stage
         vae=VAEConfig(channels=(16, 32, 64, 128), latent_channels=16),
         vae_stage=Stage(steps=4000, batch_size=8, lr=1e-3, warmup_steps=50), vae_crop_frames=128,
         vocoder=VocoderConfig(kind="vocos", adversarial=True, vocos_hidden=192, vocos_intermediate=576,
