@@ -48,9 +48,9 @@ def add_sampling_arguments(g: argparse.ArgumentParser) -> None:
                    "bundled default), in [20, 400]; default: the tempo the prompt names ('96 BPM', 'slow', "
                    "'allegro', ...), none if it names none")
     g.add_argument("--register", choices=("low", "mid", "high"),
-                   help="the melody's register for a model trained with a register hint (register_channels; the bundled "
-                   "default is not); default: the register the prompt names ('in a high register'), none if it "
-                   "names none")
+                   help="the melody's register for a model trained with a register hint (register_channels; "
+                   "the bundled default is not); default: the register the prompt names ('in a high register'), "
+                   "none if it names none")
 
 
 def add_audio_arguments(g: argparse.ArgumentParser) -> None:
