@@ -175,10 +175,10 @@ class EulerStepGraph(nn.Module):
 
     def forward(self, x, t, dt, txt, y, null_txt, null_y, guidance, context=None):
         # cond and uncond rows see the same known audio (as the pipeline's CFG batch); the uncond rows are not
-        # given the beat grid or the register hint (fluxmusic.beat.without_beat)
-        from fluxmusic.beat import without_beat
+        # given the beat grid or the register hint (fluxmusic.beat.without_controls)
+        from fluxmusic.beat import without_controls
 
-        ctx = None if context is None else torch.cat((context, without_beat(context, self.control_channels)), 0)
+        ctx = None if context is None else torch.cat((context, without_controls(context, self.control_channels)), 0)
         v = self.velocity(
             torch.cat((x, x), 0), torch.cat((t, t), 0), torch.cat((txt, null_txt), 0), torch.cat((y, null_y), 0),
             ctx,

@@ -11,7 +11,7 @@ phase is near zero is a local rule the model learns in minutes. Training takes e
 
 The features ride in the transformer's context input after [masked latent, mask] (``beat_channels`` in its
 config), so every backend that carries the context carries the beat. Classifier-free guidance withholds the grid
-from the unconditional half (:func:`without_beat`): guidance then amplifies the beat with the prompt, which is
+from the unconditional half (:func:`without_controls`): guidance then amplifies the beat with the prompt, which is
 what makes it audible (rhythm clarity 0.13 -> 0.17 and tempo accuracy 0.54 -> 0.75 on 24 held-out prompts
 after 300 fine-tuning steps, against 0.125 / 0.54 with the grid in both halves).
 """
@@ -93,13 +93,15 @@ def beat_features(bpm: Tensor, t0: Tensor, frames: int, grid_w: int, seconds_per
     return rows[:, :, None].expand(-1, -1, grid_w, -1).reshape(bpm.shape[0], -1, BEAT_CHANNELS).float()
 
 
-def without_beat(context: Tensor, beat_channels: int) -> Tensor:
-    """``context`` with its beat grid withheld (the last ``beat_channels`` columns zero: flag 0, no phase). The
-    unconditional half of a CFG batch gets it, so guidance pushes toward the beat as it does toward the prompt
-    (the uncond branch sees neither); the known audio stays in both halves."""
-    if not beat_channels:
+def without_controls(context: Tensor, control_channels: int) -> Tensor:
+    """``context`` with its controls withheld: the last ``control_channels`` columns (the beat grid, then any
+    register hint) zero, which reads as "not given". The unconditional half of a CFG batch gets it, so guidance
+    pushes toward the beat as it does toward the prompt (the uncond branch sees neither); the known audio stays in
+    both halves."""
+    if not control_channels:
         return context
-    return torch.cat((context[..., :-beat_channels], context.new_zeros(*context.shape[:-1], beat_channels)), -1)
+    return torch.cat((context[..., :-control_channels], context.new_zeros(*context.shape[:-1], control_channels)),
+                     -1)
 
 
 def estimate_beat_phase(wave: np.ndarray, sr: int, bpm: float) -> tuple[float, float]:

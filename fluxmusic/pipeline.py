@@ -524,11 +524,11 @@ class FluxMusicPipeline:
             context = self.with_controls(request, context, x, grid_h, grid_w, beat_start)
         model_fn = self.backend.velocity
         if context is not None:
-            from fluxmusic.beat import without_beat
+            from fluxmusic.beat import without_controls
 
             # CFG runs [cond; uncond] as one batch: both halves see the same known audio; the uncond half is not
-            # given the beat grid or the register hint (guidance toward them, fluxmusic.beat.without_beat).
-            pair = torch.cat((context, without_beat(context, beat_ch + register_ch)))
+            # given the beat grid or the register hint (guidance toward them, fluxmusic.beat.without_controls).
+            pair = torch.cat((context, without_controls(context, beat_ch + register_ch)))
 
             def model_fn(xx: Tensor, tt: Tensor, txt: Tensor, y: Tensor, rope_: Tensor) -> Tensor:
                 c = context if xx.shape[0] == context.shape[0] else pair
