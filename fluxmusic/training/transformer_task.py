@@ -62,17 +62,17 @@ def sample_frame_masks(batch: int, frames: int, generator: torch.Generator,
 
 
 def masked_flow_loss(model: Callable[..., Tensor], x0: Tensor, noise: Tensor, t: Tensor, mask: Tensor,
-                     beat: Tensor | None = None) -> Tensor:
+                     controls: Tensor | None = None) -> Tensor:
     """The flow loss of trained masked conditioning: the model sees z_t everywhere plus the context
-    [x0 * mask, mask] (:func:`fluxmusic.model.masked_context`; then the beat-grid tokens ``beat`` for a model
-    with ``beat_channels``), and the MSE to eps - x0 counts only the frames to generate (every frame when
-    nothing is known). ``mask`` is per token and channel like ``x0``."""
+    [x0 * mask, mask] (:func:`fluxmusic.model.masked_context`; then the control tokens ``controls`` -- beat grid,
+    register hint -- for a model that takes them), and the MSE to eps - x0 counts only the frames to generate
+    (every frame when nothing is known). ``mask`` is per token and channel like ``x0``."""
     from fluxmusic.flow import interpolate
     from fluxmusic.model import masked_context
 
     context = masked_context(x0, mask)
-    if beat is not None:
-        context = torch.cat((context, beat.to(context)), dim=-1)
+    if controls is not None:
+        context = torch.cat((context, controls.to(context)), dim=-1)
     pred = model(interpolate(x0, noise, t), t, context)
     err = (pred.float() - (noise - x0).float()) ** 2
     w = (1.0 - mask).float()
@@ -178,12 +178,12 @@ class TransformerTask(TrainTask):
         if unwrap(model).takes_context:
             frames = sample_frame_masks(b, h, generator).to(x0)
             mask = patchify(frames[:, None, :, None].expand(b, latent.shape[1], h, w).contiguous())
-            beat = None
+            controls = None
             if unwrap(model).control_channels:
-                beat = self.control_tokens(unwrap(model).config, batch, h, w, generator)
-                stats["controls"] = float((beat[:, 0] != 0).any(-1).float().mean())
+                controls = self.control_tokens(unwrap(model).config, batch, h, w, generator)
+                stats["controls"] = float((controls[:, 0] != 0).any(-1).float().mean())
             loss = masked_flow_loss(lambda x, tt, c: model(x, tt, txt, y, rope, context=c), x0, noise, t, mask,
-                                    beat)
+                                    controls)
             return loss, {**stats, "known": float(frames.mean())}
         loss = flow_loss(lambda x, tt: model(x, tt, txt, y, rope), x0, noise, t)
         return loss, stats
