@@ -110,11 +110,11 @@ def estimate_beat_phase(wave: np.ndarray, sr: int, bpm: float) -> tuple[float, f
     strength over the envelope's mean (1 = no beat at this BPM; the rendered corpus's clips: median 5.2)."""
     from fluxmusic.evaluation.attributes import _HOP, onset_envelope
 
+    if not (isinstance(bpm, (int, float)) and math.isfinite(bpm) and BPM_RANGE[0] <= bpm <= BPM_RANGE[1]):
+        raise FluxMusicError(f"bpm {bpm!r} is invalid; allowed: a number in [{BPM_RANGE[0]:g}, {BPM_RANGE[1]:g}]")
     env = onset_envelope(np.asarray(wave, dtype=np.float32).reshape(-1), sr)
     env = np.clip(env - np.median(env), 0.0, None)
     fps = sr / _HOP
-    if not (isinstance(bpm, (int, float)) and math.isfinite(bpm) and BPM_RANGE[0] <= bpm <= BPM_RANGE[1]):
-        raise FluxMusicError(f"bpm {bpm!r} is invalid; allowed: a number in [{BPM_RANGE[0]:g}, {BPM_RANGE[1]:g}]")
     period = 60.0 / bpm * fps
     frames = np.arange(len(env))
     offsets = np.arange(0.0, period, 0.5)

@@ -613,10 +613,10 @@ class FluxMusicPipeline:
         if beat_ch:
             bpm = torch.tensor([float("nan") if it.bpm is None else it.bpm for it in request.items])
             t0 = torch.zeros(n)
-            if request.audio is not None:
-                t0 = torch.tensor([0.0 if it.bpm is None else
-                                   estimate_beat_phase(request.audio.wave, self.sample_rate, it.bpm)[0]
-                                   for it in request.items])
+            if request.audio is not None:  # the given audio's phase, once per distinct tempo of the items
+                phase = {b: estimate_beat_phase(request.audio.wave, self.sample_rate, b)[0]
+                         for b in {it.bpm for it in request.items if it.bpm is not None}}
+                t0 = torch.tensor([0.0 if it.bpm is None else phase[it.bpm] for it in request.items])
             parts.append(beat_features(bpm, t0, grid_h * self.geometry.patch, grid_w,
                                        self.geometry.seconds_per_latent_frame, start).to(x))
         if register_ch:

@@ -450,7 +450,7 @@ def build_request(
     if register is not None and register not in REGISTER_MIDI:
         raise invalid("register", register, ", ".join(REGISTER_MIDI) + " (or unset: the prompt's)")
     items = tuple(
-        GenerationItem(p, settings.negative_prompt, g, s, seconds, given_bpm if given_bpm else prompt_bpm(p),
+        GenerationItem(p, settings.negative_prompt, g, s, seconds, prompt_bpm(p) if given_bpm is None else given_bpm,
                        register or register_from_prompt(p))
         for p, g, s in zip(expanded, gs, seeds)
     )

@@ -168,11 +168,10 @@ class CachedEmbeddingDataset:
         ``bpm`` and ``beat_t0`` metadata (``fluxmusic.beat``: the beat-grid conditioning's training input), with
         ``seconds_per_frame`` from the cache's metadata, and ``"register"`` = the target MIDI pitch of the item's
         ``register`` word (``fluxmusic.register``; NaN where it has none)."""
-        lines = (self.dir / ITEMS_NAME).read_text().splitlines() if (self.dir / ITEMS_NAME).is_file() else []
-        meta = [json.loads(line) for line in lines]
-        meta += [{}] * (len(self._locate) - len(meta))
         from fluxmusic.beat import item_bpm
+        from fluxmusic.register import register_midi
 
+        meta = self._all_meta()
         nan = float("nan")
         rows = [[item_bpm(m) if m.get("beat_t0") is not None else nan, m.get("beat_t0", nan)] for m in meta]
         if all(r[1] != r[1] for r in rows):
@@ -184,8 +183,6 @@ class CachedEmbeddingDataset:
                                  "metadata); add the beat phases with python -m fluxmusic.training.beat_phases")
         sub = self.subset(list(range(len(self.indices))))
         sub.seconds_per_frame = float(spf)
-        from fluxmusic.register import register_midi
-
         sub._registers = torch.tensor([register_midi(m.get("register")) for m in meta], dtype=torch.float32)
         sub._beats = torch.tensor([[nan if v is None else float(v) for v in r] for r in rows], dtype=torch.float32)
         return sub
@@ -199,9 +196,14 @@ class CachedEmbeddingDataset:
 
     def items_meta(self) -> list[dict[str, Any]]:
         """The non-tensor entries (caption, attributes) of the items in this view."""
+        all_meta = self._all_meta()
+        return [all_meta[i] for i in self.indices]
+
+    def _all_meta(self) -> list[dict[str, Any]]:
+        """The non-tensor entries of every item of the cache (``{}`` where items.jsonl has none)."""
         lines = (self.dir / ITEMS_NAME).read_text().splitlines() if (self.dir / ITEMS_NAME).is_file() else []
-        all_meta = [json.loads(line) for line in lines]
-        return [all_meta[i] if i < len(all_meta) else {} for i in self.indices]
+        meta = [json.loads(line) for line in lines]
+        return meta + [{}] * (len(self._locate) - len(meta))
 
 
 def split(
