@@ -16,6 +16,7 @@ import time
 import torch
 import torch.nn.functional as F
 
+from fluxmusic import cpu_attention
 from fluxmusic.config import get_config
 from fluxmusic.ops import ATTENTION_BLOCK_ELEMENTS, attention, blocked_attention
 
@@ -41,6 +42,7 @@ def main() -> None:
         "SDPA fp32": lambda: attention(q, k, v),
         "SDPA bf16 (CPU flash kernel)": lambda: attention(qb, kb, vb),
         f"blocked bf16 ({ATTENTION_BLOCK_ELEMENTS >> 20} M scores per block)": lambda: blocked_attention(qb, kb, vb),
+        "fused bf16 (AVX512-BF16 kernel, fluxmusic/csrc)": lambda: cpu_attention.fused_attention(qb, kb, vb),
         "blocked bf16 (4 M scores per block)": lambda: blocked_attention(qb, kb, vb, 1 << 22),
         "blocked bf16, softmax instead of exp-sum": lambda: blocked_attention(qb, kb, vb, exp_sum=False),
         "bf16 matmul peak (MLP up-projection shape)": lambda: F.linear(a, w),

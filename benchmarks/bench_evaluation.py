@@ -6,8 +6,9 @@ Variants (all the batched CFG forward, batch 2, cached RoPE):
   autocast-bf16/blocked      the same with the block-GEMM attention (fluxmusic.ops.blocked_attention)
   bf16/sdpa                  weights stored in bf16 (no casts), SDPA
   bf16/blocked               weights stored in bf16, block-GEMM attention
+  bf16/fused                 weights stored in bf16, the fused AVX512-BF16 attention kernel (fluxmusic.cpu_attention)
   int8-dynamic (--int8)      torch dynamic quantisation of every Linear (int8 weights, fp32 activations)
-  bf16/blocked+compile (--compile)  torch.compile (inductor) of the bf16 model, attention left eager
+  bf16/fused+compile (--compile)  torch.compile (inductor) of the bf16 model, attention left eager
 
 The matmul peaks are measured in the same run, interleaved with the variants, on the MLP's up-projection
 shape ([2 * tokens, hidden] x [hidden, 4 * hidden]); FLOPs are counted once with torch's FlopCounterMode.
@@ -32,7 +33,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from fluxmusic.flow import Conditioning, cfg_velocity
 from fluxmusic.model import FluxMusicTransformer
-from fluxmusic.ops import BLOCKED_ATTENTION_OPS, REFERENCE_OPS
+from fluxmusic.ops import BLOCKED_ATTENTION_OPS, FUSED_ATTENTION_OPS, REFERENCE_OPS
 
 
 def _with_ops(model: FluxMusicTransformer, ops) -> FluxMusicTransformer:
@@ -74,12 +75,13 @@ def main() -> None:
         "autocast-bf16, blocked attention": fn_for(_with_ops(model, BLOCKED_ATTENTION_OPS), f32, True),
         "bf16 weights, SDPA": fn_for(_with_ops(bf16_model, REFERENCE_OPS), bf, False),
         "bf16 weights, blocked attention": fn_for(_with_ops(bf16_model, BLOCKED_ATTENTION_OPS), bf, False),
+        "bf16 weights, fused attention kernel": fn_for(_with_ops(bf16_model, FUSED_ATTENTION_OPS), bf, False),
     }
     if args.int8:
         q8 = torch.ao.quantization.quantize_dynamic(copy.deepcopy(model), {torch.nn.Linear}, dtype=torch.qint8)
         variants["int8 dynamic Linears (fp32 act.), SDPA"] = fn_for(q8, f32, False)
     if args.compile:
-        cm = _with_ops(bf16_model, BLOCKED_ATTENTION_OPS)
+        cm = _with_ops(bf16_model, FUSED_ATTENTION_OPS)
         cm.forward = torch.compile(cm.forward, dynamic=False)
         torch._dynamo.config.cache_size_limit = 64
         t0 = time.perf_counter()
@@ -87,7 +89,7 @@ def main() -> None:
         with torch.no_grad():
             fn()
         print(f"torch.compile build: {time.perf_counter() - t0:.0f} s")
-        variants["bf16 weights, blocked attention, torch.compile"] = fn
+        variants["bf16 weights, fused attention kernel, torch.compile"] = fn
 
     # Matmul peaks at the MLP up-projection shape, fp32 and bf16.
     tokens = 2 * (gh * gw + args.txt_len)

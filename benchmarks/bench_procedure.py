@@ -37,7 +37,7 @@ from realshape import add_shape_arguments, official_cfg_evaluation, real_shape_i
 
 from fluxmusic.backend import compile_transformer
 from fluxmusic.flow import Conditioning, cfg_velocity, function_evaluations
-from fluxmusic.ops import BLOCKED_ATTENTION_OPS
+from fluxmusic.ops import FUSED_ATTENTION_OPS
 from fluxmusic.step_cache import FirstBlockProbe
 
 OFFICIAL_STEPS = 50
@@ -90,7 +90,7 @@ def main() -> None:
     ours = our_setting(args)
     cfg, model, x, t, cond, null, g, gh, gw = real_shape_inputs(args, t=0.7)
     fast = copy.deepcopy(model).to(torch.bfloat16)
-    fast.ops = BLOCKED_ATTENTION_OPS
+    fast.ops = FUSED_ATTENTION_OPS
     rope = model.rope_for(args.txt_len, gh, gw)
 
     official = official_cfg_evaluation(model, x, t, cond, null, g, gh, gw)  # one Euler step of sample.py

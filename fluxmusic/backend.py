@@ -194,7 +194,8 @@ class TorchBackend:
     ``autocast_bf16`` runs the transformer under bf16 autocast with fp32 weights (fast on CPUs with
     AVX512-BF16, and on recent GPUs); ``dtype=bfloat16`` stores the weights in bf16 instead (no casts per
     call, half the memory). ``attention`` picks the transformer's attention op (:func:`fluxmusic.ops.opset_for`):
-    ``auto`` uses the block-GEMM attention whenever it runs in bf16 on the CPU, ``sdpa`` or ``blocked`` force one.
+    ``auto`` uses the fused CPU kernel (block-GEMM attention where it cannot run) whenever it runs in bf16/fp16 on
+    the CPU; ``sdpa``, ``blocked`` or ``fused`` force one.
     ``compile`` wraps the transformer in ``torch.compile`` (:func:`compile_transformer`): faster per evaluation,
     slow to build (worth it for large models and long-running servers, not for one short clip of a tiny one).
     """

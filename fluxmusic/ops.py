@@ -17,6 +17,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from fluxmusic import cpu_attention
+from fluxmusic.cpu_attention import scores_bounded
+
 LN_EPS = 1e-6
 RMS_EPS = 1e-6
 
@@ -106,8 +109,7 @@ def blocked_attention(q: Tensor, k: Tensor, v: Tensor, block_elements: int = ATT
     When the scores are provably bounded (:func:`_exp_sum_values`) the softmax becomes one in-place exp and the
     row sums come out of the PV GEMM; ``exp_sum=False`` keeps the softmax (for comparison).
     """
-    needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
-    if q.dtype == torch.float32 or q.device.type != "cpu" or needs_grad or torch.jit.is_tracing() or _exporting():
+    if not _cpu_reduced_inference(q, k, v):
         return attention(q, k, v)  # (the block loop writes with out=, which autograd cannot differentiate)
     b, h, lq, dh = q.shape
     lk = k.shape[2]
@@ -152,14 +154,35 @@ def _exp_sum_values(q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor | N
     keeps near sqrt(Dh)), exp(s) is safe as it is. The ones channel makes the PV GEMM return each row's sum
     beside its numerator, so what is left of the softmax is one in-place exp and a divide of [L, Dh].
     """
-    bound = scale * float(q.float().norm(dim=-1).amax()) * float(k.float().norm(dim=-1).amax())
-    if not bound <= EXP_SUM_MAX_SCORE:  # (also catches nan)
+    if not scores_bounded(q, k, scale, EXP_SUM_MAX_SCORE):
         return None
     b, h, lk, dh = v.shape
     v_ones = v.new_zeros(b, h, lk, dh + 2)
     v_ones[..., :dh] = v
     v_ones[..., dh] = 1
     return v_ones
+
+
+def _cpu_reduced_inference(q: Tensor, k: Tensor, v: Tensor) -> bool:
+    """bf16/fp16 CPU tensors outside autograd, tracing and ONNX export: where the CPU attention paths apply."""
+    needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+    return not (q.dtype == torch.float32 or q.device.type != "cpu" or needs_grad or torch.jit.is_tracing()
+                or _exporting())
+
+
+def fused_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    """Attention through the fused AVX512-BF16 kernel (:mod:`fluxmusic.cpu_attention`) for bf16 on the CPU,
+    else (fp16, no compiler, another CPU, unbounded scores, training, export) :func:`blocked_attention`.
+
+    The kernel keeps the scores in registers from QK^T to PV, so the softmax costs no pass over memory; its
+    scores stay fp32 until exp (the blocked path rounds them to bf16 first). Parity and speed:
+    docs/performance.md.
+    """
+    if _cpu_reduced_inference(q, k, v):
+        out = cpu_attention.fused_attention(q, k, v)
+        if out is not None:
+            return out
+    return blocked_attention(q, k, v)
 
 
 def gelu_tanh(x: Tensor) -> Tensor:
@@ -227,15 +250,28 @@ BLOCKED_ATTENTION_OPS = OpSet(
     gelu=fast_gelu,
 )
 
+#: The reference ops with the fused CPU attention kernel (falling back to block-GEMM attention where it cannot
+#: run): for bf16 on the CPU (see :func:`fused_attention`).
+FUSED_ATTENTION_OPS = OpSet(
+    name="fused-attention",
+    layernorm_modulate=layernorm_modulate,
+    gated_residual=gated_residual,
+    gated_residual_modulate=gated_residual_modulate,
+    qk_rmsnorm_rope=qk_rmsnorm_rope,
+    attention=fused_attention,
+    gelu=fast_gelu,
+)
+
 #: Attention implementations selectable by name (``attention=`` of the torch backend, the benchmarks).
-ATTENTION_OPSETS = {"sdpa": REFERENCE_OPS, "blocked": BLOCKED_ATTENTION_OPS}
+ATTENTION_OPSETS = {"sdpa": REFERENCE_OPS, "blocked": BLOCKED_ATTENTION_OPS, "fused": FUSED_ATTENTION_OPS}
 
 
 def opset_for(attention_impl: str, dtype: torch.dtype, device: torch.device | str = "cpu") -> OpSet:
-    """The op set for an attention choice: ``sdpa``, ``blocked`` or ``auto`` (blocked for bf16/fp16 on CPU)."""
+    """The op set for an attention choice: ``sdpa``, ``blocked``, ``fused`` or ``auto`` (fused for bf16/fp16 on
+    the CPU, which runs the kernel for bf16 and block-GEMM attention for fp16)."""
     if attention_impl == "auto":
         reduced = dtype in (torch.bfloat16, torch.float16)
-        return BLOCKED_ATTENTION_OPS if reduced and torch.device(device).type == "cpu" else REFERENCE_OPS
+        return FUSED_ATTENTION_OPS if reduced and torch.device(device).type == "cpu" else REFERENCE_OPS
     if attention_impl not in ATTENTION_OPSETS:
         from fluxmusic.errors import FluxMusicError
 

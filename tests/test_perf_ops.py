@@ -10,6 +10,7 @@ from fluxmusic.errors import FluxMusicError
 from fluxmusic.ops import (
     BLOCKED_ATTENTION_OPS,
     EXP_SUM_MAX_SCORE,
+    FUSED_ATTENTION_OPS,
     REFERENCE_OPS,
     _exp_sum_values,
     attention,
@@ -81,11 +82,14 @@ def test_blocked_attention_is_sdpa_in_fp32():
 
 
 def test_opset_selection():
-    assert opset_for("auto", torch.bfloat16, "cpu") is BLOCKED_ATTENTION_OPS
+    assert opset_for("auto", torch.bfloat16, "cpu") is FUSED_ATTENTION_OPS
+    assert opset_for("auto", torch.float16, "cpu") is FUSED_ATTENTION_OPS
+    assert opset_for("fused", torch.bfloat16, "cpu") is FUSED_ATTENTION_OPS
     assert opset_for("auto", torch.float32, "cpu") is REFERENCE_OPS
     assert opset_for("sdpa", torch.bfloat16, "cpu") is REFERENCE_OPS
     assert opset_for("blocked", torch.float32, "cpu") is BLOCKED_ATTENTION_OPS
-    with pytest.raises(FluxMusicError, match="attention 'flash2' is not supported; allowed: auto, sdpa, blocked"):
+    allowed = "allowed: auto, sdpa, blocked, fused"
+    with pytest.raises(FluxMusicError, match=f"attention 'flash2' is not supported; {allowed}"):
         opset_for("flash2", torch.float32, "cpu")
 
 

@@ -1,0 +1,209 @@
+/* Fused bf16 attention for x86 CPUs with AVX512-BF16: scores, exp and PV in registers, one pass over the keys.
+ *
+ * Why: at head dim 32 a separate softmax pass costs as much as both attention GEMMs at the matmul peak
+ * (docs/performance.md). Here each tile of MQ queries x 32 keys is computed with VDPBF16PS into fp32
+ * registers, exponentiated there with a degree-4 polynomial exp2 (VSCALEFPS applies the integer part),
+ * rounded to bf16 once and multiplied into the output accumulators, so no score ever reaches memory.
+ *
+ * The caller (fluxmusic/cpu_attention.py) guarantees that every scaled score lies in [-40, 40], so exp needs
+ * no running max (the same bound as fluxmusic.ops._exp_sum_values), and packs K and V into VNNI pair layouts:
+ *   kp: [n_bh][n_tiles * 4 blocks][DH/2 pairs][16 keys][2]   (keys padded with zeros to a multiple of 64)
+ *   vp: [n_bh][n_tiles * 32 key pairs][DH][2]                (padded keys have zero values)
+ * q is [n_bh][lq][DH] contiguous; out rows land in a strided layout (the merged [B, L, H*DH] view).
+ * All bf16 values travel as uint16_t.
+ */
+#include <immintrin.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define ALWAYS_INLINE static inline __attribute__((always_inline))
+
+/* 2^x for |x| <= ~60: 2^round(x) * p(x - round(x)), p a relative-error-weighted least-squares cubic on
+ * [-0.5, 0.5] (relative error 7.7e-5, far below the bf16 rounding of the result, 3.9e-3). */
+ALWAYS_INLINE __m512 exp2_ps(__m512 x) {
+    const __m512 n = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    const __m512 f = _mm512_sub_ps(x, n);
+    __m512 p = _mm512_set1_ps(0.05508911f);
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.24260706f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.69327645f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.99992876f));
+    return _mm512_scalef_ps(p, n);
+}
+
+ALWAYS_INLINE __m512bh bcast_pair(const uint16_t *p) {
+    int32_t v;
+    memcpy(&v, p, sizeof v);
+    return (__m512bh)_mm512_set1_epi32(v);
+}
+
+ALWAYS_INLINE __mmask16 valid_mask(long valid) {
+    return valid >= 16 ? (__mmask16)0xFFFF : valid <= 0 ? (__mmask16)0 : (__mmask16)((1u << valid) - 1u);
+}
+
+/* Phase 1 for QG (<= 4) query rows: probabilities exp(c' * q.k) of every key, rounded to bf16, into prow
+ * (row m at prow + m * ldp), and their row sums into rowsum. 4 query rows x 64 keys = 16 independent
+ * VDPBF16PS chains, enough to cover the instruction's latency at two per cycle. */
+ALWAYS_INLINE void probabilities(const uint16_t *q, const uint16_t *kp, long lk, long n_tiles, float c, uint16_t *prow,
+                                 long ldp, float *rowsum, const int DH, const int QG) {
+    const __m512 vc = _mm512_set1_ps(c);
+    const __m512bh ones = (__m512bh)_mm512_set1_epi32(0x3F803F80); /* a pair of bf16 1.0 */
+    __m512 sum[4];
+#pragma GCC unroll 4
+    for (int m = 0; m < QG; m++) sum[m] = _mm512_setzero_ps();
+    for (long t = 0; t < n_tiles; t++) {
+        const uint16_t *kt = kp + t * DH * 64;
+        __m512 s[4][4];
+#pragma GCC unroll 4
+        for (int m = 0; m < QG; m++)
+#pragma GCC unroll 4
+            for (int b = 0; b < 4; b++) s[m][b] = _mm512_setzero_ps();
+#pragma GCC unroll 64
+        for (int p = 0; p < DH / 2; p++) {
+            __m512bh kk[4];
+#pragma GCC unroll 4
+            for (int b = 0; b < 4; b++) kk[b] = (__m512bh)_mm512_loadu_si512(kt + (b * (DH / 2) + p) * 32);
+#pragma GCC unroll 4
+            for (int m = 0; m < QG; m++) {
+                const __m512bh qb = bcast_pair(q + m * DH + 2 * p);
+#pragma GCC unroll 4
+                for (int b = 0; b < 4; b++) s[m][b] = _mm512_dpbf16_ps(s[m][b], qb, kk[b]);
+            }
+        }
+        const long key0 = t * 64;
+#pragma GCC unroll 4
+        for (int m = 0; m < QG; m++) {
+#pragma GCC unroll 2
+            for (int h = 0; h < 2; h++) {
+                __m512 e0 = exp2_ps(_mm512_mul_ps(s[m][2 * h], vc));
+                __m512 e1 = exp2_ps(_mm512_mul_ps(s[m][2 * h + 1], vc));
+                if (key0 + 64 > lk) { /* padded keys, only in the last tile, get probability 0 */
+                    e0 = _mm512_maskz_mov_ps(valid_mask(lk - key0 - 32 * h), e0);
+                    e1 = _mm512_maskz_mov_ps(valid_mask(lk - key0 - 32 * h - 16), e1);
+                }
+                const __m512bh pb = _mm512_cvtne2ps_pbh(e1, e0); /* keys +0..15 low, +16..31 high */
+                /* the row sum is taken over the bf16-rounded probabilities that the PV product uses */
+                sum[m] = _mm512_dpbf16_ps(sum[m], pb, ones);
+                _mm512_storeu_si512((void *)(prow + m * ldp + key0 + 32 * h), (__m512i)pb);
+            }
+        }
+    }
+#pragma GCC unroll 4
+    for (int m = 0; m < QG; m++) rowsum[m] = _mm512_reduce_add_ps(sum[m]);
+}
+
+/* Phase 2 for MQ query rows: out = (P V) / rowsum, with MQ x DH/16 accumulators. */
+ALWAYS_INLINE void weighted_values(const uint16_t *prow, long ldp, const uint16_t *vp, long n_pairs,
+                                   const float *rowsum, uint16_t *out, long ldo, const int DH, const int MQ) {
+    __m512 o[16][8];
+#pragma GCC unroll 16
+    for (int m = 0; m < MQ; m++)
+#pragma GCC unroll 8
+        for (int d = 0; d < DH / 16; d++) o[m][d] = _mm512_setzero_ps();
+    for (long j = 0; j < n_pairs; j++) {
+        __m512bh vv[8];
+#pragma GCC unroll 8
+        for (int d = 0; d < DH / 16; d++) vv[d] = (__m512bh)_mm512_loadu_si512(vp + (j * DH + d * 16) * 2);
+#pragma GCC unroll 16
+        for (int m = 0; m < MQ; m++) {
+            const __m512bh pj = bcast_pair(prow + m * ldp + 2 * j);
+#pragma GCC unroll 8
+            for (int d = 0; d < DH / 16; d++) o[m][d] = _mm512_dpbf16_ps(o[m][d], pj, vv[d]);
+        }
+    }
+#pragma GCC unroll 16
+    for (int m = 0; m < MQ; m++) {
+        const __m512 inv = _mm512_set1_ps(1.0f / rowsum[m]);
+#pragma GCC unroll 8
+        for (int d = 0; d < DH / 16; d++) {
+            const __m256bh r = _mm512_cvtneps_pbh(_mm512_mul_ps(o[m][d], inv));
+            _mm256_storeu_si256((__m256i *)(out + m * ldo + d * 16), (__m256i)r);
+        }
+    }
+}
+
+/* MQ query rows (q rows DH apart) against all keys; writes MQ output rows ldo apart. pbuf holds MQ rows of
+ * probabilities (ldp = n_tiles * 64 keys each), the only intermediate, and stays in L1/L2. */
+ALWAYS_INLINE void rows_kernel(const uint16_t *q, const uint16_t *kp, const uint16_t *vp, uint16_t *out, long ldo,
+                               long lk, long n_tiles, float c, uint16_t *pbuf, const int DH, const int MQ) {
+    const long ldp = n_tiles * 64;
+    float rowsum[16];
+    int m = 0;
+    for (; m + 4 <= MQ; m += 4)
+        probabilities(q + m * DH, kp, lk, n_tiles, c, pbuf + m * ldp, ldp, rowsum + m, DH, 4);
+    for (; m < MQ; m++) probabilities(q + m * DH, kp, lk, n_tiles, c, pbuf + m * ldp, ldp, rowsum + m, DH, 1);
+    weighted_values(pbuf, ldp, vp, n_tiles * 32, rowsum, out, ldo, DH, MQ);
+}
+
+/* One (batch*head) slice: its query rows in groups of MQ (MQ x DH/16 ~ 16 output accumulators), the tail one
+ * row at a time. */
+#define DEFINE_SLICE(DH, MQ)                                                                                      \
+    static void slice_##DH(const uint16_t *q, const uint16_t *kp, const uint16_t *vp, uint16_t *out, long ldo,    \
+                           long row0, long row1, long lk, long n_tiles, float c, uint16_t *pbuf) {                \
+        long r = row0;                                                                                            \
+        for (; r + MQ <= row1; r += MQ)                                                                           \
+            rows_kernel(q + r * DH, kp, vp, out + r * ldo, ldo, lk, n_tiles, c, pbuf, DH, MQ);                    \
+        for (; r < row1; r++) rows_kernel(q + r * DH, kp, vp, out + r * ldo, ldo, lk, n_tiles, c, pbuf, DH, 1);   \
+    }
+
+DEFINE_SLICE(16, 16)
+DEFINE_SLICE(32, 8)
+DEFINE_SLICE(48, 5)
+DEFINE_SLICE(64, 4)
+DEFINE_SLICE(80, 3)
+DEFINE_SLICE(96, 2)
+DEFINE_SLICE(112, 2)
+DEFINE_SLICE(128, 2)
+
+#define MAX_MQ 16
+
+typedef void (*slice_fn)(const uint16_t *, const uint16_t *, const uint16_t *, uint16_t *, long, long, long, long,
+                         long, float, uint16_t *);
+
+static slice_fn slice_for(long dh) {
+    switch (dh) {
+    case 16: return slice_16;
+    case 32: return slice_32;
+    case 48: return slice_48;
+    case 64: return slice_64;
+    case 80: return slice_80;
+    case 96: return slice_96;
+    case 112: return slice_112;
+    case 128: return slice_128;
+    default: return 0;
+    }
+}
+
+/* 1 when this CPU runs the kernel (AVX512F + BW + BF16), else 0. */
+int fm_attention_supported(void) {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+           __builtin_cpu_supports("avx512bf16");
+}
+
+/* 1 when head dim dh has a compiled kernel. */
+int fm_attention_head_dim_supported(long dh) { return slice_for(dh) != 0; }
+
+/* Work items w0..w1-1 of n_heads * n_batch slices, each split into row chunks of `chunk` queries.
+ * Item w is slice w / n_chunks (b = slice / n_heads, h = slice % n_heads), rows of chunk w % n_chunks.
+ * out points at the [B, L, H*DH] result; returns 0, -1 for an unsupported head dim, -2 when out of memory. */
+int fm_attention_bf16(const uint16_t *q, const uint16_t *kp, const uint16_t *vp, uint16_t *out, long n_heads,
+                      long lq, long lk, long dh, float scale, long chunk, long w0, long w1) {
+    const slice_fn fn = slice_for(dh);
+    if (!fn) return -1;
+    const long n_tiles = (lk + 63) / 64;
+    uint16_t *pbuf = aligned_alloc(64, (size_t)(MAX_MQ * n_tiles * 64) * sizeof(uint16_t));
+    if (!pbuf) return -2;
+    const long n_chunks = (lq + chunk - 1) / chunk;
+    const float c = scale * 1.4426950408889634f; /* exp(x) = 2^(x log2 e) */
+    const long ldo = n_heads * dh;
+    for (long w = w0; w < w1; w++) {
+        const long slice = w / n_chunks, ck = w % n_chunks;
+        const long b = slice / n_heads, h = slice % n_heads;
+        const long row0 = ck * chunk, row1 = row0 + chunk < lq ? row0 + chunk : lq;
+        fn(q + slice * lq * dh, kp + slice * n_tiles * 64 * dh, vp + slice * n_tiles * 64 * dh,
+           out + b * lq * ldo + h * dh, ldo, row0, row1, lk, n_tiles, c, pbuf);
+    }
+    free(pbuf);
+    return 0;
+}

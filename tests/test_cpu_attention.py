@@ -1,0 +1,142 @@
+"""The fused AVX512-BF16 attention kernel (fluxmusic.cpu_attention, fluxmusic/csrc/attention_bf16.c): parity
+with fp32 SDPA at every compiled head dim and at key counts around the 16/32/64-key tile edges, the paths it
+declines, the build, and the whole model through ``FUSED_ATTENTION_OPS``."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fluxmusic import cpu_attention
+from fluxmusic.ops import FUSED_ATTENTION_OPS, attention, blocked_attention, fused_attention
+
+needs_kernel = pytest.mark.skipif(
+    not cpu_attention.available(),
+    reason=f"the fused kernel does not run here: {cpu_attention.unavailable_reason()}",
+)
+
+
+def _rms_normed(b: int, h: int, lq: int, lk: int, dh: int, seed: int = 0) -> tuple[torch.Tensor, ...]:
+    """q, k RMS-normed over the head dim (as QKNorm leaves them), v plain; fp32."""
+    g = torch.Generator().manual_seed(seed)
+    q, k, v = torch.randn(b, h, lq, dh, generator=g), torch.randn(b, h, lk, dh, generator=g), \
+        torch.randn(b, h, lk, dh, generator=g)
+    q, k = (t * torch.rsqrt(t.pow(2).mean(-1, keepdim=True)) for t in (q, k))
+    return q, k, v
+
+
+def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, threads: int | None = None) -> torch.Tensor:
+    """The kernel's output against fp32 SDPA on the same bf16-rounded inputs, at bf16 SDPA's accuracy."""
+    qb, kb, vb = q.bfloat16(), k.bfloat16(), v.bfloat16()
+    out = cpu_attention.fused_attention(qb, kb, vb, threads=threads)
+    assert out is not None
+    ref = attention(qb.float(), kb.float(), vb.float())
+    assert out.shape == ref.shape and out.dtype == torch.bfloat16
+    # The output is rounded to bf16 (relative 2^-9) and so are the probabilities: a few bf16 ulps of |v|.
+    assert (out.float() - ref).abs().max() < 2e-2
+    assert F.cosine_similarity(out.float().flatten(), ref.flatten(), dim=0) > 0.9999
+    return out
+
+
+@needs_kernel
+@pytest.mark.parametrize("dh", [16, 32, 48, 64, 80, 96, 112, 128])
+def test_every_compiled_head_dim_matches_sdpa(dh):
+    # 19 query rows: full row groups and a tail for every row-group size; 77 keys: a partial second tile.
+    _check(*_rms_normed(2, 3, 19, 77, dh, seed=dh))
+
+
+@needs_kernel
+@pytest.mark.parametrize("lk", [1, 15, 16, 17, 31, 32, 33, 47, 48, 63, 64, 65, 128, 130])
+def test_padded_keys_never_count(lk):
+    """Keys are zero-padded to a multiple of 64; the masks must drop exactly the padding in every 16-key block."""
+    _check(*_rms_normed(1, 2, 9, lk, 32, seed=lk))
+
+
+@needs_kernel
+@pytest.mark.parametrize("threads", [1, 2, 3, 7])
+def test_thread_splits_give_identical_results(threads):
+    """Work items are split across threads at arbitrary boundaries; every split must compute the same rows."""
+    q, k, v = _rms_normed(2, 3, 150, 100, 32, seed=3)
+    one = _check(q, k, v, threads=1)
+    assert torch.equal(_check(q, k, v, threads=threads), one)
+
+
+@needs_kernel
+def test_cross_attention_shapes_land_in_the_merged_layout():
+    """Lq != Lk, batch and heads > 1: row (b, l) of the [B, Lq, H*Dh] output holds every head's result."""
+    q, k, v = _rms_normed(3, 2, 5, 70, 64, seed=5)
+    out = _check(q, k, v)
+    per_head = attention(q[:, 1:2].bfloat16().float(), k[:, 1:2].bfloat16().float(), v[:, 1:2].bfloat16().float())
+    assert (out[..., 64:].float() - per_head).abs().max() < 2e-2
+
+
+@needs_kernel
+def test_declines_what_it_cannot_compute_and_the_op_falls_back():
+    q, k, v = _rms_normed(1, 2, 8, 24, 32)
+    qb, kb, vb = q.bfloat16(), k.bfloat16(), v.bfloat16()
+    assert cpu_attention.fused_attention(q, k, v) is None  # fp32
+    assert cpu_attention.fused_attention(qb.half(), kb.half(), vb.half()) is None  # fp16
+    big_q, big_k = qb * 4, kb * 4  # scores up to 16 * sqrt(32) ~ 90 > 40: exp would need a running max
+    assert not cpu_attention.scores_bounded(big_q, big_k, 32**-0.5)
+    assert cpu_attention.fused_attention(big_q, big_k, vb) is None
+    assert not cpu_attention.supports_head_dim(40)
+    assert cpu_attention.fused_attention(*(t[..., :20] for t in (qb, kb, vb))) is None
+    # The op falls back to block-GEMM attention in each case and still matches SDPA.
+    for args in ((big_q, big_k, vb), tuple(t[..., :20] for t in (qb, kb, vb))):
+        ref = attention(*(t.float() for t in args))
+        assert torch.equal(fused_attention(*args), blocked_attention(*args))
+        assert (fused_attention(*args).float() - ref).abs().max() < 5e-2
+
+
+def test_training_and_fp32_never_reach_the_kernel():
+    q, k, v = (t.bfloat16().requires_grad_() for t in _rms_normed(1, 2, 6, 6, 32))
+    out = fused_attention(q, k, v)
+    out.float().sum().backward()  # only SDPA is differentiable here
+    assert q.grad is not None
+    q32, k32, v32 = _rms_normed(1, 2, 6, 6, 32)
+    assert torch.equal(fused_attention(q32, k32, v32), attention(q32, k32, v32))
+
+
+def test_build_without_a_compiler_says_so(tmp_path, monkeypatch):
+    monkeypatch.setenv("PATH", str(tmp_path))  # an empty PATH: no cc, gcc or clang
+    monkeypatch.delenv("CC", raising=False)
+    monkeypatch.setenv("FLUXMUSIC_KERNEL_CACHE", str(tmp_path / "cache"))
+    with pytest.raises(OSError, match="no C compiler found"):
+        cpu_attention.build()
+
+
+@needs_kernel
+def test_build_is_cached_per_source(tmp_path, monkeypatch):
+    monkeypatch.setenv("FLUXMUSIC_KERNEL_CACHE", str(tmp_path))
+    first = cpu_attention.build()
+    mtime = os.stat(first).st_mtime_ns
+    assert cpu_attention.build() == first and os.stat(first).st_mtime_ns == mtime
+    assert [p.name for p in tmp_path.iterdir()] == [first.name]  # no temporary file left behind
+
+
+@needs_kernel
+def test_tiny_model_bf16_fused_matches_the_fp32_reference():
+    """Whole-model parity: bf16 weights with the fused kernel vs bf16 SDPA vs the fp32 reference."""
+    from fluxmusic.config import FluxMusicConfig
+    from fluxmusic.model import FluxMusicTransformer
+
+    torch.manual_seed(0)
+    cfg = FluxMusicConfig(hidden_size=128, num_heads=4, depth=1, depth_single_blocks=2, axes_dim=(8, 12, 12),
+                          context_in_dim=32, vec_in_dim=16)
+    model = FluxMusicTransformer(cfg).eval()
+    x, t = torch.randn(2, 64, cfg.in_channels), torch.tensor([0.3, 0.8])
+    txt, y = torch.randn(2, 7, 32), torch.randn(2, 16)
+    rope = model.rope_for(7, 8, 8)
+    with torch.no_grad():
+        ref = model(x, t, txt, y, rope)
+        mb = model.to(torch.bfloat16)
+        args = (x.bfloat16(), t.bfloat16(), txt.bfloat16(), y.bfloat16(), rope)
+        sdpa = mb(*args).float()
+        mb.ops = FUSED_ATTENTION_OPS
+        fused = mb(*args).float()
+    scale = ref.abs().max()
+    assert (fused - ref).abs().max() / scale < 2 * max((sdpa - ref).abs().max() / scale, 1e-2)
+    assert F.cosine_similarity(fused.flatten(), sdpa.flatten(), dim=0) > 0.999
