@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
+import math
 import os
 import shutil
 import subprocess
@@ -23,6 +24,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 SOURCE = Path(__file__).with_name("csrc") / "attention_bf16.c"
@@ -99,6 +101,8 @@ def _library() -> ctypes.CDLL | None:
             lib.fm_attention_bf16.argtypes = [p, p, p, p, i64, i64, i64, i64, ctypes.c_float, i64, i64, i64]
             lib.fm_attention_bf16.restype = ctypes.c_int
             lib.fm_attention_head_dim_supported.argtypes = [i64]
+            lib.fm_pack_bf16.argtypes = [p] * 5 + [i64] * 12 + [ctypes.POINTER(ctypes.c_float)]
+            lib.fm_pack_bf16.restype = None
         _state["lib"] = lib
         return lib
 
@@ -133,22 +137,6 @@ def scores_bounded(q: Tensor, k: Tensor, scale: float, limit: float = MAX_SCORE)
     return bound <= limit  # (False for nan)
 
 
-def pack_keys(k: Tensor, tiles: int) -> Tensor:
-    """[B, H, Lk, Dh] -> [B*H, tiles*4, Dh/2, 16, 2]: 64-key tiles of four 16-key blocks in VNNI pair order."""
-    b, h, lk, dh = k.shape
-    kp = torch.zeros(b * h, tiles * TILE_KEYS, dh, dtype=k.dtype)
-    kp[:, :lk] = k.reshape(b * h, lk, dh)
-    return kp.view(b * h, tiles * 4, 16, dh // 2, 2).transpose(2, 3).contiguous()
-
-
-def pack_values(v: Tensor, tiles: int) -> Tensor:
-    """[B, H, Lk, Dh] -> [B*H, tiles*32, Dh, 2]: consecutive key pairs interleaved per channel (VNNI)."""
-    b, h, lk, dh = v.shape
-    vp = torch.zeros(b * h, tiles * TILE_KEYS, dh, dtype=v.dtype)
-    vp[:, :lk] = v.reshape(b * h, lk, dh)
-    return vp.view(b * h, tiles * TILE_KEYS // 2, 2, dh).transpose(2, 3).contiguous()
-
-
 def fused_attention(q: Tensor, k: Tensor, v: Tensor, threads: int | None = None) -> Tensor | None:
     """softmax(q k^T / sqrt(Dh)) v for bf16 CPU tensors [B, H, L, Dh], merged to [B, Lq, H*Dh]; None when the
     kernel cannot run these inputs here (the caller then uses another path)."""
@@ -156,28 +144,59 @@ def fused_attention(q: Tensor, k: Tensor, v: Tensor, threads: int | None = None)
         return None
     b, h, lq, dh = q.shape
     lk = k.shape[2]
-    if lk == 0 or not supports_head_dim(dh):
+    kernel_dh = -(-dh // 16) * 16  # e.g. giant's 88 runs as 96 with zero channels
+    if lk == 0 or not supports_head_dim(kernel_dh):
         return None
     scale = dh**-0.5
-    if not scores_bounded(q, k, scale):
-        return None
+    if kernel_dh == dh:
+        return _run(q, k, v, scale, threads)
+    pad = (0, kernel_dh - dh)  # zero channels add nothing to q.k and give zero outputs, dropped below
+    out = _run(F.pad(q, pad), F.pad(k, pad), F.pad(v, pad), scale, threads)
+    return None if out is None else out.view(b, lq, h, kernel_dh)[..., :dh].reshape(b, lq, h * dh)
+
+
+def _split(n: int, workers: int) -> tuple[list[int], list[int]]:
+    bounds = [n * i // workers for i in range(workers + 1)]
+    return bounds[:-1], bounds[1:]
+
+
+def _run(q: Tensor, k: Tensor, v: Tensor, scale: float, threads: int | None) -> Tensor | None:
+    """Pack K and V (and check the score bound from the row norms), then attend; both phases split over
+    ``threads`` (default torch's) Python threads. None when the scores are not provably bounded."""
+    b, h, lq, dh = q.shape
+    lk = k.shape[2]
     lib = _library()
-    tiles = (lk + TILE_KEYS - 1) // TILE_KEYS
+    padded = (lk + TILE_KEYS - 1) // TILE_KEYS * TILE_KEYS
     qc = q.contiguous()
-    kp, vp = pack_keys(k, tiles), pack_values(v, tiles)
-    out = torch.empty(b, lq, h * dh, dtype=q.dtype)
-    items = b * h * ((lq + ROWS_PER_ITEM - 1) // ROWS_PER_ITEM)
+    k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (k, v))
+    kp = torch.empty(b * h, padded, dh, dtype=q.dtype)
+    vp = torch.empty(b * h, padded, dh, dtype=q.dtype)
+    slices = b * h
+    items = slices * ((lq + ROWS_PER_ITEM - 1) // ROWS_PER_ITEM)
     workers = max(1, min(threads or torch.get_num_threads(), items))
+    pool = _executor(workers) if workers > 1 else None
+
+    def pack(s0: int, s1: int) -> tuple[float, float]:
+        norms = (ctypes.c_float * 2)()
+        ptrs = (qc.data_ptr(), k.data_ptr(), v.data_ptr(), kp.data_ptr(), vp.data_ptr())
+        lib.fm_pack_bf16(*ptrs, h, lq, lk, dh, *k.stride()[:3], *v.stride()[:3], s0, s1, norms)  # type: ignore[union-attr]
+        return norms[0], norms[1]
+
+    pack_workers = min(workers, slices)
+    norms = list(pool.map(pack, *_split(slices, pack_workers))) if pool and pack_workers > 1 else [pack(0, slices)]
+    flat = [x for n in norms for x in n]
+    if any(math.isnan(x) for x in flat):  # (a nan score would poison the row sums)
+        return None
+    q_sq, k_sq = max(n[0] for n in norms), max(n[1] for n in norms)
+    if not scale * math.sqrt(q_sq) * math.sqrt(k_sq) <= MAX_SCORE:
+        return None
+    out = torch.empty(b, lq, h * dh, dtype=q.dtype)
     args = (qc.data_ptr(), kp.data_ptr(), vp.data_ptr(), out.data_ptr(), h, lq, lk, dh, scale, ROWS_PER_ITEM)
 
-    def run(w0: int, w1: int) -> int:
+    def attend(w0: int, w1: int) -> int:
         return lib.fm_attention_bf16(*args, w0, w1)  # type: ignore[union-attr]
 
-    if workers == 1:
-        codes = [run(0, items)]
-    else:
-        bounds = [items * i // workers for i in range(workers + 1)]
-        codes = list(_executor(workers).map(run, bounds[:-1], bounds[1:]))
+    codes = list(pool.map(attend, *_split(items, workers))) if pool else [attend(0, items)]
     if any(codes):
         raise MemoryError(f"fused attention kernel: no memory for its {lk}-key probability buffer")
     return out

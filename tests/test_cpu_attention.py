@@ -49,6 +49,14 @@ def test_every_compiled_head_dim_matches_sdpa(dh):
 
 
 @needs_kernel
+@pytest.mark.parametrize("dh", [8, 24, 88])
+def test_head_dims_between_kernels_run_zero_padded(dh):
+    """giant's Dh = 88 runs in the 96 kernel with zero channels; the scale stays 1/sqrt(88)."""
+    assert not cpu_attention.supports_head_dim(dh)
+    _check(*_rms_normed(1, 2, 11, 40, dh, seed=dh))
+
+
+@needs_kernel
 @pytest.mark.parametrize("lk", [1, 15, 16, 17, 31, 32, 33, 47, 48, 63, 64, 65, 128, 130])
 def test_padded_keys_never_count(lk):
     """Keys are zero-padded to a multiple of 64; the masks must drop exactly the padding in every 16-key block."""
@@ -62,6 +70,19 @@ def test_thread_splits_give_identical_results(threads):
     q, k, v = _rms_normed(2, 3, 150, 100, 32, seed=3)
     one = _check(q, k, v, threads=1)
     assert torch.equal(_check(q, k, v, threads=threads), one)
+
+
+@needs_kernel
+def test_strided_values_as_split_qkv_leaves_them():
+    """v arrives as a strided view of the fused qkv projection ([B, L, 3, H, Dh] permuted); k may be too."""
+    from fluxmusic.ops import split_qkv
+
+    g = torch.Generator().manual_seed(4)
+    qkv = torch.randn(2, 70, 3 * 4 * 32, generator=g).bfloat16()
+    q, k, v = split_qkv(qkv, 4)
+    assert not v.is_contiguous() and v.bfloat16() is v  # reaches the kernel strided
+    q, k = (t * torch.rsqrt(t.pow(2).mean(-1, keepdim=True)) for t in (q, k))
+    _check(q, k, v, threads=2)
 
 
 @needs_kernel
@@ -82,10 +103,14 @@ def test_declines_what_it_cannot_compute_and_the_op_falls_back():
     big_q, big_k = qb * 4, kb * 4  # scores up to 16 * sqrt(32) ~ 90 > 40: exp would need a running max
     assert not cpu_attention.scores_bounded(big_q, big_k, 32**-0.5)
     assert cpu_attention.fused_attention(big_q, big_k, vb) is None
-    assert not cpu_attention.supports_head_dim(40)
-    assert cpu_attention.fused_attention(*(t[..., :20] for t in (qb, kb, vb))) is None
+    nan_k = kb.clone()
+    nan_k[0, 1, 5, 3] = float("nan")
+    assert cpu_attention.fused_attention(qb, nan_k, vb, threads=2) is None  # nan in the second thread's slice
+    assert not cpu_attention.supports_head_dim(136)  # beyond the largest kernel (128)
+    wide = tuple(torch.cat([t] * 5, dim=-1)[..., :136] for t in (qb, kb, vb))
+    assert cpu_attention.fused_attention(*wide) is None
     # The op falls back to block-GEMM attention in each case and still matches SDPA.
-    for args in ((big_q, big_k, vb), tuple(t[..., :20] for t in (qb, kb, vb))):
+    for args in ((big_q, big_k, vb), wide):
         ref = attention(*(t.float() for t in args))
         assert torch.equal(fused_attention(*args), blocked_attention(*args))
         assert (fused_attention(*args).float() - ref).abs().max() < 5e-2

@@ -6,10 +6,11 @@
  * rounded to bf16 once and multiplied into the output accumulators, so no score ever reaches memory.
  *
  * The caller (fluxmusic/cpu_attention.py) guarantees that every scaled score lies in [-40, 40], so exp needs
- * no running max (the same bound as fluxmusic.ops._exp_sum_values), and packs K and V into VNNI pair layouts:
+ * no running max (the same bound as fluxmusic.ops._exp_sum_values; fm_pack_bf16 returns the row norms that
+ * bound them), and has fm_pack_bf16 pack K and V into VNNI pair layouts:
  *   kp: [n_bh][n_tiles * 4 blocks][DH/2 pairs][16 keys][2]   (keys padded with zeros to a multiple of 64)
  *   vp: [n_bh][n_tiles * 32 key pairs][DH][2]                (padded keys have zero values)
- * q is [n_bh][lq][DH] contiguous; out rows land in a strided layout (the merged [B, L, H*DH] view).
+ * q is [n_bh][lq][DH] contiguous (the layout RoPE leaves it in); out rows land in a strided layout (the merged [B, L, H*DH] view).
  * All bf16 values travel as uint16_t.
  */
 #include <immintrin.h>
@@ -206,4 +207,70 @@ int fm_attention_bf16(const uint16_t *q, const uint16_t *kp, const uint16_t *vp,
     }
     free(pbuf);
     return 0;
+}
+
+/* Largest squared row norm of rows [0, n) of a bf16 [n, dh] matrix with row stride ld. */
+static float max_sq_norm(const uint16_t *x, long n, long ld, long dh) {
+    float best = 0.0f;
+    for (long r = 0; r < n; r++) {
+        const uint16_t *row = x + r * ld;
+        float acc = 0.0f;
+        for (long d = 0; d < dh; d++) {
+            uint32_t bits = (uint32_t)row[d] << 16;
+            float f;
+            memcpy(&f, &bits, sizeof f);
+            acc += f * f;
+        }
+        if (acc > best || acc != acc) best = acc; /* (nan propagates: the caller's bound check fails) */
+    }
+    return best;
+}
+
+/* Pack slices s0..s1-1 (slice = b * n_heads + h) of K and V, strided [B, H, L, dh] bf16 with unit stride over dh,
+ * into the kernel's layouts (keys zero-padded to whole 64-key tiles), and return in norms[0..1] the largest
+ * squared row norms of q (contiguous [n_bh][lq][dh]), and of k, over these slices. */
+void fm_pack_bf16(const uint16_t *q, const uint16_t *k, const uint16_t *v, uint16_t *kp, uint16_t *vp, long n_heads,
+                  long lq, long lk, long dh, long ksb, long ksh, long ksl, long vsb, long vsh, long vsl, long s0,
+                  long s1, float *norms) {
+    const long n_tiles = (lk + 63) / 64, padded = n_tiles * 64, half = dh / 2;
+    float qn = 0.0f, kn = 0.0f;
+    for (long sl = s0; sl < s1; sl++) {
+        const long b = sl / n_heads, h = sl % n_heads;
+        const uint16_t *ks = k + b * ksb + h * ksh, *vs = v + b * vsb + h * vsh;
+        uint32_t *kd = (uint32_t *)(kp + sl * padded * dh);
+        uint16_t *vd = vp + sl * padded * dh;
+        float n_ = max_sq_norm(q + sl * lq * dh, lq, dh, dh);
+        if (n_ > qn || n_ != n_) qn = n_;
+        n_ = max_sq_norm(ks, lk, ksl, dh);
+        if (n_ > kn || n_ != n_) kn = n_;
+        /* K: key j's channel pair p goes to block j / 16, pair p, lane j % 16. */
+        for (long j = 0; j < padded; j++) {
+            uint32_t *dst = kd + (j / 16) * half * 16 + (j % 16);
+            if (j < lk) {
+                const uint16_t *row = ks + j * ksl;
+                for (long p = 0; p < half; p++) {
+                    uint32_t pair;
+                    memcpy(&pair, row + 2 * p, sizeof pair);
+                    dst[p * 16] = pair;
+                }
+            } else {
+                for (long p = 0; p < half; p++) dst[p * 16] = 0;
+            }
+        }
+        /* V: keys 2i and 2i+1 interleave per channel: [v(2i, d), v(2i+1, d)] for each d. */
+        const __m512i interleave = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23, 7,
+                                                     22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
+        for (long i = 0; i < padded / 2; i++) {
+            const long j = 2 * i;
+            for (long d = 0; d < dh; d += 16) {
+                const __m256i a = j < lk ? _mm256_loadu_si256((const __m256i *)(vs + j * vsl + d)) : _mm256_setzero_si256();
+                const __m256i c = j + 1 < lk ? _mm256_loadu_si256((const __m256i *)(vs + (j + 1) * vsl + d))
+                                             : _mm256_setzero_si256();
+                const __m512i both = _mm512_inserti64x4(_mm512_castsi256_si512(a), c, 1);
+                _mm512_storeu_si512((void *)(vd + (i * dh + d) * 2), _mm512_permutexvar_epi16(interleave, both));
+            }
+        }
+    }
+    norms[0] = qn;
+    norms[1] = kn;
 }
