@@ -2,9 +2,10 @@
 
 official : per Euler step two batch-1 fp32 forwards (cond, then uncond), RoPE recomputed from position ids
            in every call, 50 steps (the official sample.py)
-ours     : one batch-2 CFG forward per guided evaluation, cached RoPE, weights stored in bf16, block-GEMM
-           attention; outside the guidance interval one batch-1 forward (cond only); with the step cache, the
-           evaluations it answers cost one probe (the first block's modulation) instead of a forward
+ours     : one batch-2 CFG forward per guided evaluation, cached RoPE, weights stored in bf16, the fused
+           CPU attention kernel (fluxmusic.cpu_attention); outside the guidance interval one batch-1 forward
+           (cond only); with the step cache, the evaluations it answers cost one probe (the first block's
+           modulation) instead of a forward
 ours fp32: the batched forward in fp32 (``--fp32``; isolates the procedure from the numerics)
 
 The setting of ours: ``--from-sweep RESULTS.json`` takes the cheapest setting that matched Euler-50 both by
@@ -112,11 +113,11 @@ def main() -> None:
     variants = {"official (2 x B=1 fp32, RoPE per call)": (official, OFFICIAL_STEPS, "fp32", 2)}
     if args.fp32:
         variants["ours fp32 (B=2, cached RoPE)"] = (lambda: ours32(x, t), ours["guided"], "fp32", 2)
-    variants["ours bf16 + blocked attention, guided (B=2)"] = (lambda: ours_bf(xb, tb).float(), ours["guided"],
+    variants["ours bf16 + fused attention, guided (B=2)"] = (lambda: ours_bf(xb, tb).float(), ours["guided"],
                                                               "bf16", 2)
     if ours["unguided"] or args.all_parts:
         cb = Conditioning(cond.txt.to(bf), cond.y.to(bf))
-        variants["ours bf16 + blocked attention, cond only (B=1)"] = (
+        variants["ours bf16 + fused attention, cond only (B=1)"] = (
             lambda: fast(xb, tb, cb.txt, cb.y, rope).float(), ours["unguided"], "bf16", 1)
     probe = FirstBlockProbe.from_transformer(fast)
     yb = cond.y.to(bf)

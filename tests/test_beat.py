@@ -163,6 +163,38 @@ def test_phases_cli_writes_each_items_phase(beat_cache):
     assert float(ds[3]["register"]) == 80.0 and float(ds[2]["register"]) == 66.0
 
 
+def test_melody_pitch_becomes_the_register_target(tmp_path):
+    """``beat_phases --melody`` measures each clip's melody pitch (the evaluation's estimator); the register hint
+    then trains on that pitch instead of its register word's class centre."""
+    from fluxmusic.training.beat_phases import main
+    from fluxmusic.training.cache import CachedEmbeddingDataset, write_cache
+
+    seconds, rows, items = 3.0, [], []
+    null = torch.zeros(5, 4), torch.zeros(6)
+    t = np.arange(int(seconds * SR)) / SR
+    for i, midi in enumerate((62.0, 77.0, None)):
+        path = tmp_path / f"tone{i}.wav"
+        hz = 440.0 * 2 ** (((midi or 60.0) - 69) / 12)
+        # a plucked tone every beat (so the clip also has a beat phase); the third clip is silent
+        env = np.exp(-((t % 0.5) * 8.0)) if midi is not None else np.zeros_like(t)
+        sf.write(path, (0.3 * env * np.sin(2 * np.pi * hz * t)).astype(np.float32), SR)
+        meta = {"caption": f"tone {i}", "bpm": 120.0, "register": "mid", "work": f"w{i}", "split": "train"}
+        rows.append({"path": str(path), **meta})
+        items.append({"latent": torch.zeros(2, 4, 4), "txt": null[0], "y": null[1], **meta})
+    (tmp_path / "manifest.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cache = write_cache(tmp_path / "cache", items, null_txt=null[0], null_y=null[1])
+    args = ["--cache", str(cache), "--manifest", str(tmp_path / "manifest.jsonl"), "--seconds", str(seconds)]
+    assert main([*args, "--melody", "--vocabulary", "nonesuch"]) == 2  # one clear error, nothing written
+    assert "melody_midi" not in (cache / "items.jsonl").read_text()
+    assert main([*args, "--melody"]) == 0
+    meta = [json.loads(line) for line in (cache / "items.jsonl").read_text().splitlines()]
+    assert abs(meta[0]["melody_midi"] - 62.0) <= 1 and abs(meta[1]["melody_midi"] - 77.0) <= 1
+    assert meta[2]["melody_midi"] is None  # silence has no pitch
+    targets = CachedEmbeddingDataset(cache).with_beats()._registers.tolist()
+    assert targets[:2] == [meta[0]["melody_midi"], meta[1]["melody_midi"]]
+    assert targets[2] == 66.0  # no measured pitch: the "mid" class centre
+
+
 def test_cache_without_phases_says_how_to_add_them(tiny_model_dir, tmp_path):
     from fluxmusic.training.cache import CachedEmbeddingDataset, write_cache
 

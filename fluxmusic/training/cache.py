@@ -14,7 +14,8 @@ so reading a cache never runs code.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Mapping
+import math
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -166,8 +167,9 @@ class CachedEmbeddingDataset:
     def with_beats(self) -> CachedEmbeddingDataset:
         """This view whose items also carry ``"beat"`` = [bpm, t0 s] (NaN where unknown) from the items'
         ``bpm`` and ``beat_t0`` metadata (``fluxmusic.beat``: the beat-grid conditioning's training input), with
-        ``seconds_per_frame`` from the cache's metadata, and ``"register"`` = the target MIDI pitch of the item's
-        ``register`` word (``fluxmusic.register``; NaN where it has none)."""
+        ``seconds_per_frame`` from the cache's metadata, and ``"register"`` = the register hint's target MIDI
+        pitch: the clip's measured ``melody_midi`` where the cache has it (``beat_phases --melody``), else the
+        centre of its ``register`` word's class (``fluxmusic.register``), else NaN (no hint)."""
         from fluxmusic.beat import item_bpm
         from fluxmusic.register import register_midi
 
@@ -183,7 +185,7 @@ class CachedEmbeddingDataset:
                                  "metadata); add the beat phases with python -m fluxmusic.training.beat_phases")
         sub = self.subset(list(range(len(self.indices))))
         sub.seconds_per_frame = float(spf)
-        sub._registers = torch.tensor([register_midi(m.get("register")) for m in meta], dtype=torch.float32)
+        sub._registers = torch.tensor([_register_target(m, register_midi) for m in meta], dtype=torch.float32)
         sub._beats = torch.tensor([[nan if v is None else float(v) for v in r] for r in rows], dtype=torch.float32)
         return sub
 
@@ -216,3 +218,11 @@ def split(
         raise FluxMusicError(f"cannot hold out {val_items} validation items from a cache of {len(ds)}")
     order = torch.randperm(len(ds), generator=torch.Generator().manual_seed(seed)).tolist()
     return ds.subset(sorted(order[val_items:])), ds.subset(sorted(order[:val_items]))
+
+
+def _register_target(meta: dict[str, Any], register_midi: Callable[[object], float]) -> float:
+    """The register hint's training target for one item: its measured melody pitch, else its word's centre."""
+    measured = meta.get("melody_midi")
+    if isinstance(measured, (int, float)) and math.isfinite(measured):
+        return float(measured)
+    return register_midi(meta.get("register"))
