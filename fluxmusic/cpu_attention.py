@@ -123,12 +123,13 @@ def supports_head_dim(head_dim: int) -> bool:
 
 
 def _executor(workers: int) -> ThreadPoolExecutor:
+    """The worker threads, made again when the count changes or in a forked child (whose copy has no threads)."""
     with _lock:
-        pool = _state.get("pool")
-        if pool is None or pool._max_workers != workers:  # type: ignore[attr-defined]
+        pool, size, pid = _state.get("pool", (None, 0, 0))  # type: ignore[misc]
+        if pool is None or size != workers or pid != os.getpid():
             pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="fluxmusic-attn")
-            _state["pool"] = pool
-        return pool  # type: ignore[return-value]
+            _state["pool"] = (pool, workers, os.getpid())
+        return pool
 
 
 def scores_bounded(q: Tensor, k: Tensor, scale: float, limit: float = MAX_SCORE) -> bool:

@@ -165,3 +165,23 @@ def test_tiny_model_bf16_fused_matches_the_fp32_reference():
     scale = ref.abs().max()
     assert (fused - ref).abs().max() / scale < 2 * max((sdpa - ref).abs().max() / scale, 1e-2)
     assert F.cosine_similarity(fused.flatten(), sdpa.flatten(), dim=0) > 0.999
+
+
+def _attend_in_child(args, expected, queue) -> None:
+    queue.put(bool(torch.equal(cpu_attention.fused_attention(*args, threads=2), expected)))
+
+
+@needs_kernel
+def test_a_forked_child_gets_its_own_worker_threads():
+    """A fork copies the pool object but not its threads; the child must not wait on threads it does not have."""
+    import multiprocessing as mp
+
+    args = tuple(t.bfloat16() for t in _rms_normed(1, 4, 40, 40, 32, seed=9))
+    parent = cpu_attention.fused_attention(*args, threads=2)  # the parent's pool exists before the fork
+    ctx = mp.get_context("fork")
+    queue = ctx.Queue()
+    child = ctx.Process(target=_attend_in_child, args=(args, parent, queue))
+    child.start()
+    same = queue.get(timeout=60)  # (raises queue.Empty if the child hangs on threads it does not have)
+    child.join(timeout=60)
+    assert child.exitcode == 0 and same
