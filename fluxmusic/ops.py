@@ -10,6 +10,7 @@ adjacent channel pairs: ``(x0, x1) -> (cos x0 - sin x1, sin x0 + cos x1)``.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -252,15 +253,7 @@ BLOCKED_ATTENTION_OPS = OpSet(
 
 #: The reference ops with the fused CPU attention kernel (falling back to block-GEMM attention where it cannot
 #: run): for bf16 on the CPU (see :func:`fused_attention`).
-FUSED_ATTENTION_OPS = OpSet(
-    name="fused-attention",
-    layernorm_modulate=layernorm_modulate,
-    gated_residual=gated_residual,
-    gated_residual_modulate=gated_residual_modulate,
-    qk_rmsnorm_rope=qk_rmsnorm_rope,
-    attention=fused_attention,
-    gelu=fast_gelu,
-)
+FUSED_ATTENTION_OPS = dataclasses.replace(BLOCKED_ATTENTION_OPS, name="fused-attention", attention=fused_attention)
 
 #: Attention implementations selectable by name (``attention=`` of the torch backend, the benchmarks).
 ATTENTION_OPSETS = {"sdpa": REFERENCE_OPS, "blocked": BLOCKED_ATTENTION_OPS, "fused": FUSED_ATTENTION_OPS}

@@ -93,8 +93,10 @@ def test_opset_selection():
         opset_for("flash2", torch.float32, "cpu")
 
 
-def test_tiny_model_bf16_blocked_matches_sdpa():
-    """Whole-model parity: bf16 weights with blocked attention vs bf16 SDPA vs the fp32 reference."""
+@pytest.mark.parametrize("ops", [BLOCKED_ATTENTION_OPS, FUSED_ATTENTION_OPS], ids=lambda o: o.name)
+def test_tiny_model_bf16_blocked_matches_sdpa(ops):
+    """Whole-model parity: bf16 weights with blocked attention (or the fused kernel) vs bf16 SDPA vs the fp32
+    reference. (Where the fused kernel cannot run, its op set falls back to blocked attention.)"""
     from fluxmusic.config import FluxMusicConfig
     from fluxmusic.model import FluxMusicTransformer
 
@@ -110,7 +112,7 @@ def test_tiny_model_bf16_blocked_matches_sdpa():
         mb = model.to(torch.bfloat16)
         args = (x.bfloat16(), t.bfloat16(), txt.bfloat16(), y.bfloat16(), rope)
         sdpa = mb(*args).float()
-        mb.ops = BLOCKED_ATTENTION_OPS
+        mb.ops = ops
         blocked = mb(*args).float()
     scale = ref.abs().max()
     assert (blocked - ref).abs().max() / scale < 3 * max((sdpa - ref).abs().max() / scale, 1e-2)
