@@ -162,8 +162,8 @@ def test_bench_procedure_takes_our_setting_from_a_sweep(tmp_path):
     assert out.returncode == 0, out.stderr
     assert "ours: ab2 8, shift 3, interval [0.2, 1], cache 0.1 from" in out.stdout
     # nfe 6, cost 5.5: 5 guided (B=2) + 1 cond-only (B=1) evaluations; the probe runs at all 8 steps
-    assert "| ours bf16 + blocked attention, guided (B=2) |" in out.stdout
-    assert "| ours bf16 + blocked attention, cond only (B=1) |" in out.stdout
+    assert "| ours bf16 + fused attention, guided (B=2) |" in out.stdout
+    assert "| ours bf16 + fused attention, cond only (B=1) |" in out.stdout
     assert "5 guided + 1 cond-only + 8 probes" in out.stdout
     sweep.write_text(json.dumps({"steps_sweep": {"fewest": {"both": None}}}))
     bad = subprocess.run([sys.executable, str(script), "--config", "tiny", "--from-sweep", str(sweep)],
