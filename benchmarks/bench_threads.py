@@ -9,9 +9,10 @@ result depends on it: on an idle machine spinning costs little, on an oversubscr
 
 Settings:
   1 thread                       torch.set_num_threads(1)
-  N threads, spin (torch default) OMP_WAIT_POLICY unset (libgomp spins at barriers)
-  N threads, passive              OMP_WAIT_POLICY=PASSIVE, KMP_BLOCKTIME=0 (fluxmusic's CLI default)
-  auto (fluxmusic default)        passive + fluxmusic.threads.default_threads() (cores minus load)
+  N threads, spin (torch default) OMP_WAIT_POLICY unset (libgomp spins 300 000 iterations at barriers)
+  N threads, short spin           GOMP_SPINCOUNT=100000, KMP_BLOCKTIME=1 (fluxmusic's choice on a free machine)
+  N threads, passive              OMP_WAIT_POLICY=PASSIVE, KMP_BLOCKTIME=0 (fluxmusic's choice under load)
+  auto (fluxmusic default)        fluxmusic.threads.choose_wait_policy() + default_threads() (cores minus load)
 
     python benchmarks/bench_threads.py --rounds 3 --evaluations 5
 """
@@ -28,6 +29,9 @@ import sys
 CHILD = r"""
 import json, sys, time
 spec = json.loads(sys.argv[1])
+if spec["threads"] == "auto":  # as the fluxmusic CLI does, before torch loads
+    from fluxmusic.threads import choose_wait_policy
+    choose_wait_policy()
 import torch
 from fluxmusic.threads import configure_threads
 from fluxmusic.transformer_io import load_transformer
@@ -57,16 +61,17 @@ def main() -> None:
     ap.add_argument("--evaluations", type=int, default=5, help="timed evaluations per subprocess")
     ap.add_argument("--threads", type=int, default=None, help="N (default: the cores this process may use)")
     args = ap.parse_args()
-    from fluxmusic.threads import PASSIVE_WAIT_ENV, available_cores
+    from fluxmusic.threads import PASSIVE_WAIT_ENV, SHORT_SPIN_ENV, WAIT_ENV_KEYS, available_cores
 
     n = args.threads or available_cores()
-    base_env = {k: v for k, v in os.environ.items() if k not in PASSIVE_WAIT_ENV and k != "OMP_NUM_THREADS"}
+    base_env = {k: v for k, v in os.environ.items() if k not in WAIT_ENV_KEYS and k != "OMP_NUM_THREADS"}
     settings = {
         "1 thread, passive": (1, PASSIVE_WAIT_ENV),
         "1 thread, spin": (1, {}),
         f"{n} threads, spin (torch default)": (n, {}),
+        f"{n} threads, short spin": (n, SHORT_SPIN_ENV),
         f"{n} threads, passive": (n, PASSIVE_WAIT_ENV),
-        "auto (fluxmusic default: passive, cores minus load)": ("auto", PASSIVE_WAIT_ENV),
+        "auto (fluxmusic default: wait policy and threads from the load)": ("auto", {}),
     }
     results: dict[str, list[float]] = {k: [] for k in settings}
     chosen: dict[str, list[int]] = {k: [] for k in settings}

@@ -7,10 +7,10 @@ import importlib
 import sys
 
 from fluxmusic.errors import FluxMusicError
-from fluxmusic.threads import configure_threads, prefer_passive_wait
+from fluxmusic.threads import choose_wait_policy, configure_threads
 
 # Before any subcommand imports torch: OpenMP reads its wait policy when the library loads.
-prefer_passive_wait()
+choose_wait_policy()
 
 #: Modules that define ``register(subparsers)``; each adds one subcommand (or a group of them).
 COMMAND_MODULES = (

@@ -56,18 +56,32 @@ def test_configure_threads_sets_torch(monkeypatch):
     assert th.configure_threads("2") == 2 and torch.get_num_threads() == 2
 
 
-def test_prefer_passive_wait_keeps_user_choice(monkeypatch):
+@pytest.mark.parametrize("load, expected", [(0.2, th.SHORT_SPIN_ENV), (1.3, th.PASSIVE_WAIT_ENV)])
+def test_wait_policy_spins_briefly_on_a_free_machine_and_sleeps_under_load(monkeypatch, load, expected):
+    for key in th.WAIT_ENV_KEYS:
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    assert th.choose_wait_policy(cores=2, load=load) == expected
+    assert all(os.environ[k] == v for k, v in expected.items())
+    other = th.PASSIVE_WAIT_ENV if expected is th.SHORT_SPIN_ENV else th.SHORT_SPIN_ENV
+    assert all(k in expected or k not in os.environ for k in other)
+
+
+def test_wait_policy_keeps_user_choice(monkeypatch):
     monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")
     monkeypatch.delenv("KMP_BLOCKTIME", raising=False)
-    assert th.prefer_passive_wait() is False  # torch is loaded in this test process
-    assert os.environ["OMP_WAIT_POLICY"] == "ACTIVE" and os.environ["KMP_BLOCKTIME"] == "0"
+    monkeypatch.delenv("GOMP_SPINCOUNT", raising=False)
+    assert th.choose_wait_policy(cores=2, load=0.0) == {}
+    assert os.environ["OMP_WAIT_POLICY"] == "ACTIVE" and "KMP_BLOCKTIME" not in os.environ
 
 
-def test_cli_sets_passive_wait_before_torch_loads():
-    env = {k: v for k, v in os.environ.items() if k not in th.PASSIVE_WAIT_ENV}
-    code = "import sys, os, fluxmusic.cli; print('torch' in sys.modules, os.environ.get('OMP_WAIT_POLICY'))"
+def test_cli_sets_the_wait_policy_before_torch_loads():
+    env = {k: v for k, v in os.environ.items() if k not in th.WAIT_ENV_KEYS and k != "OMP_NUM_THREADS"}
+    code = ("import sys, os, fluxmusic.cli; print('torch' in sys.modules, "
+            "os.environ.get('OMP_WAIT_POLICY') or os.environ.get('GOMP_SPINCOUNT'))")
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
-    assert out.stdout.split() == ["False", "PASSIVE"]
+    torch_loaded, policy = out.stdout.split()
+    assert torch_loaded == "False" and policy in ("PASSIVE", th.SHORT_SPIN_ENV["GOMP_SPINCOUNT"])
 
 
 def test_cli_bad_threads_exits_2(capsys):
