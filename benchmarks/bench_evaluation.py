@@ -8,7 +8,7 @@ Variants (all the batched CFG forward, batch 2, cached RoPE):
   bf16/blocked               weights stored in bf16, block-GEMM attention
   bf16/fused                 weights stored in bf16, the fused AVX512-BF16 attention kernel (fluxmusic.cpu_attention)
   int8-dynamic (--int8)      torch dynamic quantisation of every Linear (int8 weights, fp32 activations)
-  bf16/fused+compile (--compile)  torch.compile (inductor) of the bf16 model, attention left eager
+  bf16/fused+compile (--compile)  fluxmusic.backend.compile_transformer (inductor, weights frozen), attention eager
 
 The matmul peaks are measured in the same run, interleaved with the variants, on the MLP's up-projection
 shape ([2 * tokens, hidden] x [hidden, 4 * hidden]); FLOPs are counted once with torch's FlopCounterMode.
@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from realshape import add_shape_arguments, real_shape_inputs
 from torch.utils.flop_counter import FlopCounterMode
 
+from fluxmusic.backend import compile_transformer
 from fluxmusic.flow import Conditioning, cfg_velocity
 from fluxmusic.model import FluxMusicTransformer
 from fluxmusic.ops import BLOCKED_ATTENTION_OPS, FUSED_ATTENTION_OPS, REFERENCE_OPS
@@ -81,9 +82,7 @@ def main() -> None:
         q8 = torch.ao.quantization.quantize_dynamic(copy.deepcopy(model), {torch.nn.Linear}, dtype=torch.qint8)
         variants["int8 dynamic Linears (fp32 act.), SDPA"] = fn_for(q8, f32, False)
     if args.compile:
-        cm = _with_ops(bf16_model, FUSED_ATTENTION_OPS)
-        cm.forward = torch.compile(cm.forward, dynamic=False)
-        torch._dynamo.config.cache_size_limit = 64
+        cm = compile_transformer(_with_ops(bf16_model, FUSED_ATTENTION_OPS))  # as --compile does (weights frozen)
         t0 = time.perf_counter()
         fn = fn_for(cm, bf, False)
         with torch.no_grad():
