@@ -20,8 +20,10 @@ import shutil
 import subprocess
 import tempfile
 import threading
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -39,6 +41,7 @@ MAX_SCORE = 40.0
 #: Keys per tile of the kernel (K and V are zero-padded to a multiple).
 TILE_KEYS = 64
 
+T = TypeVar("T")
 _lock = threading.Lock()
 _state: dict[str, object] = {}
 
@@ -103,6 +106,9 @@ def _library() -> ctypes.CDLL | None:
             lib.fm_attention_head_dim_supported.argtypes = [i64]
             lib.fm_pack_bf16.argtypes = [p] * 5 + [i64] * 12 + [ctypes.POINTER(ctypes.c_float)]
             lib.fm_pack_bf16.restype = None
+            f32 = ctypes.c_float
+            lib.fm_attention_slices.argtypes = [p] * 6 + [i64] * 4 + [f32, f32] + [i64] * 8
+            lib.fm_attention_slices.restype = ctypes.c_int
         _state["lib"] = lib
         return lib
 
@@ -123,10 +129,11 @@ def supports_head_dim(head_dim: int) -> bool:
 
 
 def _executor(workers: int) -> ThreadPoolExecutor:
-    """The worker threads, made again when the count changes or in a forked child (whose copy has no threads)."""
+    """A pool of at least ``workers`` threads; made again when more are needed, or in a forked child (whose copy
+    of the pool has no threads)."""
     with _lock:
         pool, size, pid = _state.get("pool", (None, 0, 0))  # type: ignore[misc]
-        if pool is None or size != workers or pid != os.getpid():
+        if pool is None or size < workers or pid != os.getpid():
             pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="fluxmusic-attn")
             _state["pool"] = (pool, workers, os.getpid())
         return pool
@@ -156,14 +163,10 @@ def fused_attention(q: Tensor, k: Tensor, v: Tensor, threads: int | None = None)
     return None if out is None else out.view(b, lq, h, kernel_dh)[..., :dh].reshape(b, lq, h * dh)
 
 
-def _split(n: int, workers: int) -> tuple[list[int], list[int]]:
-    bounds = [n * i // workers for i in range(workers + 1)]
-    return bounds[:-1], bounds[1:]
-
-
 def _run(q: Tensor, k: Tensor, v: Tensor, scale: float, threads: int | None) -> Tensor | None:
-    """Pack K and V (and check the score bound from the row norms), then attend; both phases split over
-    ``threads`` (default torch's) Python threads. None when the scores are not provably bounded."""
+    """Pack K and V, check the score bound from the row norms, attend. None when the scores are not provably
+    bounded. With at least as many (batch, head) slices as threads, each thread packs and attends whole slices
+    with no barrier between (one phase); otherwise every thread packs, then each takes a share of query rows."""
     b, h, lq, dh = q.shape
     lk = k.shape[2]
     lib = _library()
@@ -172,32 +175,50 @@ def _run(q: Tensor, k: Tensor, v: Tensor, scale: float, threads: int | None) -> 
     k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (k, v))
     kp = torch.empty(b * h, padded, dh, dtype=q.dtype)
     vp = torch.empty(b * h, padded, dh, dtype=q.dtype)
+    out = torch.empty(b, lq, h * dh, dtype=q.dtype)
     slices = b * h
     items = slices * ((lq + ROWS_PER_ITEM - 1) // ROWS_PER_ITEM)
     workers = max(1, min(threads or torch.get_num_threads(), items))
-    pool = _executor(workers) if workers > 1 else None
+    ptrs = (qc.data_ptr(), k.data_ptr(), v.data_ptr(), kp.data_ptr(), vp.data_ptr())
+    strides = (*k.stride()[:3], *v.stride()[:3])
 
-    def pack(s0: int, s1: int) -> tuple[float, float]:
-        norms = (ctypes.c_float * 2)()
-        ptrs = (qc.data_ptr(), k.data_ptr(), v.data_ptr(), kp.data_ptr(), vp.data_ptr())
-        lib.fm_pack_bf16(*ptrs, h, lq, lk, dh, *k.stride()[:3], *v.stride()[:3], s0, s1, norms)  # type: ignore[union-attr]
-        return norms[0], norms[1]
+    if slices >= workers:
+        def whole(s0: int, s1: int) -> int:
+            return lib.fm_attention_slices(*ptrs, out.data_ptr(), h, lq, lk, dh, scale, MAX_SCORE,  # type: ignore[union-attr]
+                                           *strides, s0, s1)
 
-    pack_workers = min(workers, slices)
-    norms = list(pool.map(pack, *_split(slices, pack_workers))) if pool and pack_workers > 1 else [pack(0, slices)]
-    flat = [x for n in norms for x in n]
-    if any(math.isnan(x) for x in flat):  # (a nan score would poison the row sums)
-        return None
-    q_sq, k_sq = max(n[0] for n in norms), max(n[1] for n in norms)
-    if not scale * math.sqrt(q_sq) * math.sqrt(k_sq) <= MAX_SCORE:
-        return None
-    out = torch.empty(b, lq, h * dh, dtype=q.dtype)
-    args = (qc.data_ptr(), kp.data_ptr(), vp.data_ptr(), out.data_ptr(), h, lq, lk, dh, scale, ROWS_PER_ITEM)
+        codes = _on_threads(whole, slices, workers)
+        if -3 in codes:
+            return None
+    else:
+        def pack(s0: int, s1: int) -> tuple[float, float]:
+            norms = (ctypes.c_float * 2)()
+            lib.fm_pack_bf16(*ptrs, h, lq, lk, dh, *strides, s0, s1, norms)  # type: ignore[union-attr]
+            return norms[0], norms[1]
 
-    def attend(w0: int, w1: int) -> int:
-        return lib.fm_attention_bf16(*args, w0, w1)  # type: ignore[union-attr]
+        norms = _on_threads(pack, slices, min(workers, slices))
+        flat = [x for n in norms for x in n]
+        if any(math.isnan(x) for x in flat):  # (a nan score would poison the row sums)
+            return None
+        q_sq, k_sq = max(n[0] for n in norms), max(n[1] for n in norms)
+        if not scale * math.sqrt(q_sq) * math.sqrt(k_sq) <= MAX_SCORE:
+            return None
+        args = (qc.data_ptr(), kp.data_ptr(), vp.data_ptr(), out.data_ptr(), h, lq, lk, dh, scale, ROWS_PER_ITEM)
 
-    codes = list(pool.map(attend, *_split(items, workers))) if pool else [attend(0, items)]
+        def rows(w0: int, w1: int) -> int:
+            return lib.fm_attention_bf16(*args, w0, w1)  # type: ignore[union-attr]
+
+        codes = _on_threads(rows, items, workers)
     if any(codes):
         raise MemoryError(f"fused attention kernel: no memory for its {lk}-key probability buffer")
     return out
+
+
+def _on_threads(fn: Callable[[int, int], T], n: int, workers: int) -> list[T]:
+    """fn over ``workers`` contiguous shares of range(n): the calling thread takes the first, pool threads the rest."""
+    bounds = [n * i // workers for i in range(workers + 1)]
+    if workers == 1:
+        return [fn(0, n)]
+    pool = _executor(workers - 1)
+    rest = [pool.submit(fn, bounds[i], bounds[i + 1]) for i in range(1, workers)]
+    return [fn(bounds[0], bounds[1]), *(f.result() for f in rest)]

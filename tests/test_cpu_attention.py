@@ -64,9 +64,10 @@ def test_padded_keys_never_count(lk):
 
 
 @needs_kernel
-@pytest.mark.parametrize("threads", [1, 2, 3, 7])
+@pytest.mark.parametrize("threads", [1, 2, 3, 7, 13])
 def test_thread_splits_give_identical_results(threads):
-    """Work items are split across threads at arbitrary boundaries; every split must compute the same rows."""
+    """Whole (batch, head) slices per thread while there are at least as many slices as threads (6 here), else a
+    pack phase then query rows split at arbitrary boundaries; every split must compute the same rows."""
     q, k, v = _rms_normed(2, 3, 150, 100, 32, seed=3)
     one = _check(q, k, v, threads=1)
     assert torch.equal(_check(q, k, v, threads=threads), one)
@@ -105,7 +106,11 @@ def test_declines_what_it_cannot_compute_and_the_op_falls_back():
     assert cpu_attention.fused_attention(big_q, big_k, vb) is None
     nan_k = kb.clone()
     nan_k[0, 1, 5, 3] = float("nan")
-    assert cpu_attention.fused_attention(qb, nan_k, vb, threads=2) is None  # nan in the second thread's slice
+    for threads in (1, 2, 5):  # nan in the second slice: one-phase (1, 2 threads) and two-phase (5) paths
+        assert cpu_attention.fused_attention(qb, nan_k, vb, threads=threads) is None
+    big = qb.clone()
+    big[0, 1] *= 8  # only the second slice's bound (8 sqrt(32) ~ 45) exceeds 40: the one-phase path must see it
+    assert cpu_attention.fused_attention(big, kb, vb, threads=2) is None
     assert not cpu_attention.supports_head_dim(136)  # beyond the largest kernel (128)
     wide = tuple(torch.cat([t] * 5, dim=-1)[..., :136] for t in (qb, kb, vb))
     assert cpu_attention.fused_attention(*wide) is None

@@ -209,68 +209,114 @@ int fm_attention_bf16(const uint16_t *q, const uint16_t *kp, const uint16_t *vp,
     return 0;
 }
 
-/* Largest squared row norm of rows [0, n) of a bf16 [n, dh] matrix with row stride ld. */
+/* Largest squared row norm of rows [0, n) of a bf16 [n, dh] matrix with row stride ld (dh a multiple of 16). */
 static float max_sq_norm(const uint16_t *x, long n, long ld, long dh) {
     float best = 0.0f;
     for (long r = 0; r < n; r++) {
         const uint16_t *row = x + r * ld;
-        float acc = 0.0f;
-        for (long d = 0; d < dh; d++) {
-            uint32_t bits = (uint32_t)row[d] << 16;
-            float f;
-            memcpy(&f, &bits, sizeof f);
-            acc += f * f;
+        __m512 acc = _mm512_setzero_ps();
+        for (long d = 0; d < dh; d += 16) { /* bf16 -> fp32 is a 16-bit shift into the high half */
+            const __m512i wide = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(row + d)));
+            const __m512 f = _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16));
+            acc = _mm512_fmadd_ps(f, f, acc);
         }
-        if (acc > best || acc != acc) best = acc; /* (nan propagates: the caller's bound check fails) */
+        const float sq = _mm512_reduce_add_ps(acc);
+        if (sq > best || sq != sq) best = sq; /* (nan propagates: the caller's bound check fails) */
+        if (best != best) return best;
     }
     return best;
 }
 
-/* Pack slices s0..s1-1 (slice = b * n_heads + h) of K and V, strided [B, H, L, dh] bf16 with unit stride over dh,
- * into the kernel's layouts (keys zero-padded to whole 64-key tiles), and return in norms[0..1] the largest
- * squared row norms of q (contiguous [n_bh][lq][dh]), and of k, over these slices. */
+typedef struct {
+    const uint16_t *q, *k, *v;
+    uint16_t *kp, *vp;
+    long n_heads, lq, lk, dh, ksb, ksh, ksl, vsb, vsh, vsl;
+} pack_args;
+
+/* Pack slice sl (= b * n_heads + h) of K and V, strided [B, H, L, dh] bf16 with unit stride over dh, into the
+ * kernel's layouts (keys zero-padded to whole 64-key tiles); the largest squared row norms of its q rows
+ * (contiguous [n_bh][lq][dh]) and k rows go to *qn and *kn. */
+static void pack_slice(const pack_args *a, long sl, float *qn, float *kn) {
+    const long dh = a->dh, n_tiles = (a->lk + 63) / 64, padded = n_tiles * 64, half = dh / 2;
+    const long b = sl / a->n_heads, h = sl % a->n_heads;
+    const uint16_t *ks = a->k + b * a->ksb + h * a->ksh, *vs = a->v + b * a->vsb + h * a->vsh;
+    uint32_t *kd = (uint32_t *)(a->kp + sl * padded * dh);
+    uint16_t *vd = a->vp + sl * padded * dh;
+    *qn = max_sq_norm(a->q + sl * a->lq * dh, a->lq, dh, dh);
+    *kn = max_sq_norm(ks, a->lk, a->ksl, dh);
+    /* K: key j's channel pair p goes to block j / 16, pair p, lane j % 16. */
+    for (long j = 0; j < padded; j++) {
+        uint32_t *dst = kd + (j / 16) * half * 16 + (j % 16);
+        if (j < a->lk) {
+            const uint16_t *row = ks + j * a->ksl;
+            for (long p = 0; p < half; p++) {
+                uint32_t pair;
+                memcpy(&pair, row + 2 * p, sizeof pair);
+                dst[p * 16] = pair;
+            }
+        } else {
+            for (long p = 0; p < half; p++) dst[p * 16] = 0;
+        }
+    }
+    /* V: keys 2i and 2i+1 interleave per channel: [v(2i, d), v(2i+1, d)] for each d. */
+    const __m512i interleave = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23, 7,
+                                                 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
+    for (long i = 0; i < padded / 2; i++) {
+        const long j = 2 * i;
+        for (long d = 0; d < dh; d += 16) {
+            const __m256i lo = j < a->lk ? _mm256_loadu_si256((const __m256i *)(vs + j * a->vsl + d))
+                                         : _mm256_setzero_si256();
+            const __m256i hi = j + 1 < a->lk ? _mm256_loadu_si256((const __m256i *)(vs + (j + 1) * a->vsl + d))
+                                             : _mm256_setzero_si256();
+            const __m512i both = _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1);
+            _mm512_storeu_si512((void *)(vd + (i * dh + d) * 2), _mm512_permutexvar_epi16(interleave, both));
+        }
+    }
+}
+
+/* Pack slices s0..s1-1 (for the two-phase path, when there are fewer slices than threads); norms[0..1] get the
+ * largest squared row norms of q and k over them. */
 void fm_pack_bf16(const uint16_t *q, const uint16_t *k, const uint16_t *v, uint16_t *kp, uint16_t *vp, long n_heads,
                   long lq, long lk, long dh, long ksb, long ksh, long ksl, long vsb, long vsh, long vsl, long s0,
                   long s1, float *norms) {
-    const long n_tiles = (lk + 63) / 64, padded = n_tiles * 64, half = dh / 2;
+    const pack_args a = {q, k, v, kp, vp, n_heads, lq, lk, dh, ksb, ksh, ksl, vsb, vsh, vsl};
     float qn = 0.0f, kn = 0.0f;
     for (long sl = s0; sl < s1; sl++) {
-        const long b = sl / n_heads, h = sl % n_heads;
-        const uint16_t *ks = k + b * ksb + h * ksh, *vs = v + b * vsb + h * vsh;
-        uint32_t *kd = (uint32_t *)(kp + sl * padded * dh);
-        uint16_t *vd = vp + sl * padded * dh;
-        float n_ = max_sq_norm(q + sl * lq * dh, lq, dh, dh);
-        if (n_ > qn || n_ != n_) qn = n_;
-        n_ = max_sq_norm(ks, lk, ksl, dh);
-        if (n_ > kn || n_ != n_) kn = n_;
-        /* K: key j's channel pair p goes to block j / 16, pair p, lane j % 16. */
-        for (long j = 0; j < padded; j++) {
-            uint32_t *dst = kd + (j / 16) * half * 16 + (j % 16);
-            if (j < lk) {
-                const uint16_t *row = ks + j * ksl;
-                for (long p = 0; p < half; p++) {
-                    uint32_t pair;
-                    memcpy(&pair, row + 2 * p, sizeof pair);
-                    dst[p * 16] = pair;
-                }
-            } else {
-                for (long p = 0; p < half; p++) dst[p * 16] = 0;
-            }
-        }
-        /* V: keys 2i and 2i+1 interleave per channel: [v(2i, d), v(2i+1, d)] for each d. */
-        const __m512i interleave = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23, 7,
-                                                     22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
-        for (long i = 0; i < padded / 2; i++) {
-            const long j = 2 * i;
-            for (long d = 0; d < dh; d += 16) {
-                const __m256i a = j < lk ? _mm256_loadu_si256((const __m256i *)(vs + j * vsl + d)) : _mm256_setzero_si256();
-                const __m256i c = j + 1 < lk ? _mm256_loadu_si256((const __m256i *)(vs + (j + 1) * vsl + d))
-                                             : _mm256_setzero_si256();
-                const __m512i both = _mm512_inserti64x4(_mm512_castsi256_si512(a), c, 1);
-                _mm512_storeu_si512((void *)(vd + (i * dh + d) * 2), _mm512_permutexvar_epi16(interleave, both));
-            }
-        }
+        float sq, sk;
+        pack_slice(&a, sl, &sq, &sk);
+        if (sq > qn || sq != sq) qn = sq;
+        if (sk > kn || sk != sk) kn = sk;
     }
     norms[0] = qn;
     norms[1] = kn;
+}
+
+/* Whole slices s0..s1-1, each packed then attended with no barrier between threads (the one-phase path).
+ * Returns 0; -1 for an unsupported head dim; -2 when out of memory; -3 when a slice's scores are not provably
+ * within [-max_score, max_score] (nothing is computed for it, and the caller falls back). */
+int fm_attention_slices(const uint16_t *q, const uint16_t *k, const uint16_t *v, uint16_t *kp, uint16_t *vp,
+                        uint16_t *out, long n_heads, long lq, long lk, long dh, float scale, float max_score,
+                        long ksb, long ksh, long ksl, long vsb, long vsh, long vsl, long s0, long s1) {
+    const slice_fn fn = slice_for(dh);
+    if (!fn) return -1;
+    const pack_args a = {q, k, v, kp, vp, n_heads, lq, lk, dh, ksb, ksh, ksl, vsb, vsh, vsl};
+    const long n_tiles = (lk + 63) / 64;
+    uint16_t *pbuf = aligned_alloc(64, (size_t)(MAX_MQ * n_tiles * 64) * sizeof(uint16_t));
+    if (!pbuf) return -2;
+    const float c = scale * 1.4426950408889634f;
+    const long ldo = n_heads * dh;
+    int code = 0;
+    for (long sl = s0; sl < s1 && code == 0; sl++) {
+        float qn, kn;
+        pack_slice(&a, sl, &qn, &kn);
+        if (!(scale * scale * qn * kn <= max_score * max_score)) { /* (also false for nan) */
+            code = -3;
+            break;
+        }
+        const long b = sl / n_heads, h = sl % n_heads;
+        fn(q + sl * lq * dh, kp + sl * n_tiles * 64 * dh, vp + sl * n_tiles * 64 * dh, out + b * lq * ldo + h * dh,
+           ldo, 0, lq, lk, n_tiles, c, pbuf);
+    }
+    free(pbuf);
+    return code;
 }
