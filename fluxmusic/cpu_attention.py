@@ -3,7 +3,8 @@
 The kernel keeps each tile of scores in AVX512 registers from QK^T through exp to PV, which is what separate
 GEMMs plus a softmax pass cannot do at small head dims (docs/performance.md). It is plain C, compiled on first
 use with the system C compiler into a per-user cache (like Triton's and inductor's kernels), loaded with
-ctypes and called from a few Python threads (ctypes releases the GIL), one contiguous range of work items each.
+ctypes and called from one Python thread per torch thread (ctypes releases the GIL; the calling thread is one of
+them), each packing K and V for, and attending, a contiguous range of (batch, head) slices.
 
 Where it cannot run (no C compiler, a CPU without AVX512-BF16, a head dim without a compiled kernel, or
 scores that are not provably bounded) :func:`fused_attention` returns None and the caller keeps its own path;
@@ -134,6 +135,8 @@ def _executor(workers: int) -> ThreadPoolExecutor:
     with _lock:
         pool, size, pid = _state.get("pool", (None, 0, 0))  # type: ignore[misc]
         if pool is None or size < workers or pid != os.getpid():
+            if pool is not None and pid == os.getpid():
+                pool.shutdown(wait=False)  # (its idle threads exit; a forked child's copy has none to stop)
             pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="fluxmusic-attn")
             _state["pool"] = (pool, workers, os.getpid())
         return pool
