@@ -32,6 +32,10 @@ def test_toy_recipe_builds_a_model_directory_that_generates(tmp_path):
     assert started == ["recipe: transformer_masked: starting", "recipe: transformer_beat: starting",
                        "recipe: transformer_register: starting", "recipe: assemble: starting"], started
     assert "beat phases of the cache's clips" in log.getvalue()  # the synth corpus's tempo_bpm, phased from audio
+    # the register stage trains on each clip's measured melody pitch, written into the cache first
+    assert "transformer_register: beat phases and melody pitches of the cache's clips" in log.getvalue()
+    items = (tmp_path / "run" / "cache" / "items.jsonl").read_text().splitlines()
+    assert all("melody_midi" in json.loads(line) for line in items)
     index = json.loads((model / "model_index.json").read_text())
     # The VAE's 8x compression reaches the model directory's geometry (not constants).
     assert index["geometry"]["vae_downsample"] == 8 and index["defaults"]["steps"] == 2

@@ -135,6 +135,7 @@ class Recipe:
     # The register hint: the beat transformer given the melody's register (fluxmusic.register) and fine-tuned
     # further (needs beat_stage); None: no register hint
     register_stage: Stage | None = None
+    register_context_lr: float | None = None  # its context input's peak lr (None: masked_context_lr)
     # Rounds of the vocoder's mel-match projection (VocosConfig.mel_match_iterations) and its momentum
     # (mel_match_momentum), set in the assembled model directory: parameter-free, so no stage trains it (0: off)
     vocoder_mel_match: int = 0
@@ -446,13 +447,16 @@ class RecipeRun:
         stage, base, name = ((self.r.register_stage, "transformer_beat", "transformer_register") if register else
                              (self.r.beat_stage, "transformer_masked", "transformer_beat"))
         assert stage is not None
-        if not _has_beat_phases(self.out / "cache"):
-            phased = add_beat_phases(self.out / "cache", manifest)
-            self.say(f"{name}: beat phases of the cache's clips: {phased}")
+        # The register hint trains on each clip's measured melody pitch (docs/quality.md, "Register").
+        melody = self.r.corpus if register else None
+        if not _has_beat_phases(self.out / "cache") or (register and not _has_melody_pitches(self.out / "cache")):
+            phased = add_beat_phases(self.out / "cache", manifest, melody=melody)
+            self.say(f"{name}: beat phases{' and melody pitches' if melody else ''} of the cache's clips: {phased}")
         train, val = cache_splits(self.out / "cache")
         train, val = train.with_beats(), val.with_beats() if val is not None else None
+        context_lr = (self.r.register_context_lr or self.r.masked_context_lr) if register else self.r.masked_context_lr
         task = MaskedFinetuneTask(self.parts / base, train, train.null_txt, train.null_y, val=val,
-                                  context_lr=self.r.masked_context_lr, beat=True, register=register)
+                                  context_lr=context_lr, beat=True, register=register)
         self._train(task, stage, name, self.parts / name)
 
     @property
@@ -530,6 +534,14 @@ def _has_beat_phases(cache: Path) -> bool:
     except (OSError, ValueError, AttributeError):
         return False
     return "seconds_per_latent_frame" in meta and any("beat_t0" in it for it in items)
+
+
+def _has_melody_pitches(cache: Path) -> bool:
+    try:
+        items = [json.loads(line) for line in (cache / "items.jsonl").read_text().splitlines()]
+    except (OSError, ValueError):
+        return False
+    return bool(items) and all("melody_midi" in it for it in items)
 
 
 def _live_pid(path: Path) -> int | None:
