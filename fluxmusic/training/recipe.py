@@ -119,6 +119,9 @@ class Recipe:
     render_works: int = 1200  # corpus files rendered (render corpus)
     render_clips_per_work: int = 2
     half_storage: tuple[str, ...] = ()  # components whose weights are stored fp16 (loaders upcast): bundle size
+    # components stored bf16 instead: rounded once, so a bf16 run computes with exactly the fp32 model's bf16
+    # weights (fp16 storage then bf16 compute rounds twice; that moved two clips' comb figures out of range)
+    bf16_storage: tuple[str, ...] = ()
     # The vocoder's STFT-loss weight, and whether its resolutions add the long (2048 / 4096) windows that resolve a
     # hop-rate comb (vocoder_task.COMB_RESOLUTIONS)
     vocoder_stft_weight: float = 1.0
@@ -151,7 +154,7 @@ RECIPES: dict[str, Recipe] = {
     # Real music: ~1200 music21 scores rendered with FluidSynth; VAE 8x down with 16 latent channels
     # (256 transformer tokens for 10.24 s); Vocos vocoder trained with MPD + spectrogram discriminators.
     "default": Recipe(
-        hours=1.0, seed=0, nominal_minutes=205.0, corpus="render",  # +80 min for the beat stage
+        hours=1.0, seed=0, nominal_minutes=272.0, corpus="render",  # +80 min beat stage, +67 min register stage
         vae=VAEConfig(channels=(16, 32, 64, 128), latent_channels=16),
         vae_stage=Stage(steps=4000, batch_size=8, lr=1e-3, warmup_steps=50), vae_crop_frames=128,
         vocoder=VocoderConfig(kind="vocos", adversarial=True, vocos_hidden=192, vocos_intermediate=576,
@@ -176,13 +179,15 @@ RECIPES: dict[str, Recipe] = {
         masked_stage=Stage(steps=3000, batch_size=8, lr=1e-4, ema_decay=0.995, warmup_steps=150, val_at_start=True),
         # ~2 s per step here (one thread): 80 min; the bundled one stopped at a 58-minute limit (docs/default-model.md)
         beat_stage=Stage(steps=2400, batch_size=16, lr=2e-4, ema_decay=0.995, warmup_steps=120, val_at_start=True),
-        # No register stage: 450 steps of it here left the melody's pitch where it was (docs/quality.md); the toy
-        # recipe keeps one so the path stays tested, and a GPU run may add it
+        # The register hint on each clip's measured melody pitch, 10x lr for its columns: ~0.9 steps/s here, 67 min.
+        # The bundled one trained 1200 steps on register-word targets, then 2400 on melody pitch (docs/quality.md)
+        register_stage=Stage(steps=3600, batch_size=16, lr=5e-4, ema_decay=0.995, warmup_steps=60, val_at_start=True),
+        register_context_lr=5e-3,
         # AB2 14 / shift 3: the cheapest setting as accurate as the official Euler-50 (latent distance to a
         # Heun-40 solution 0.030 vs 0.037) with FAD/CLAP within their noise (fluxmusic eval --sweep,
         # docs/performance.md section 5); AB2 12 misses by 2-4%.
         defaults={"steps": 14, "guidance": 4.0, "solver": "ab2", "shift": 3.0},
-        half_storage=("transformer", "vae", "vocoder", "text_encoder", "clap"),
+        half_storage=("vae", "vocoder", "text_encoder", "clap"), bf16_storage=("transformer",),
         # 5 rounds with momentum 0.6: beats Griffin-Lim on held-out resynthesis (log-mel L1 0.082 vs 0.109, MR-STFT
         # 1.054 vs 1.284) for ~0.03 s per clip (docs/vocoder.md)
         vocoder_mel_match=5, vocoder_mel_match_momentum=0.6,
@@ -478,6 +483,8 @@ class RecipeRun:
             set_vocoder_mel_match(model / "vocoder", self.r.vocoder_mel_match, self.r.vocoder_mel_match_momentum)
         if self.r.half_storage:
             store_half(model, self.r.half_storage)
+        if self.r.bf16_storage:
+            store_half(model, self.r.bf16_storage, torch.bfloat16)
 
 
 def set_vocoder_mel_match(vocoder_dir: Path, iterations: int, momentum: float = 0.0) -> None:
@@ -624,8 +631,9 @@ class PartsEncoder:
         return self.text.encode(captions)
 
 
-def store_half(model_dir: Path, components: tuple[str, ...]) -> None:
-    """Rewrite the fp32 tensors of ``components``' safetensors files as fp16 (atomically, file by file).
+def store_half(model_dir: Path, components: tuple[str, ...], dtype: torch.dtype = torch.float16) -> None:
+    """Rewrite the fp32 tensors of ``components``' safetensors files as ``dtype``, fp16 or bf16 (atomically, file
+    by file).
 
     Every loader upcasts on load (``load_state_dict`` copies into fp32 parameters; diffusers and transformers
     cast to the requested dtype), so this halves the bundle and changes weights by fp16 rounding only.
@@ -640,7 +648,7 @@ def store_half(model_dir: Path, components: tuple[str, ...]) -> None:
             with safe_open(str(path), "pt") as f:
                 meta = f.metadata()
                 state = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open has no iterator)
-            state = {k: v.half() if v.dtype == torch.float32 else v for k, v in state.items()}
+            state = {k: v.to(dtype) if v.dtype == torch.float32 else v for k, v in state.items()}
             meta = dict(meta or {})
             if integrity.METADATA_KEY in meta:  # the checksums describe the stored (now fp16) tensors
                 meta.update(integrity.safetensors_metadata(state))
