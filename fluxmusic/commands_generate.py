@@ -49,7 +49,7 @@ def add_sampling_arguments(g: argparse.ArgumentParser) -> None:
                    "'allegro', ...), none if it names none")
     g.add_argument("--register", choices=("low", "mid", "high"),
                    help="the melody's register for a model trained with a register hint (register_channels; "
-                   "the bundled default is not); default: the register the prompt names ('in a high register'), "
+                   "the bundled default is); default: the register the prompt names ('in a high register'), "
                    "none if it names none")
 
 

@@ -1,16 +1,18 @@
 """Register hint: the melody's register as a per-token input, the beat grid's companion (:mod:`fluxmusic.beat`).
 
-The bundled model follows register words weakly from text alone (accuracy 0.53-0.58 on the held-out prompts that
-name one, against 0.78 for the real clips): its T5 and CLAP were trained on ~2 k captions and a register is a shift
-of a few semitones. A model with ``register_channels`` instead gets, on every music token, a flag, the target
+From text alone the bundled model followed register words weakly (accuracy 0.53 on the held-out prompts that name
+one, against 0.78 for the real clips): its T5 and CLAP were trained on ~2 k captions and a register is a shift
+of a few semitones. With this hint it reaches 0.67 (docs/quality.md). A model with ``register_channels`` instead
+gets, on every music token, a flag, the target
 pitch of the melody, (MIDI - 66) / 12 -- the centre of the register the prompt names ("low", "mid", "high"
 register; the rendered corpus's classes: top-voice median below 57, 57-73, 74 and up) -- and where that pitch lies
 relative to the token's own frequency band (token centre minus the pitch's position on the latent frequency axis,
 in tokens). The last one makes the hint local: RoPE gives attention the token positions, but a token's own
 activations do not know its band, so a global scalar alone moved the melody by ~1 semitone per register after
-450 fine-tuning steps. Training gives each clip
-the centre of its own register class, withheld 20 % of the time; generation reads the word from the prompt.
-The two channels follow the beat grid's in the context input, and classifier-free guidance withholds them from the
+450 fine-tuning steps. Training gives each clip its measured melody pitch where the cache has one
+(``beat_phases --melody``), else the centre of its register class, withheld 20 % of the time; generation reads
+the word from the prompt and asks for that class's centre. The three channels follow the beat grid's in the
+context input, and classifier-free guidance withholds them from the
 unconditional half as it does the beat.
 """
 

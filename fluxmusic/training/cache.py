@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -171,7 +171,6 @@ class CachedEmbeddingDataset:
         pitch: the clip's measured ``melody_midi`` where the cache has it (``beat_phases --melody``), else the
         centre of its ``register`` word's class (``fluxmusic.register``), else NaN (no hint)."""
         from fluxmusic.beat import item_bpm
-        from fluxmusic.register import register_midi
 
         meta = self._all_meta()
         nan = float("nan")
@@ -185,7 +184,7 @@ class CachedEmbeddingDataset:
                                  "metadata); add the beat phases with python -m fluxmusic.training.beat_phases")
         sub = self.subset(list(range(len(self.indices))))
         sub.seconds_per_frame = float(spf)
-        sub._registers = torch.tensor([_register_target(m, register_midi) for m in meta], dtype=torch.float32)
+        sub._registers = torch.tensor([_register_target(m) for m in meta], dtype=torch.float32)
         sub._beats = torch.tensor([[nan if v is None else float(v) for v in r] for r in rows], dtype=torch.float32)
         return sub
 
@@ -220,8 +219,10 @@ def split(
     return ds.subset(sorted(order[val_items:])), ds.subset(sorted(order[:val_items]))
 
 
-def _register_target(meta: dict[str, Any], register_midi: Callable[[object], float]) -> float:
+def _register_target(meta: dict[str, Any]) -> float:
     """The register hint's training target for one item: its measured melody pitch, else its word's centre."""
+    from fluxmusic.register import register_midi
+
     measured = meta.get("melody_midi")
     if isinstance(measured, (int, float)) and math.isfinite(measured):
         return float(measured)

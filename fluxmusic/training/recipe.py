@@ -534,20 +534,24 @@ def _transformer_stage(transformer_dir: Path) -> str:
             "transformer_masked" if cfg.get("context_channels") else "transformer")
 
 
+def _cache_items(cache: Path) -> list[dict]:
+    """The entries of a cache's items.jsonl ([] when it is missing or unreadable)."""
+    try:
+        return [json.loads(line) for line in (cache / "items.jsonl").read_text().splitlines()]
+    except (OSError, ValueError):
+        return []
+
+
 def _has_beat_phases(cache: Path) -> bool:
     try:
         meta = json.loads((cache / "cache.json").read_text()).get("metadata", {})
-        items = [json.loads(line) for line in (cache / "items.jsonl").read_text().splitlines()]
     except (OSError, ValueError, AttributeError):
         return False
-    return "seconds_per_latent_frame" in meta and any("beat_t0" in it for it in items)
+    return "seconds_per_latent_frame" in meta and any("beat_t0" in it for it in _cache_items(cache))
 
 
 def _has_melody_pitches(cache: Path) -> bool:
-    try:
-        items = [json.loads(line) for line in (cache / "items.jsonl").read_text().splitlines()]
-    except (OSError, ValueError):
-        return False
+    items = _cache_items(cache)
     return bool(items) and all("melody_midi" in it for it in items)
 
 
@@ -636,7 +640,7 @@ def store_half(model_dir: Path, components: tuple[str, ...], dtype: torch.dtype 
     by file).
 
     Every loader upcasts on load (``load_state_dict`` copies into fp32 parameters; diffusers and transformers
-    cast to the requested dtype), so this halves the bundle and changes weights by fp16 rounding only.
+    cast to the requested dtype), so this halves the bundle and changes weights by that dtype's rounding only.
     """
     from safetensors import safe_open
 
@@ -650,7 +654,7 @@ def store_half(model_dir: Path, components: tuple[str, ...], dtype: torch.dtype 
                 state = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open has no iterator)
             state = {k: v.to(dtype) if v.dtype == torch.float32 else v for k, v in state.items()}
             meta = dict(meta or {})
-            if integrity.METADATA_KEY in meta:  # the checksums describe the stored (now fp16) tensors
+            if integrity.METADATA_KEY in meta:  # the checksums describe the stored (now half) tensors
                 meta.update(integrity.safetensors_metadata(state))
             atomic_save_safetensors(state, path, metadata=meta)
 
