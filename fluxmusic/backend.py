@@ -10,6 +10,7 @@ by name from :data:`BACKENDS` with a lazy import, so the core package never impo
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
@@ -175,15 +176,51 @@ def parse_dtype(name: str | torch.dtype, device: str | torch.device = "cpu") -> 
     return DTYPES[name]
 
 
+@torch.library.custom_op("fluxmusic::attention", mutates_args=())
+def _attention_op(q: Tensor, k: Tensor, v: Tensor, impl: str) -> Tensor:
+    """The op set attention named ``impl`` (fluxmusic.ops.ATTENTION_OPSETS) as one op torch.compile does not
+    trace into."""
+    from fluxmusic.ops import ATTENTION_OPSETS
+
+    return ATTENTION_OPSETS[impl].attention(q, k, v)
+
+
+@_attention_op.register_fake
+def _(q: Tensor, k: Tensor, v: Tensor, impl: str) -> Tensor:
+    b, h, lq, _ = q.shape
+    return q.new_empty(b, lq, h * v.shape[-1])
+
+
+def _opaque_attention(attention: Any) -> Any:
+    """``attention`` as an op that torch.compile keeps whole: the fused kernel is already at GEMM speed, and
+    tracing the blocked loop would unroll it. A registered op keeps the whole forward one graph: a
+    ``torch.compiler.disable`` region broke it into ~50 graphs, each with its own guard checks and calling
+    overhead (5 % of an evaluation at the ``small`` shapes, docs/performance.md). Unknown attention functions
+    stay eager behind a graph break."""
+    from fluxmusic.ops import ATTENTION_OPSETS
+
+    for name, ops in ATTENTION_OPSETS.items():
+        if attention is ops.attention:
+            return functools.partial(_attention_op, impl=name)
+    return torch.compiler.disable(attention)
+
+
 def compile_transformer(model: torch.nn.Module) -> torch.nn.Module:
     """``torch.compile`` (inductor) of the transformer's forward, in place: fuses the elementwise chains between
     the GEMMs (modulation, norms, RoPE, gates). Calls without autograd compile with the weights frozen as
     constants, so later changes to the weights are not seen: compile a model once it is loaded. The attention op
-    stays eager (the fused kernel is already at GEMM speed, and tracing the blocked loop would unroll it).
-    Compiling takes tens of seconds per new input shape (batch size, sequence length), once per process."""
+    runs as it is, as one opaque op in the graph (:func:`_opaque_attention`). Compiling takes tens of seconds per
+    new input shape (batch size, sequence length), once per process."""
     import dataclasses
 
-    model.ops = dataclasses.replace(model.ops, attention=torch.compiler.disable(model.ops.attention))
+    from fluxmusic import ops as reference
+
+    changes: dict[str, Any] = {"attention": _opaque_attention(model.ops.attention)}
+    if model.ops.qk_rmsnorm_rope is reference.qk_rmsnorm_rope and model.ops.project_qkv is reference.project_qkv:
+        # RoPE on contiguous halves instead of adjacent pairs, with the projection weights reordered to match
+        # (folded into the frozen constants): the pair form is gathered element by element (docs/performance.md).
+        changes.update(project_qkv=reference.project_qkv_halves, qk_rmsnorm_rope=reference.qk_rmsnorm_rope_halves)
+    model.ops = dataclasses.replace(model.ops, **changes)
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 32)
     # Freezing folds the weights in as constants, which lets inductor pre-pack them for oneDNN and fuse pointwise
     # ops into the linear layers on the CPU: 9 % faster per evaluation at the `small` shapes (docs/performance.md).

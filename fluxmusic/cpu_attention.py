@@ -3,8 +3,10 @@
 The kernel keeps each tile of scores in AVX512 registers from QK^T through exp to PV, which is what separate
 GEMMs plus a softmax pass cannot do at small head dims (docs/performance.md). It is plain C, compiled on first
 use with the system C compiler into a per-user cache (like Triton's and inductor's kernels), loaded with
-ctypes and called from one Python thread per torch thread (ctypes releases the GIL; the calling thread is one of
-them), each packing K and V for, and attending, a contiguous range of (batch, head) slices.
+ctypes, and run on torch's own OpenMP threads (it calls the GOMP_parallel of the runtime torch loaded), so it
+never competes with OpenMP workers still spinning after the previous GEMM: a second pool of Python threads did,
+and lost 20 % of the attention time to them (docs/performance.md). Each thread packs K and V for, and attends, a
+contiguous range of (batch, head) slices.
 
 Where it cannot run (no C compiler, a CPU without AVX512-BF16, a head dim without a compiled kernel, or
 scores that are not provably bounded) :func:`fused_attention` returns None and the caller keeps its own path;
@@ -15,16 +17,12 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
-import math
 import os
 import shutil
 import subprocess
 import tempfile
 import threading
-from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -33,8 +31,8 @@ from torch import Tensor
 SOURCE = Path(__file__).with_name("csrc") / "attention_bf16.c"
 #: Compiler flags: the instruction sets the kernel uses (checked at run time by ``fm_attention_supported``).
 CFLAGS = ("-O3", "-shared", "-fPIC", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mfma")
-#: Query rows per work item: small enough to balance two to a few dozen threads, large enough that one
-#: ctypes call per thread covers many items.
+#: Query rows per work item when there are fewer (batch, head) slices than threads: small enough to balance
+#: two to a few dozen threads, large enough to amortise each item's setup.
 ROWS_PER_ITEM = 64
 #: Scores the kernel exponentiates without a running max must lie in [-MAX_SCORE, MAX_SCORE]
 #: (fluxmusic.ops.EXP_SUM_MAX_SCORE; exp neither overflows nor underflows fp32 there).
@@ -42,7 +40,6 @@ MAX_SCORE = 40.0
 #: Keys per tile of the kernel (K and V are zero-padded to a multiple).
 TILE_KEYS = 64
 
-T = TypeVar("T")
 _lock = threading.Lock()
 _state: dict[str, object] = {}
 
@@ -101,15 +98,13 @@ def _library() -> ctypes.CDLL | None:
         except OSError as err:
             _state["reason"] = str(err)
         if lib is not None:
-            p, i64 = ctypes.c_void_p, ctypes.c_long
-            lib.fm_attention_bf16.argtypes = [p, p, p, p, i64, i64, i64, i64, ctypes.c_float, i64, i64, i64]
-            lib.fm_attention_bf16.restype = ctypes.c_int
+            p, i64, f32 = ctypes.c_void_p, ctypes.c_long, ctypes.c_float
             lib.fm_attention_head_dim_supported.argtypes = [i64]
-            lib.fm_pack_bf16.argtypes = [p] * 5 + [i64] * 12 + [ctypes.POINTER(ctypes.c_float)]
-            lib.fm_pack_bf16.restype = None
-            f32 = ctypes.c_float
-            lib.fm_attention_slices.argtypes = [p] * 6 + [i64] * 4 + [f32, f32] + [i64] * 8
-            lib.fm_attention_slices.restype = ctypes.c_int
+            lib.fm_attention.argtypes = [p] * 6 + [i64] * 5 + [f32, f32] + [i64] * 8
+            lib.fm_attention.restype = ctypes.c_int
+            lib.fm_use_openmp.argtypes = [p, p, p]
+            lib.fm_use_openmp.restype = None
+            lib.fm_use_openmp(*(_openmp_functions() or (None, None, None)))
         _state["lib"] = lib
         return lib
 
@@ -129,17 +124,18 @@ def supports_head_dim(head_dim: int) -> bool:
     return lib is not None and bool(lib.fm_attention_head_dim_supported(head_dim))
 
 
-def _executor(workers: int) -> ThreadPoolExecutor:
-    """A pool of at least ``workers`` threads; made again when more are needed, or in a forked child (whose copy
-    of the pool has no threads)."""
-    with _lock:
-        pool, size, pid = _state.get("pool", (None, 0, 0))  # type: ignore[misc]
-        if pool is None or size < workers or pid != os.getpid():
-            if pool is not None and pid == os.getpid():
-                pool.shutdown(wait=False)  # (its idle threads exit; a forked child's copy has none to stop)
-            pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="fluxmusic-attn")
-            _state["pool"] = (pool, workers, os.getpid())
-        return pool
+def _openmp_functions() -> tuple[int, int, int] | None:
+    """Addresses of GOMP_parallel, omp_get_thread_num and omp_get_num_threads in the OpenMP runtime torch runs
+    its intra-op threads on (loaded into the process's global scope with torch), or None when torch does not use
+    OpenMP; the kernel then runs on the calling thread only."""
+    if "parallel backend: OpenMP" not in torch.__config__.parallel_info():
+        return None
+    process = ctypes.CDLL(None)
+    try:
+        found = [process[name] for name in ("GOMP_parallel", "omp_get_thread_num", "omp_get_num_threads")]
+    except AttributeError:
+        return None
+    return tuple(ctypes.cast(fn, ctypes.c_void_p).value for fn in found)  # type: ignore[return-value]
 
 
 def scores_bounded(q: Tensor, k: Tensor, scale: float, limit: float = MAX_SCORE) -> bool:
@@ -167,9 +163,8 @@ def fused_attention(q: Tensor, k: Tensor, v: Tensor, threads: int | None = None)
 
 
 def _run(q: Tensor, k: Tensor, v: Tensor, scale: float, threads: int | None) -> Tensor | None:
-    """Pack K and V, check the score bound from the row norms, attend. None when the scores are not provably
-    bounded. With at least as many (batch, head) slices as threads, each thread packs and attends whole slices
-    with no barrier between (one phase); otherwise every thread packs, then each takes a share of query rows."""
+    """Pack K and V, check the score bound from the row norms, attend (all in one call into the library, on
+    torch's OpenMP threads). None when the scores are not provably bounded."""
     b, h, lq, dh = q.shape
     lk = k.shape[2]
     lib = _library()
@@ -179,49 +174,11 @@ def _run(q: Tensor, k: Tensor, v: Tensor, scale: float, threads: int | None) -> 
     kp = torch.empty(b * h, padded, dh, dtype=q.dtype)
     vp = torch.empty(b * h, padded, dh, dtype=q.dtype)
     out = torch.empty(b, lq, h * dh, dtype=q.dtype)
-    slices = b * h
-    items = slices * ((lq + ROWS_PER_ITEM - 1) // ROWS_PER_ITEM)
-    workers = max(1, min(threads or torch.get_num_threads(), items))
-    ptrs = (qc.data_ptr(), k.data_ptr(), v.data_ptr(), kp.data_ptr(), vp.data_ptr())
-    strides = (*k.stride()[:3], *v.stride()[:3])
-
-    if slices >= workers:
-        def whole(s0: int, s1: int) -> int:
-            return lib.fm_attention_slices(*ptrs, out.data_ptr(), h, lq, lk, dh, scale, MAX_SCORE,  # type: ignore[union-attr]
-                                           *strides, s0, s1)
-
-        codes = _on_threads(whole, slices, workers)
-        if -3 in codes:
-            return None
-    else:
-        def pack(s0: int, s1: int) -> tuple[float, float]:
-            norms = (ctypes.c_float * 2)()
-            lib.fm_pack_bf16(*ptrs, h, lq, lk, dh, *strides, s0, s1, norms)  # type: ignore[union-attr]
-            return norms[0], norms[1]
-
-        norms = _on_threads(pack, slices, min(workers, slices))
-        flat = [x for n in norms for x in n]
-        if any(math.isnan(x) for x in flat):  # (a nan score would poison the row sums)
-            return None
-        q_sq, k_sq = max(n[0] for n in norms), max(n[1] for n in norms)
-        if not scale * math.sqrt(q_sq) * math.sqrt(k_sq) <= MAX_SCORE:
-            return None
-        args = (qc.data_ptr(), kp.data_ptr(), vp.data_ptr(), out.data_ptr(), h, lq, lk, dh, scale, ROWS_PER_ITEM)
-
-        def rows(w0: int, w1: int) -> int:
-            return lib.fm_attention_bf16(*args, w0, w1)  # type: ignore[union-attr]
-
-        codes = _on_threads(rows, items, workers)
-    if any(codes):
+    code = lib.fm_attention(  # type: ignore[union-attr]
+        qc.data_ptr(), k.data_ptr(), v.data_ptr(), kp.data_ptr(), vp.data_ptr(), out.data_ptr(), h, b * h, lq, lk,
+        dh, scale, MAX_SCORE, *k.stride()[:3], *v.stride()[:3], ROWS_PER_ITEM, threads or torch.get_num_threads())
+    if code == -3:
+        return None
+    if code:
         raise MemoryError(f"fused attention kernel: no memory for its {lk}-key probability buffer")
     return out
-
-
-def _on_threads(fn: Callable[[int, int], T], n: int, workers: int) -> list[T]:
-    """fn over ``workers`` contiguous shares of range(n): the calling thread takes the first, pool threads the rest."""
-    bounds = [n * i // workers for i in range(workers + 1)]
-    if workers == 1:
-        return [fn(0, n)]
-    pool = _executor(workers - 1)
-    rest = [pool.submit(fn, bounds[i], bounds[i + 1]) for i in range(1, workers)]
-    return [fn(bounds[0], bounds[1]), *(f.result() for f in rest)]

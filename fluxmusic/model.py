@@ -101,7 +101,8 @@ class DoubleStreamBlock(nn.Module):
         self.txt_mlp = _mlp(d, cfg.mlp_hidden_dim)
 
     def _qkv(self, ops: OpSet, x: Tensor, attn: SelfAttention, shift: Tensor, scale: Tensor, rope: Tensor):
-        qkv = attn.qkv(ops.layernorm_modulate(x, shift, scale))
+        x = ops.layernorm_modulate(x, shift, scale)
+        qkv = ops.project_qkv(attn.qkv, x, self.num_heads, attn.qkv.in_features // self.num_heads)
         return ops.qk_rmsnorm_rope(qkv, attn.norm.query_norm.scale, attn.norm.key_norm.scale, rope, self.num_heads)
 
     def forward(self, ops: OpSet, img: Tensor, txt: Tensor, vec: Tensor, rope: Tensor) -> tuple[Tensor, Tensor]:
@@ -136,8 +137,9 @@ class SingleStreamBlock(nn.Module):
         self.modulation = Modulation(d, double=False)
 
     def forward(self, ops: OpSet, x: Tensor, vec: Tensor, rope: Tensor) -> Tensor:
+        d = self.hidden_size
         shift, scale, gate = self.modulation(vec)
-        h = self.linear1(ops.layernorm_modulate(x, shift, scale))
+        h = ops.project_qkv(self.linear1, ops.layernorm_modulate(x, shift, scale), self.num_heads, d // self.num_heads)
         qkv, mlp = h[..., : 3 * self.hidden_size], h[..., 3 * self.hidden_size :]
         q, k, v = ops.qk_rmsnorm_rope(qkv, self.norm.query_norm.scale, self.norm.key_norm.scale, rope, self.num_heads)
         out = self.linear2(torch.cat((ops.attention(q, k, v), ops.gelu(mlp)), dim=2))

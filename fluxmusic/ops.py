@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 from fluxmusic import cpu_attention
 from fluxmusic.cpu_attention import scores_bounded
@@ -82,6 +82,51 @@ def qk_rmsnorm_rope(
     q = rms_norm(q, q_scale).to(v.dtype)
     k = rms_norm(k, k_scale).to(v.dtype)
     return apply_rope(q, rope), apply_rope(k, rope), v
+
+
+def project_qkv(layer: nn.Linear, x: Tensor, num_heads: int, head_dim: int) -> Tensor:
+    """The fused input projection (q, k, v, and in single-stream blocks the MLP input), as the checkpoint has it."""
+    return layer(x)
+
+
+def _halves_order(t: Tensor, width: int, head_dim: int) -> Tensor:
+    """``t`` with its first ``width`` entries along dim 0 (every head's q and k channels) reordered from RoPE's
+    adjacent pairs (0, 1), (2, 3), ... to halves: the even channels, then the odd ones; the rest stay."""
+    qk = t[:width].reshape(width // head_dim, head_dim // 2, 2, *t.shape[1:]).transpose(1, 2)
+    return torch.cat((qk.reshape(width, *t.shape[1:]), t[width:]))
+
+
+def project_qkv_halves(layer: nn.Linear, x: Tensor, num_heads: int, head_dim: int) -> Tensor:
+    """:func:`project_qkv` with q and k channels in halves order (see :func:`qk_rmsnorm_rope_halves`).
+
+    For compiled inference: with frozen weights inductor folds the reordering into the weight constants, so it
+    costs nothing per call; eagerly it would copy the weights on every call."""
+    width = 2 * num_heads * head_dim
+    bias = None if layer.bias is None else _halves_order(layer.bias, width, head_dim)
+    return F.linear(x, _halves_order(layer.weight, width, head_dim), bias)
+
+
+def qk_rmsnorm_rope_halves(
+    qkv: Tensor, q_scale: Tensor, k_scale: Tensor, rope: Tensor, num_heads: int
+) -> tuple[Tensor, Tensor, Tensor]:
+    """:func:`qk_rmsnorm_rope` for q and k channels in halves order (:func:`project_qkv_halves`): every RoPE
+    pair is (i, i + Dh/2) instead of (2i, 2i + 1), so the rotation reads and writes whole contiguous halves and
+    vectorises; inductor gathers the adjacent-pair form element by element (3x slower at the ``small`` shapes).
+    q.k is unchanged by a reordering of both q's and k's channels, and v keeps its order, so attention gives the
+    reference output."""
+    q, k, v = split_qkv(qkv, num_heads)
+    dh = q.shape[-1]
+    q = rms_norm(q, _halves_order(q_scale, dh, dh)).to(v.dtype)
+    k = rms_norm(k, _halves_order(k_scale, dh, dh)).to(v.dtype)
+    return _rope_halves(q, rope), _rope_halves(k, rope), v
+
+
+def _rope_halves(x: Tensor, rope: Tensor) -> Tensor:
+    """:func:`apply_rope` for channels in halves order."""
+    xf = x.float()
+    x0, x1 = xf.chunk(2, dim=-1)
+    cos, sin = rope[..., 0].unsqueeze(1), rope[..., 1].unsqueeze(1)
+    return torch.cat((cos * x0 - sin * x1, sin * x0 + cos * x1), dim=-1).type_as(x)
 
 
 def attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
@@ -229,6 +274,7 @@ class OpSet:
     qk_rmsnorm_rope: Callable[..., tuple[Tensor, Tensor, Tensor]]
     attention: Callable[[Tensor, Tensor, Tensor], Tensor]
     gelu: Callable[[Tensor], Tensor] = gelu_tanh
+    project_qkv: Callable[[nn.Linear, Tensor, int, int], Tensor] = project_qkv
 
 
 REFERENCE_OPS = OpSet(

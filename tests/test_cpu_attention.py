@@ -152,12 +152,13 @@ def _attend_in_child(args, expected, queue) -> None:
 
 
 @needs_kernel
-def test_a_forked_child_gets_its_own_worker_threads():
-    """A fork copies the pool object but not its threads; the child must not wait on threads it does not have."""
+def test_a_forked_child_attends_without_waiting_for_threads_it_lacks():
+    """A fork copies the parent's OpenMP state but not its threads: a child entering a parallel region after its
+    parent did waits forever, so the kernel runs on the calling thread in a forked child."""
     import multiprocessing as mp
 
     args = tuple(t.bfloat16() for t in _rms_normed(1, 4, 40, 40, 32, seed=9))
-    parent = cpu_attention.fused_attention(*args, threads=2)  # the parent's pool exists before the fork
+    parent = cpu_attention.fused_attention(*args, threads=2)  # the parent's threads exist before the fork
     ctx = mp.get_context("fork")
     queue = ctx.Queue()
     child = ctx.Process(target=_attend_in_child, args=(args, parent, queue))

@@ -119,6 +119,35 @@ def test_tiny_model_bf16_blocked_matches_sdpa(ops):
     assert F.cosine_similarity(blocked.flatten(), sdpa.flatten(), dim=0) > 0.999
 
 
+@pytest.mark.parametrize("qkv_bias", [True, False])
+def test_rope_on_halves_with_reordered_projections_is_the_reference_model(qkv_bias):
+    """The compiled path's q/k channel order (project_qkv_halves + qk_rmsnorm_rope_halves): reordering q's and
+    k's channels alike leaves q.k and so the velocity unchanged, in double- and single-stream blocks (whose
+    projection also carries the MLP input, which must keep its order), with and without a qkv bias."""
+    import dataclasses
+
+    from fluxmusic.config import FluxMusicConfig
+    from fluxmusic.model import FluxMusicTransformer
+    from fluxmusic.ops import project_qkv_halves, qk_rmsnorm_rope_halves
+
+    torch.manual_seed(1)
+    cfg = FluxMusicConfig(hidden_size=64, num_heads=4, depth=1, depth_single_blocks=2, axes_dim=(4, 6, 6),
+                          context_in_dim=32, vec_in_dim=16, qkv_bias=qkv_bias)
+    model = FluxMusicTransformer(cfg).eval()
+    for name, p in model.named_parameters():  # non-trivial norm scales, so a scale left in pair order shows
+        if "norm" in name:
+            p.data.uniform_(0.5, 1.5)
+    x, t = torch.randn(2, 16, cfg.in_channels), torch.tensor([0.3, 0.8])
+    txt, y = torch.randn(2, 5, 32), torch.randn(2, 16)
+    rope = model.rope_for(5, 4, 4)
+    with torch.no_grad():
+        ref = model(x, t, txt, y, rope)
+        model.ops = dataclasses.replace(REFERENCE_OPS, project_qkv=project_qkv_halves,
+                                        qk_rmsnorm_rope=qk_rmsnorm_rope_halves)
+        got = model(x, t, txt, y, rope)
+    assert (got - ref).abs().max() <= 1e-5 * ref.abs().max()
+
+
 def test_blocked_attention_falls_back_under_autograd():
     q, k, v = (torch.randn(1, 2, 6, 4).bfloat16().requires_grad_() for _ in range(3))
     out = blocked_attention(q, k, v)

@@ -2,12 +2,12 @@
  *
  * Why: at head dim 32 a separate softmax pass costs as much as both attention GEMMs at the matmul peak
  * (docs/performance.md). Here each tile of MQ queries x 32 keys is computed with VDPBF16PS into fp32
- * registers, exponentiated there with a degree-4 polynomial exp2 (VSCALEFPS applies the integer part),
+ * registers, exponentiated there with a cubic polynomial exp2 (VSCALEFPS applies the integer part),
  * rounded to bf16 once and multiplied into the output accumulators, so no score ever reaches memory.
  *
- * The caller (fluxmusic/cpu_attention.py) guarantees that every scaled score lies in [-40, 40], so exp needs
- * no running max (the same bound as fluxmusic.ops._exp_sum_values; fm_pack_bf16 returns the row norms that
- * bound them), and has fm_pack_bf16 pack K and V into VNNI pair layouts:
+ * exp needs no running max because every scaled score lies in [-40, 40] (the bound of
+ * fluxmusic.ops._exp_sum_values): fm_attention checks it from the row norms while it packs K and V into VNNI
+ * pair layouts, and declines (-3) where it does not hold:
  *   kp: [n_bh][n_tiles * 4 blocks][DH/2 pairs][16 keys][2]   (keys padded with zeros to a multiple of 64)
  *   vp: [n_bh][n_tiles * 32 key pairs][DH][2]                (padded keys have zero values)
  * q is [n_bh][lq][DH] contiguous (the layout RoPE leaves it in); out rows land in a strided layout (the merged [B, L, H*DH] view).
@@ -17,6 +17,7 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 #define ALWAYS_INLINE static inline __attribute__((always_inline))
 
@@ -187,11 +188,9 @@ int fm_attention_head_dim_supported(long dh) { return slice_for(dh) != 0; }
 
 /* Work items w0..w1-1 of n_heads * n_batch slices, each split into row chunks of `chunk` queries.
  * Item w is slice w / n_chunks (b = slice / n_heads, h = slice % n_heads), rows of chunk w % n_chunks.
- * out points at the [B, L, H*DH] result; returns 0, -1 for an unsupported head dim, -2 when out of memory. */
-int fm_attention_bf16(const uint16_t *q, const uint16_t *kp, const uint16_t *vp, uint16_t *out, long n_heads,
-                      long lq, long lk, long dh, float scale, long chunk, long w0, long w1) {
-    const slice_fn fn = slice_for(dh);
-    if (!fn) return -1;
+ * out points at the [B, L, H*DH] result; returns 0, or -2 when out of memory. */
+static int attend_items(slice_fn fn, const uint16_t *q, const uint16_t *kp, const uint16_t *vp, uint16_t *out,
+                        long n_heads, long lq, long lk, long dh, float scale, long chunk, long w0, long w1) {
     const long n_tiles = (lk + 63) / 64;
     uint16_t *pbuf = aligned_alloc(64, (size_t)(MAX_MQ * n_tiles * 64) * sizeof(uint16_t));
     if (!pbuf) return -2;
@@ -274,16 +273,12 @@ static void pack_slice(const pack_args *a, long sl, float *qn, float *kn) {
     }
 }
 
-/* Pack slices s0..s1-1 (for the two-phase path, when there are fewer slices than threads); norms[0..1] get the
- * largest squared row norms of q and k over them. */
-void fm_pack_bf16(const uint16_t *q, const uint16_t *k, const uint16_t *v, uint16_t *kp, uint16_t *vp, long n_heads,
-                  long lq, long lk, long dh, long ksb, long ksh, long ksl, long vsb, long vsh, long vsl, long s0,
-                  long s1, float *norms) {
-    const pack_args a = {q, k, v, kp, vp, n_heads, lq, lk, dh, ksb, ksh, ksl, vsb, vsh, vsl};
+/* Pack slices s0..s1-1; norms[0..1] get the largest squared row norms of q and k over them (nan propagates). */
+static void pack_range(const pack_args *a, long s0, long s1, float *norms) {
     float qn = 0.0f, kn = 0.0f;
     for (long sl = s0; sl < s1; sl++) {
         float sq, sk;
-        pack_slice(&a, sl, &sq, &sk);
+        pack_slice(a, sl, &sq, &sk);
         if (sq > qn || sq != sq) qn = sq;
         if (sk > kn || sk != sk) kn = sk;
     }
@@ -291,32 +286,125 @@ void fm_pack_bf16(const uint16_t *q, const uint16_t *k, const uint16_t *v, uint1
     norms[1] = kn;
 }
 
-/* Whole slices s0..s1-1, each packed then attended with no barrier between threads (the one-phase path).
- * Returns 0; -1 for an unsupported head dim; -2 when out of memory; -3 when a slice's scores are not provably
- * within [-max_score, max_score] (nothing is computed for it, and the caller falls back). */
-int fm_attention_slices(const uint16_t *q, const uint16_t *k, const uint16_t *v, uint16_t *kp, uint16_t *vp,
-                        uint16_t *out, long n_heads, long lq, long lk, long dh, float scale, float max_score,
-                        long ksb, long ksh, long ksl, long vsb, long vsh, long vsl, long s0, long s1) {
-    const slice_fn fn = slice_for(dh);
-    if (!fn) return -1;
-    const pack_args a = {q, k, v, kp, vp, n_heads, lq, lk, dh, ksb, ksh, ksl, vsb, vsh, vsl};
-    const long n_tiles = (lk + 63) / 64;
+/* Whole slices s0..s1-1, each packed then attended (no barrier between threads). Returns 0, -2 when out of
+ * memory, -3 when a slice's scores are not provably within [-max_score, max_score] (nothing more is computed). */
+static int attend_slices(slice_fn fn, const pack_args *a, uint16_t *out, float scale, float max_score, long s0,
+                         long s1) {
+    const long lq = a->lq, dh = a->dh, n_heads = a->n_heads, n_tiles = (a->lk + 63) / 64;
     uint16_t *pbuf = aligned_alloc(64, (size_t)(MAX_MQ * n_tiles * 64) * sizeof(uint16_t));
     if (!pbuf) return -2;
     const float c = scale * 1.4426950408889634f;
     const long ldo = n_heads * dh;
     int code = 0;
-    for (long sl = s0; sl < s1 && code == 0; sl++) {
+    for (long sl = s0; sl < s1; sl++) {
         float qn, kn;
-        pack_slice(&a, sl, &qn, &kn);
+        pack_slice(a, sl, &qn, &kn);
         if (!(scale * scale * qn * kn <= max_score * max_score)) { /* (also false for nan) */
             code = -3;
             break;
         }
         const long b = sl / n_heads, h = sl % n_heads;
-        fn(q + sl * lq * dh, kp + sl * n_tiles * 64 * dh, vp + sl * n_tiles * 64 * dh, out + b * lq * ldo + h * dh,
-           ldo, 0, lq, lk, n_tiles, c, pbuf);
+        fn(a->q + sl * lq * dh, a->kp + sl * n_tiles * 64 * dh, a->vp + sl * n_tiles * 64 * dh,
+           out + b * lq * ldo + h * dh, ldo, 0, lq, a->lk, n_tiles, c, pbuf);
     }
     free(pbuf);
     return code;
+}
+
+/* ---- Threads: the process's own OpenMP runtime ----
+ * The kernel runs on the OpenMP team that torch's GEMMs use (the caller passes GOMP_parallel and the thread-id
+ * functions of the runtime torch loaded), so no second set of threads competes with OpenMP workers that are
+ * still spinning after the previous op. Nothing links against an OpenMP library: without the pointers every
+ * call runs on the calling thread, and so does every call in a forked child (libgomp's team does not survive a
+ * fork: a child that enters a parallel region after its parent did waits forever for threads it does not have,
+ * as torch's own GEMMs there do). */
+typedef void (*gomp_parallel_fn)(void (*)(void *), void *, unsigned, unsigned);
+typedef int (*omp_int_fn)(void);
+static gomp_parallel_fn omp_parallel;
+static omp_int_fn omp_thread_num, omp_num_threads;
+static pid_t omp_pid; /* the process the runtime's threads belong to */
+
+/* Use this OpenMP runtime's GOMP_parallel, omp_get_thread_num and omp_get_num_threads (null: the calling
+ * thread only). */
+void fm_use_openmp(void *parallel, void *thread_num, void *num_threads) {
+    omp_parallel = (gomp_parallel_fn)parallel;
+    omp_thread_num = (omp_int_fn)thread_num;
+    omp_num_threads = (omp_int_fn)num_threads;
+    omp_pid = getpid();
+}
+
+typedef struct {
+    slice_fn fn;
+    pack_args a;
+    uint16_t *out;
+    float scale, max_score;
+    long n_slices, chunk, n_items;
+    float *norms; /* 2 per thread, pack phase */
+    int flags;    /* bit 0: -3 seen, bit 1: -2 seen */
+} job_t;
+
+static void share(long n, long *lo, long *hi) {
+    const long t = omp_thread_num(), nt = omp_num_threads();
+    *lo = n * t / nt;
+    *hi = n * (t + 1) / nt;
+}
+
+static void note_code(job_t *j, int code) {
+    if (code) __atomic_fetch_or(&j->flags, code == -3 ? 1 : 2, __ATOMIC_RELAXED);
+}
+
+static void slices_worker(void *p) {
+    job_t *j = p;
+    long s0, s1;
+    share(j->n_slices, &s0, &s1);
+    note_code(j, attend_slices(j->fn, &j->a, j->out, j->scale, j->max_score, s0, s1));
+}
+
+static void pack_worker(void *p) {
+    job_t *j = p;
+    long s0, s1;
+    share(j->n_slices, &s0, &s1);
+    pack_range(&j->a, s0, s1, j->norms + 2 * omp_thread_num());
+}
+
+static void items_worker(void *p) {
+    job_t *j = p;
+    long w0, w1;
+    share(j->n_items, &w0, &w1);
+    note_code(j, attend_items(j->fn, j->a.q, j->a.kp, j->a.vp, j->out, j->a.n_heads, j->a.lq, j->a.lk, j->a.dh,
+                              j->scale, j->chunk, w0, w1));
+}
+
+/* softmax(scale q k^T) v for n_slices = B * n_heads slices on up to n_threads threads.
+ * q: contiguous [n_slices][lq][dh]; k, v: [B, H, L, dh] with the given strides (unit over dh); kp, vp: pack
+ * buffers of n_slices * ceil(lk / 64) * 64 * dh each; out: [B, lq, H * dh].
+ * With at least as many slices as threads each thread packs and attends whole slices; otherwise all threads
+ * pack, the bound is checked once, and query rows are split in items of `chunk` rows.
+ * Returns 0; -1 for an unsupported head dim; -2 when out of memory; -3 when the scores are not provably within
+ * [-max_score, max_score] (the caller falls back; the output is then incomplete). */
+int fm_attention(const uint16_t *q, const uint16_t *k, const uint16_t *v, uint16_t *kp, uint16_t *vp, uint16_t *out,
+                 long n_heads, long n_slices, long lq, long lk, long dh, float scale, float max_score, long ksb,
+                 long ksh, long ksl, long vsb, long vsh, long vsl, long chunk, long n_threads) {
+    const slice_fn fn = slice_for(dh);
+    if (!fn) return -1;
+    job_t j = {fn, {q, k, v, kp, vp, n_heads, lq, lk, dh, ksb, ksh, ksl, vsb, vsh, vsl}, out, scale, max_score,
+               n_slices, chunk, n_slices * ((lq + chunk - 1) / chunk), 0, 0};
+    if (!omp_parallel || n_threads <= 1 || getpid() != omp_pid) return attend_slices(fn, &j.a, out, scale, max_score, 0, n_slices);
+    if (n_slices >= n_threads) {
+        omp_parallel(slices_worker, &j, (unsigned)n_threads, 0);
+    } else {
+        float *norms = calloc((size_t)(2 * n_threads), sizeof(float));
+        if (!norms) return -2;
+        j.norms = norms;
+        omp_parallel(pack_worker, &j, (unsigned)n_threads, 0);
+        float qn = 0.0f, kn = 0.0f;
+        for (long t = 0; t < 2 * n_threads; t += 2) {
+            if (norms[t] > qn || norms[t] != norms[t]) qn = norms[t];
+            if (norms[t + 1] > kn || norms[t + 1] != norms[t + 1]) kn = norms[t + 1];
+        }
+        free(norms);
+        if (!(scale * scale * qn * kn <= max_score * max_score)) return -3;
+        omp_parallel(items_worker, &j, (unsigned)(n_threads < j.n_items ? n_threads : j.n_items), 0);
+    }
+    return j.flags & 1 ? -3 : j.flags & 2 ? -2 : 0;
 }
