@@ -8,7 +8,8 @@ Variants (all the batched CFG forward, batch 2, cached RoPE):
   bf16/blocked               weights stored in bf16, block-GEMM attention
   bf16/fused                 weights stored in bf16, the fused AVX512-BF16 attention kernel (fluxmusic.cpu_attention)
   int8-dynamic (--int8)      torch dynamic quantisation of every Linear (int8 weights, fp32 activations)
-  bf16/fused+compile (--compile)  fluxmusic.backend.compile_transformer (inductor, weights frozen), attention eager
+  bf16/fused+compile (--compile)  fluxmusic.backend.compile_transformer (inductor, weights frozen, RoPE on halves),
+                                  attention one registered op
 
 The matmul peaks are measured in the same run, interleaved with the variants, on the MLP's up-projection
 shape ([2 * tokens, hidden] x [hidden, 4 * hidden]); FLOPs are counted once with torch's FlopCounterMode.

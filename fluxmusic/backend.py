@@ -10,7 +10,6 @@ by name from :data:`BACKENDS` with a lazy import, so the core package never impo
 from __future__ import annotations
 
 import contextlib
-import functools
 import importlib
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
@@ -201,7 +200,13 @@ def _opaque_attention(attention: Any) -> Any:
 
     for name, ops in ATTENTION_OPSETS.items():
         if attention is ops.attention:
-            return functools.partial(_attention_op, impl=name)
+
+            def opaque(q: Tensor, k: Tensor, v: Tensor, impl: str = name) -> Tensor:
+                if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+                    return attention(q, k, v)  # (under autograd every op set runs SDPA, which is traced)
+                return _attention_op(q, k, v, impl)
+
+            return opaque
     return torch.compiler.disable(attention)
 
 

@@ -219,6 +219,24 @@ def test_compiled_transformer_matches_eager(tmp_path):
     assert (got - ref).abs().max() <= 1e-4 * ref.abs().max()
 
 
+@pytest.mark.parametrize("impl", ["sdpa", "blocked", "fused"])
+def test_compiled_attention_op_is_the_op_set_attention_and_differentiable(impl):
+    """compile_transformer hands torch.compile each op set's attention as one registered op; it must compute the
+    same output, and under autograd pass through to the differentiable path."""
+    from fluxmusic.backend import _opaque_attention
+    from fluxmusic.ops import ATTENTION_OPSETS
+
+    attention_fn = ATTENTION_OPSETS[impl].attention
+    op = _opaque_attention(attention_fn)
+    g = torch.Generator().manual_seed(2)
+    q, k, v = (torch.randn(2, 3, 20, 32, generator=g).bfloat16() for _ in range(3))
+    with torch.no_grad():
+        assert torch.equal(op(q, k, v), attention_fn(q, k, v))
+    qg = q.float().requires_grad_()
+    op(qg, k.float(), v.float()).sum().backward()
+    assert qg.grad is not None and torch.isfinite(qg.grad).all()
+
+
 def test_compile_is_refused_with_exported_backends(tmp_path, capsys):
     from fluxmusic.cli import main
 
