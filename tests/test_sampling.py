@@ -190,6 +190,11 @@ def front_ends(odd_model_dir, tmp_path_factory):
     from fluxmusic.runtime.server import FluxMusicServer, ServerConfig
     from fluxmusic.runtime.triton_bls import FluxMusicBls
 
+    # One thread count everywhere: the front ends must agree bit for bit, and a GEMM's float sums depend on how
+    # many threads split it. A gRPC handler thread takes torch's count when it first runs a torch op, so a later
+    # change in the main thread (the CLI's --threads) would not reach it; the CLI calls below pass --threads 1.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
     python = FluxMusicPipeline.from_pretrained(odd_model_dir)
     served = FluxMusicPipeline.from_pretrained(odd_model_dir)  # its own caches, as a separate server process
     bls = FluxMusicBls(_version_dir(odd_model_dir, tmp_path_factory.mktemp("bls") / "1"), lambda *a: None)
@@ -200,6 +205,7 @@ def front_ends(odd_model_dir, tmp_path_factory):
            "tmp": tmp_path_factory.mktemp("cli")}
     client.close()
     server.stop(grace=0)
+    torch.set_num_threads(before)
 
 
 #: (Python keywords, CLI arguments): a custom request, the official preset, and one with step caching.
@@ -252,7 +258,7 @@ def test_same_request_same_audio_on_every_front_end(front_ends, name):
     tmp = front_ends["tmp"]
     cli_path, py_path = tmp / f"{name}_cli.wav", tmp / f"{name}_py.wav"
     assert main(["generate", PROMPT, "-o", str(cli_path), "--model", str(front_ends["model"]), "--quiet",
-                 *argv]) == 0
+                 "--threads", "1", *argv]) == 0
     from fluxmusic.audio import write_audio
 
     write_audio(py_path, audio, ref.sample_rate)
