@@ -4,12 +4,14 @@ Why: on this 2-core CPU the transformer saw ~64 k samples and never learned to k
 "why tempo is not followed"), while the same architecture overfit on 32 clips plays their beats: it is short of
 training, not of capacity. A GPU gives orders of magnitude more steps in minutes. Three steps:
 
-    # here: the recipe's embedding cache, int8-packed (~44 MB; the device call carries at most 64 MiB in all)
+    # here: the recipe's embedding cache with its beat phases and melody pitches (python -m
+    # fluxmusic.training.beat_phases --cache RUN/cache --manifest RUN/corpus/manifest.jsonl --melody), int8-packed
+    # (~44 MB; the device call carries at most 64 MiB in all)
     python benchmarks/gpu_transformer.py pack --cache RUN/cache --out .gpu_data/transformer_cache.npz
     # on the device (benchmarks/gpu_session.sh): the recipe's transformer stages, each for a wall-clock
     # budget, constant lr after warmup with EMA; the result comes back fp16 in two shards (< 16 MiB per file)
     python benchmarks/gpu_transformer.py train --pack .gpu_data/transformer_cache.npz --out $OUT/tr \\
-        --plain-minutes 3 --masked-minutes 1 --beat-minutes 1 --device cuda
+        --plain-minutes 3 --masked-minutes 1 --beat-minutes 1 --register-minutes 1 --device cuda
     # here: a model directory = the bundled default with that transformer, for `fluxmusic eval`
     python benchmarks/gpu_transformer.py assemble --shards DIR --out MODEL_DIR
 
@@ -78,6 +80,11 @@ def unpack(pack_path: Path, cache_dir: Path) -> tuple[Path, dict]:
     return cache_dir, json.loads(str(z["config"]))
 
 
+def _has_melody_pitches(ds) -> bool:
+    """Whether the cache's items carry the measured melody pitch the register stage trains on."""
+    return any(isinstance(m.get("melody_midi"), (int, float)) for m in ds.items_meta())
+
+
 def _stage(stage, batch_size: int, lr_scale: float, steps: int):
     # Constant lr after a short warmup: a wall-clock budget stops the run at an unknown step, so no schedule
     # should depend on where it ends; EMA gives the averaged weights.
@@ -86,9 +93,11 @@ def _stage(stage, batch_size: int, lr_scale: float, steps: int):
 
 
 def train_on_device(pack_path: Path, out: Path, plain_minutes: float, masked_minutes: float, batch_size: int,
-                    device: str, work: Path, beat_minutes: float = 1.5) -> dict:
-    """The transformer stages of the default recipe (plain, masked, beat grid) within the budgets; the last
-    stage's EMA weights go to ``out`` as fp16 safetensors in two shards, with its config and a summary."""
+                    device: str, work: Path, beat_minutes: float = 1.5, register_minutes: float = 1.0) -> dict:
+    """The transformer stages of the default recipe (plain, masked, beat grid, register hint) within the
+    budgets; the last stage's EMA weights go to ``out`` as fp16 safetensors in two shards, with its config and a
+    summary. (The bundle stores its transformer in bf16; ``assemble`` writes fp32, and the recipe's
+    ``store_half`` makes it bf16.)"""
     from safetensors.torch import save_file
 
     from fluxmusic.config import FluxMusicConfig
@@ -101,7 +110,7 @@ def train_on_device(pack_path: Path, out: Path, plain_minutes: float, masked_min
     assert recipe.masked_stage is not None
     shutil.rmtree(work, ignore_errors=True)
     cache, config = unpack(pack_path, work / "cache")
-    for key in ("context_channels", "beat_channels"):  # the plain stage; later stages add these inputs
+    for key in ("context_channels", "beat_channels", "register_channels"):  # the plain stage; later stages add these
         config.pop(key, None)
     plain_config = FluxMusicConfig.from_dict(config)
     train_ds, val_ds = cache_splits(cache, 64)
@@ -111,6 +120,11 @@ def train_on_device(pack_path: Path, out: Path, plain_minutes: float, masked_min
     stages = [("plain", plain_minutes), ("masked", masked_minutes)]
     if beat_minutes > 0 and recipe.beat_stage is not None:
         stages.append(("beat", beat_minutes))
+        if register_minutes > 0 and recipe.register_stage is not None:
+            if not _has_melody_pitches(train_ds):
+                raise FluxMusicError("the pack has no melody pitches; run python -m fluxmusic.training.beat_phases "
+                                     "--melody on the cache, pack again, or pass --register-minutes 0")
+            stages.append(("register", register_minutes))
     for name, minutes in stages:
         if name == "plain":
             task = TransformerTask(plain_config, train_ds, train_ds.null_txt, train_ds.null_y, val=val_ds)
@@ -120,10 +134,15 @@ def train_on_device(pack_path: Path, out: Path, plain_minutes: float, masked_min
                                       val=val_ds, context_lr=recipe.masked_context_lr)
             stage = _stage(recipe.masked_stage, batch_size, min(lr_scale, 2.0), 1_000_000)
         else:  # the beat grid needs the cache's beat phases (python -m fluxmusic.training.beat_phases before pack)
+            register = name == "register"  # (the register hint trains on the clips' measured melody pitches)
             beat_train, beat_val = train_ds.with_beats(), val_ds.with_beats() if val_ds is not None else None
-            task = MaskedFinetuneTask(work / "masked" / "export", beat_train, beat_train.null_txt,
-                                      beat_train.null_y, val=beat_val, context_lr=recipe.masked_context_lr, beat=True)
-            stage = _stage(recipe.beat_stage, batch_size, min(lr_scale, 2.0), 1_000_000)
+            base, recipe_stage = ("beat", recipe.register_stage) if register else ("masked", recipe.beat_stage)
+            context_lr = (recipe.register_context_lr or recipe.masked_context_lr) if register else \
+                recipe.masked_context_lr
+            task = MaskedFinetuneTask(work / base / "export", beat_train, beat_train.null_txt, beat_train.null_y,
+                                      val=beat_val, context_lr=context_lr, beat=True, register=register)
+            assert recipe_stage is not None
+            stage = _stage(recipe_stage, batch_size, min(lr_scale, 2.0), 1_000_000)
         cfg = dataclasses.replace(stage.train_config(1.0, 0, 100, device), ckpt_every=1_000_000)
         t0 = time.perf_counter()
         result = train(task, cfg, work / name, export_dir=work / name / "export", stream=sys.stderr,
@@ -180,7 +199,8 @@ def main() -> None:
     t.add_argument("--out", required=True, type=Path)
     t.add_argument("--plain-minutes", type=float, default=4.0)
     t.add_argument("--masked-minutes", type=float, default=2.0)
-    t.add_argument("--beat-minutes", type=float, default=1.5, help="the beat-grid stage (0: none)")
+    t.add_argument("--beat-minutes", type=float, default=1.5, help="the beat-grid stage (0: none, and no register)")
+    t.add_argument("--register-minutes", type=float, default=1.0, help="the register-hint stage (0: none)")
     t.add_argument("--batch-size", type=int, default=64)
     t.add_argument("--device", default="cuda")
     t.add_argument("--work", type=Path, default=Path("/tmp/gpu_transformer"))
@@ -194,7 +214,8 @@ def main() -> None:
             print(json.dumps(pack(args.cache, args.out, args.config), indent=2))
         elif args.cmd == "train":
             print(json.dumps(train_on_device(args.pack, args.out, args.plain_minutes, args.masked_minutes,
-                                             args.batch_size, args.device, args.work, args.beat_minutes), indent=2))
+                                             args.batch_size, args.device, args.work, args.beat_minutes,
+                                             args.register_minutes), indent=2))
         else:
             print(assemble(args.shards, args.out, args.base_model))
     except FluxMusicError as e:

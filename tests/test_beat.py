@@ -435,9 +435,12 @@ def client_request(prompt: str, **kw):
     return build_request(prompt, **kw)
 
 
-def test_gpu_transformer_trains_the_beat_stage_too(beat_cache, tiny_model_dir, tmp_path, one_torch_thread):
-    """benchmarks/gpu_transformer.py: the pack keeps the beat phases, and its third stage trains the beat grid."""
+def test_gpu_transformer_trains_the_beat_and_register_stages_too(beat_cache, tiny_model_dir, tmp_path,
+                                                                 one_torch_thread):
+    """benchmarks/gpu_transformer.py: the pack keeps the beat phases and melody pitches; its third stage trains the
+    beat grid and its fourth the register hint, which refuses a pack without melody pitches."""
     import importlib.util
+    import shutil
     from pathlib import Path
 
     from fluxmusic.pipeline import FluxMusicPipeline
@@ -446,13 +449,22 @@ def test_gpu_transformer_trains_the_beat_stage_too(beat_cache, tiny_model_dir, t
     spec = importlib.util.spec_from_file_location("gpu_transformer", path)
     gt = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(gt)
-    gt.pack(beat_cache, tmp_path / "p.npz", tiny_model_dir / "transformer" / "config.json")
+    config = tiny_model_dir / "transformer" / "config.json"
+    gt.pack(beat_cache, tmp_path / "no_melody.npz", config)
+    with pytest.raises(FluxMusicError, match="no melody pitches"):
+        gt.train_on_device(tmp_path / "no_melody.npz", tmp_path / "x", 0.01, 0.01, 2, "cpu", tmp_path / "w0",
+                           beat_minutes=0.01, register_minutes=0.01)
+    cache = Path(shutil.copytree(beat_cache, tmp_path / "cache"))
+    items = [json.loads(line) for line in (cache / "items.jsonl").read_text().splitlines()]
+    (cache / "items.jsonl").write_text("".join(json.dumps({**m, "melody_midi": 55.0 + 3 * i}) + "\n"
+                                               for i, m in enumerate(items)))
+    gt.pack(cache, tmp_path / "p.npz", config)
     summary = gt.train_on_device(tmp_path / "p.npz", tmp_path / "out", 0.01, 0.01, 2, "cpu", tmp_path / "work",
-                                 beat_minutes=0.01)
-    assert [s["stage"] for s in summary["stages"]] == ["plain", "masked", "beat"]
+                                 beat_minutes=0.01, register_minutes=0.01)
+    assert [s["stage"] for s in summary["stages"]] == ["plain", "masked", "beat", "register"]
     pipe = FluxMusicPipeline.from_pretrained(gt.assemble(tmp_path / "out", tmp_path / "model", tiny_model_dir))
-    assert pipe.beat_channels == BEAT_CHANNELS
-    assert np.isfinite(pipe("a fast reel", steps=1, duration=1.0, seed=0).audio[0]).all()
+    assert pipe.control_channels == (BEAT_CHANNELS, REGISTER_CHANNELS)
+    assert np.isfinite(pipe("a fast reel in a high register", steps=1, duration=1.0, seed=0).audio[0]).all()
 
 
 def test_eval_sweep_on_a_control_model_skips_step_caching(control_model_dir, tmp_path, capsys, one_torch_thread):
