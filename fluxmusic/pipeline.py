@@ -420,6 +420,9 @@ class FluxMusicPipeline:
         media = self.media_conditioning(request.media) if request.media is not None else None
         steps_done = 0
         n_steps = st.steps * len(windows)
+        # One beat grid for the whole song: on the given audio's beat, in every window (later windows are given
+        # the previous window's tail, not the audio, and would otherwise restart the grid at phase 0).
+        beat_t0 = self.beat_phases(request) if self.beat_channels else None
 
         def seam_start(k: int) -> int:
             """First sample of the crossfade between window k - 1 and window k."""
@@ -452,7 +455,7 @@ class FluxMusicPipeline:
                     progress(base + i, n_steps)
 
             x, stats = self.sample_latents(sub, cond, uncond, step_progress, known=known,
-                                           beat_start=w.start * geo.seconds_per_latent_frame)
+                                           beat_start=w.start * geo.seconds_per_latent_frame, beat_t0=beat_t0)
             steps_done += st.steps
             t2 = time.perf_counter()
             prev_latent = x
@@ -496,11 +499,13 @@ class FluxMusicPipeline:
         progress: ProgressFn | None = None,
         known: tuple[Tensor, Tensor] | None = None,
         beat_start: float = 0.0,
+        beat_t0: Tensor | None = None,
     ) -> tuple[Tensor, dict[str, float]]:
         """Noise -> final scaled latents [B, C, H, W] through :func:`fluxmusic.flow.sample`, and the
         per-waveform evaluation counts. ``known`` (latent [1 or B, C, F, W], frame mask [F]) overrides the
         request's given audio (long form passes the previous window's tail); ``beat_start``: the time of this
-        window's first frame in the song (a beat grid continues across long-form windows)."""
+        window's first frame in the song, and ``beat_t0`` its beats' phase (:meth:`with_controls`): a beat grid
+        continues across long-form windows."""
         items, st = request.items, request.settings
         geo = self.geometry
         shape = (geo.latent_channels, request.latent_frames, geo.latent_width)
@@ -521,7 +526,7 @@ class FluxMusicPipeline:
         self.check_controls(request)
         beat_ch, register_ch = self.control_channels
         if beat_ch or register_ch:
-            context = self.with_controls(request, context, x, grid_h, grid_w, beat_start)
+            context = self.with_controls(request, context, x, grid_h, grid_w, beat_start, beat_t0)
         model_fn = self.backend.velocity
         if context is not None:
             from fluxmusic.beat import without_controls
@@ -598,13 +603,25 @@ class FluxMusicPipeline:
         """The transformer's beat-grid channels (0: no beat-grid conditioning)."""
         return self.control_channels[0]
 
+    def beat_phases(self, request: GenerationRequest) -> Tensor:
+        """Per item, the time in seconds of a beat of its grid: 0 (the song starts on a beat), or, when audio is
+        given, the beat of that audio at the item's tempo (estimated once per distinct tempo)."""
+        from fluxmusic.beat import estimate_beat_phase
+
+        if request.audio is None:
+            return torch.zeros(len(request.items))
+        phase = {b: estimate_beat_phase(request.audio.wave, self.sample_rate, b)[0]
+                 for b in {it.bpm for it in request.items if it.bpm is not None}}
+        return torch.tensor([0.0 if it.bpm is None else phase[it.bpm] for it in request.items])
+
     def with_controls(self, request: GenerationRequest, context: Tensor | None, x: Tensor, grid_h: int,
-                      grid_w: int, start: float) -> Tensor:
+                      grid_w: int, start: float, beat_t0: Tensor | None = None) -> Tensor:
         """The context input of a model with controls: [masked latent, mask] (zeros when nothing is known), then
         each item's beat tokens at its ``bpm`` (:func:`fluxmusic.beat.beat_features`) and / or its register hint
-        (:func:`fluxmusic.register.register_features`), as the model takes them. The grid starts on a beat at 0 s
-        of the song, or, when audio is given, on the beat of that audio at the item's tempo."""
-        from fluxmusic.beat import beat_features, estimate_beat_phase
+        (:func:`fluxmusic.register.register_features`), as the model takes them. The grid's beats fall at
+        ``beat_t0`` (default :meth:`beat_phases`) plus whole beat periods; ``start`` is the time of the first
+        frame in the song."""
+        from fluxmusic.beat import beat_features
         from fluxmusic.register import register_features, register_midi
 
         n, length, channels = x.shape
@@ -612,11 +629,7 @@ class FluxMusicPipeline:
         parts = [x.new_zeros(n, length, 2 * channels) if context is None else context.to(x).expand(n, -1, -1)]
         if beat_ch:
             bpm = torch.tensor([float("nan") if it.bpm is None else it.bpm for it in request.items])
-            t0 = torch.zeros(n)
-            if request.audio is not None:  # the given audio's phase, once per distinct tempo of the items
-                phase = {b: estimate_beat_phase(request.audio.wave, self.sample_rate, b)[0]
-                         for b in {it.bpm for it in request.items if it.bpm is not None}}
-                t0 = torch.tensor([0.0 if it.bpm is None else phase[it.bpm] for it in request.items])
+            t0 = self.beat_phases(request) if beat_t0 is None else beat_t0
             parts.append(beat_features(bpm, t0, grid_h * self.geometry.patch, grid_w,
                                        self.geometry.seconds_per_latent_frame, start).to(x))
         if register_ch:

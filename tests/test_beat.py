@@ -76,6 +76,37 @@ def test_bpm_checks(tiny_pipe):
         estimate_beat_phase(np.zeros(SR, dtype=np.float32), SR, 0)
 
 
+def test_long_form_keeps_the_given_audios_beat_in_every_window(beat_model_dir, monkeypatch, one_torch_thread):
+    """A long-form song continued from audio: every window's grid is the one grid of the song, on the given
+    audio's beat (later windows get the previous window's tail, not the audio, and must not restart the grid
+    at phase 0)."""
+    from fluxmusic.pipeline import FluxMusicPipeline
+
+    pipe = FluxMusicPipeline.from_pretrained(beat_model_dir)
+    grids: list[torch.Tensor] = []
+    real = pipe.backend.velocity
+
+    def spy(x, t, txt, y, rope, context=None):
+        grid = context[0, :, -BEAT_CHANNELS:].clone()  # the cond row's beat tokens
+        if not grids or not torch.equal(grids[-1], grid):
+            grids.append(grid)
+        return real(x, t, txt, y, rope, context=context)
+
+    monkeypatch.setattr(pipe.backend, "velocity", spy)
+    wave = click_track(100.0, 0.2, 3.0)
+    kw = dict(audio=wave, keep="0:2", duration=20.0, overlap=5.12, seed=0, bpm=100, steps=2)
+    song = pipe("music", **kw)
+    geo = pipe.geometry
+    windows = pipe.request("music", **kw).long_form.windows(geo)
+    assert song.windows == len(windows) == len(grids) >= 3
+    t0 = torch.tensor([estimate_beat_phase(wave, SR, 100.0)[0]])
+    assert 0.15 < float(t0) < 0.25
+    for w, grid in zip(windows, grids):
+        expected = beat_features(torch.tensor([100.0]), t0, w.frames, geo.latent_width // geo.patch,
+                                 geo.seconds_per_latent_frame, w.start * geo.seconds_per_latent_frame)[0]
+        torch.testing.assert_close(grid, expected.to(grid), atol=1e-5, rtol=0)
+
+
 @pytest.mark.parametrize("bpm, t0", [(120.0, 0.13), (75.0, 0.5), (170.0, 0.02)])
 def test_phase_is_read_from_audio(bpm, t0):
     est, lock = estimate_beat_phase(click_track(bpm, t0), SR, bpm)
