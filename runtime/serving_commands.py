@@ -11,6 +11,7 @@ import logging
 import os
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 from fluxmusic.errors import FluxMusicError
@@ -81,7 +82,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--allow-external-links", dest="serve_allow_external_links", action="store_true",
                    help="load a model directory whose symlinks point outside it (refused by default)")
     add_threads_argument(s)
-    s.add_argument("--no-warmup", action="store_true", help="skip the one-step warm-up generation at start")
+    s.add_argument("--compile", action="store_true",
+                   help="torch.compile the transformer (torch backend): faster per step once built; the warm-up "
+                        "builds it for one full-window request at the model's defaults, other batch sizes and "
+                        "durations build on first use (tens of seconds each)")
+    s.add_argument("--no-warmup", action="store_true", help="skip the warm-up generation at start")
     s.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
     s.set_defaults(func=_serve)
 
@@ -131,10 +136,22 @@ def _serve(args: argparse.Namespace) -> int:
 
         os.environ[ALLOW_LINKS_ENV] = "1"
     options = {k: v for k, v in (("onnx_dir", args.onnx_dir), ("engine_dir", args.engine_dir)) if v}
+    if args.compile:
+        if args.backend != "torch" or options:
+            raise FluxMusicError("--compile applies to the torch backend; it cannot combine with --backend "
+                                 f"{args.backend}, --onnx-dir or --engine-dir")
+        options["compile"] = True
     pipe = FluxMusicPipeline.from_pretrained(args.model, args.device, args.dtype, args.backend, **options)
     if not args.no_warmup:
-        # The first call pays one-off costs (allocator, kernel selection); keep them off the first request.
-        pipe("music", steps=1, duration=min(1.0, pipe.geometry.max_duration), seed=0)
+        # The first call pays one-off costs (allocator, kernel selection); keep them off the first request. A
+        # compiled transformer builds per input shape: warm up on the most common request, one full window at
+        # the model's defaults.
+        t0 = time.perf_counter()
+        if args.compile:
+            pipe("music", seed=0)
+        else:
+            pipe("music", steps=1, duration=min(1.0, pipe.geometry.max_duration), seed=0)
+        logging.getLogger("fluxmusic.serve").info("warm-up took %.1f s", time.perf_counter() - t0)
     server = FluxMusicServer(pipe, config).start()
     metrics = f", metrics on {server.metrics_url}" if server.metrics_port else ""
     print(f"serving on {server.target}{metrics}", file=sys.stderr, flush=True)

@@ -474,6 +474,47 @@ def test_cli_client_generate_and_loadtest(server, tmp_path, capsys):
 
 
 @pytest.mark.slow
+def test_serve_compile_warms_up_the_compiled_transformer_and_serves_it(tiny_dir):
+    """``serve --compile``: the warm-up (a full-window request at the model's defaults, which builds the compiled
+    transformer) runs before the server says it is serving, and a request of that shape gets the eager
+    pipeline's audio up to fp32 rounding. (That compiling matches eager is tested in test_perf_ops.)"""
+    import re
+    import subprocess
+    import sys
+
+    from fluxmusic.pipeline import FluxMusicPipeline
+
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "fluxmusic.cli", "serve", "--model", str(tiny_dir), "--port", "0", "--compile",
+         "--dtype", "float32", "--threads", "1", "--max-batch", "1", "--log-level", "INFO"],
+        stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        lines = []
+        while not (lines and lines[-1].startswith("serving on")):
+            line = proc.stderr.readline()
+            assert line, "".join(lines)  # the server exited before serving
+            lines.append(line)
+        assert any("warm-up took" in line for line in lines)
+        target = re.match(r"serving on (\S+?)(,|$)", lines[-1].strip()).group(1)
+        with FluxMusicClient(target) as c:
+            served = c.generate("slow piano", seed=5, encoding="pcm_f32le").audio[0]
+        eager = FluxMusicPipeline.from_pretrained(tiny_dir, dtype="float32")("slow piano", seed=5).audio[0]
+        assert served.shape == eager.shape
+        assert np.abs(served - eager).max() <= 1e-3 * np.abs(eager).max()
+    finally:
+        proc.kill()
+        proc.wait(timeout=60)
+
+
+def test_serve_compile_is_refused_with_exported_backends(tmp_path, capsys):
+    from fluxmusic.cli import main
+
+    assert main(["serve", "--compile", "--onnx-dir", str(tmp_path)]) == 2
+    assert "--compile applies to the torch backend" in capsys.readouterr().err
+
+
+@pytest.mark.slow
 def test_serve_command_runs_and_stops_on_sigterm(tiny_dir):
     import re
     import signal
