@@ -221,9 +221,11 @@ def compile_transformer(model: torch.nn.Module) -> torch.nn.Module:
     from fluxmusic import ops as reference
 
     changes: dict[str, Any] = {"attention": _opaque_attention(model.ops.attention)}
-    if model.ops.qk_rmsnorm_rope is reference.qk_rmsnorm_rope and model.ops.project_qkv is reference.project_qkv:
+    plain_qk = (reference.qk_rmsnorm_rope, reference.fused_qk_rmsnorm_rope)
+    if model.ops.qk_rmsnorm_rope in plain_qk and model.ops.project_qkv is reference.project_qkv:
         # RoPE on contiguous halves instead of adjacent pairs, with the projection weights reordered to match
-        # (folded into the frozen constants): the pair form is gathered element by element (docs/performance.md).
+        # (folded into the frozen constants): inductor gathers the pair form element by element, and fuses the
+        # halves form with its neighbours, which the eager C kernel cannot be (docs/performance.md).
         changes.update(project_qkv=reference.project_qkv_halves, qk_rmsnorm_rope=reference.qk_rmsnorm_rope_halves)
     model.ops = dataclasses.replace(model.ops, **changes)
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 32)

@@ -102,6 +102,8 @@ def _library() -> ctypes.CDLL | None:
             lib.fm_attention_head_dim_supported.argtypes = [i64]
             lib.fm_attention.argtypes = [p] * 6 + [i64] * 5 + [f32, f32] + [i64] * 8
             lib.fm_attention.restype = ctypes.c_int
+            lib.fm_qk_norm_rope.argtypes = [p, i64, i64, p, p, i64, i64, p, p, i64, i64, i64, i64, f32, i64]
+            lib.fm_qk_norm_rope.restype = ctypes.c_int
             lib.fm_use_openmp.argtypes = [p, p, p]
             lib.fm_use_openmp.restype = None
             lib.fm_use_openmp(*(_openmp_functions() or (None, None, None)))
@@ -182,3 +184,31 @@ def _run(q: Tensor, k: Tensor, v: Tensor, scale: float, threads: int | None) -> 
     if code:
         raise MemoryError(f"fused attention kernel: no memory for its {lk}-key probability buffer")
     return out
+
+
+def qk_norm_rope(qkv: Tensor, q_scale: Tensor, k_scale: Tensor, rope: Tensor, num_heads: int, eps: float,
+                 threads: int | None = None) -> tuple[Tensor, Tensor] | None:
+    """QK RMSNorm + RoPE (fluxmusic.ops.qk_rmsnorm_rope's q and k, with its rounding steps) of a bf16 CPU
+    projection ``qkv`` [B, L, 3*H*Dh] in one pass: q, k as contiguous [B, H, L, Dh]. None where the kernel does
+    not apply (another dtype or layout, a head dim that is not a multiple of 16 up to 128, no kernel here)."""
+    if qkv.dim() != 3 or qkv.dtype != torch.bfloat16 or qkv.device.type != "cpu" or qkv.stride(-1) != 1:
+        return None
+    b, length, width = qkv.shape
+    dh = width // (3 * num_heads)
+    if dh % 16 or not 0 < dh <= 128 or width != 3 * num_heads * dh:
+        return None
+    if not (q_scale.shape == k_scale.shape == (dh,) and rope.dtype == torch.float32 and rope.dim() == 4
+            and rope.shape[1:] == (length, dh // 2, 2) and rope.shape[0] in (1, b)
+            and rope.stride(-1) == 1 and rope.stride(-2) == 2 and rope.device.type == "cpu"):
+        return None
+    lib = _library()
+    if lib is None:
+        return None
+    scales = torch.stack((q_scale, k_scale)).float().contiguous()
+    q = torch.empty(b, num_heads, length, dh, dtype=qkv.dtype)
+    k = torch.empty_like(q)
+    rope_b = rope.stride(0) if rope.shape[0] > 1 else 0
+    code = lib.fm_qk_norm_rope(qkv.data_ptr(), qkv.stride(0), qkv.stride(1), scales.data_ptr(), rope.data_ptr(),
+                               rope_b, rope.stride(1), q.data_ptr(), k.data_ptr(), b, length, num_heads, dh, eps,
+                               threads or torch.get_num_threads())
+    return (q, k) if code == 0 else None

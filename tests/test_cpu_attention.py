@@ -166,3 +166,74 @@ def test_a_forked_child_attends_without_waiting_for_threads_it_lacks():
     same = queue.get(timeout=60)  # (raises queue.Empty if the child hangs on threads it does not have)
     child.join(timeout=60)
     assert child.exitcode == 0 and same
+
+
+def _projection(b: int, length: int, heads: int, dh: int, extra: int = 0, seed: int = 0):
+    """A bf16 projection [B, L, 3*H*Dh] (a view into a wider one when ``extra``, as single-stream blocks have it),
+    bf16 norm scales and a RoPE table."""
+    g = torch.Generator().manual_seed(seed)
+    wide = (torch.randn(b, length, 3 * heads * dh + extra, generator=g) * 3).bfloat16()
+    scales = tuple((torch.rand(dh, generator=g) + 0.5).bfloat16() for _ in range(2))
+    angles = torch.rand(1, length, dh // 2, generator=g) * 6.3
+    return wide[..., : 3 * heads * dh], *scales, torch.stack((angles.cos(), angles.sin()), -1)
+
+
+def _same_up_to_one_ulp(got: torch.Tensor, ref: torch.Tensor) -> None:
+    """Bit-identical but for the odd value one bf16 ulp away before the rotation (the sum of squares is taken in
+    another order, which can flip a rounding), so at most ~2 ulps of the row's largest value after it."""
+    g, r = got.float(), ref.float()
+    assert (g == r).float().mean() > 0.999
+    assert ((g - r).abs() <= r.abs().amax(-1, keepdim=True) * 2.0**-6).all()
+
+
+@needs_kernel
+@pytest.mark.parametrize("dh", [16, 32, 48, 64, 80, 96, 112, 128])
+def test_qk_norm_rope_kernel_is_the_reference_at_every_head_dim(dh):
+    from fluxmusic.ops import fused_qk_rmsnorm_rope, qk_rmsnorm_rope
+
+    qkv, qs, ks, rope = _projection(2, 37, 3, dh, extra=5 * dh, seed=dh)
+    with torch.no_grad():
+        ref = qk_rmsnorm_rope(qkv, qs, ks, rope, 3)
+        assert cpu_attention.qk_norm_rope(qkv, qs, ks, rope, 3, 1e-6) is not None  # the kernel, not a fallback
+        got = fused_qk_rmsnorm_rope(qkv, qs, ks, rope, 3)
+    for a, b in zip(got, ref):
+        assert a.shape == b.shape and a.dtype == torch.bfloat16
+        _same_up_to_one_ulp(a, b)
+    assert got[0].is_contiguous() and got[1].is_contiguous() and torch.equal(got[2], ref[2])
+
+
+@needs_kernel
+@pytest.mark.parametrize("threads", [1, 2, 5])
+def test_qk_norm_rope_kernel_per_sample_rope_and_a_slice_of_the_table(threads):
+    """A RoPE table per batch item, and a view into a longer table (double-stream blocks pass rope[:, n_txt:])."""
+    from fluxmusic.ops import qk_rmsnorm_rope
+
+    qkv, qs, ks, _ = _projection(3, 20, 2, 32, seed=1)
+    angles = torch.rand(3, 27, 16, generator=torch.Generator().manual_seed(2)) * 6.3
+    table = torch.stack((angles.cos(), angles.sin()), -1)[:, 7:]
+    with torch.no_grad():
+        q, k = cpu_attention.qk_norm_rope(qkv, qs, ks, table, 2, 1e-6, threads=threads)
+        rq, rk, _ = qk_rmsnorm_rope(qkv, qs, ks, table, 2)
+    _same_up_to_one_ulp(q, rq)
+    _same_up_to_one_ulp(k, rk)
+
+
+def test_qk_norm_rope_kernel_declines_what_it_does_not_compute():
+    from fluxmusic.ops import fused_qk_rmsnorm_rope, qk_rmsnorm_rope
+
+    qkv, qs, ks, rope = _projection(1, 9, 2, 32)
+    assert cpu_attention.qk_norm_rope(qkv.float(), qs, ks, rope, 2, 1e-6) is None  # fp32
+    assert cpu_attention.qk_norm_rope(qkv.half(), qs, ks, rope, 2, 1e-6) is None  # fp16
+    assert cpu_attention.qk_norm_rope(qkv, qs, ks, rope.double(), 2, 1e-6) is None  # a fp64 table
+    odd = _projection(1, 9, 2, 24)  # head dim not a multiple of 16 (and giant's 88)
+    assert cpu_attention.qk_norm_rope(*odd, 2, 1e-6) is None
+    strided = torch.stack((qkv, qkv), -1)[..., 0]  # channels not contiguous
+    assert cpu_attention.qk_norm_rope(strided, qs, ks, rope, 2, 1e-6) is None
+    # The op takes the reference path for each, and under autograd.
+    with torch.no_grad():
+        for args in ((qkv.float(), qs, ks, rope), odd, (strided, qs, ks, rope)):
+            for a, b in zip(fused_qk_rmsnorm_rope(*args, 2), qk_rmsnorm_rope(*args, 2)):
+                assert torch.equal(a, b)
+    g = qkv.float().requires_grad_()
+    fused_qk_rmsnorm_rope(g, qs.float(), ks.float(), rope, 2)[0].sum().backward()
+    assert g.grad is not None

@@ -14,6 +14,7 @@
  * All bf16 values travel as uint16_t.
  */
 #include <immintrin.h>
+#include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -407,4 +408,96 @@ int fm_attention(const uint16_t *q, const uint16_t *k, const uint16_t *v, uint16
         omp_parallel(items_worker, &j, (unsigned)(n_threads < j.n_items ? n_threads : j.n_items), 0);
     }
     return j.flags & 1 ? -3 : j.flags & 2 ? -2 : 0;
+}
+
+/* ---- QK RMSNorm + RoPE (the op in front of attention), the reference's rounding steps ----
+ * For each token and head: q (and k) = RMSNorm over the head dim in fp32, rounded to bf16, times the learnable
+ * scale, rounded to bf16; then each adjacent channel pair rotated by RoPE in fp32 and rounded to bf16, as
+ * fluxmusic.ops.qk_rmsnorm_rope computes it op by op (products and sums rounded separately: no FMA here). */
+#pragma GCC push_options
+#pragma GCC optimize("fp-contract=off")
+
+ALWAYS_INLINE __m512 bf16x16_to_ps(const uint16_t *p) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p)), 16));
+}
+
+ALWAYS_INLINE __m512 round_bf16(__m512 x) { /* round to nearest even bf16, back to fp32 */
+    const __m256i b = (__m256i)_mm512_cvtneps_pbh(x);
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(b), 16));
+}
+
+/* One head's row of dh channels (dh a multiple of 16, at most 128). */
+static void norm_rope_row(const uint16_t *src, const float *scale, const float *rope, uint16_t *dst, long dh,
+                          float eps) {
+    __m512 x[8];
+    __m512 acc = _mm512_setzero_ps();
+    for (long i = 0; i < dh / 16; i++) {
+        x[i] = bf16x16_to_ps(src + 16 * i);
+        acc = _mm512_add_ps(acc, _mm512_mul_ps(x[i], x[i]));
+    }
+    const float rrms = 1.0f / sqrtf(_mm512_reduce_add_ps(acc) / (float)dh + eps);
+    const __m512 vr = _mm512_set1_ps(rrms);
+    const __m512 even_sign = _mm512_castsi512_ps(_mm512_set_epi32(0, (int)0x80000000, 0, (int)0x80000000, 0,
+        (int)0x80000000, 0, (int)0x80000000, 0, (int)0x80000000, 0, (int)0x80000000, 0, (int)0x80000000, 0,
+        (int)0x80000000));
+    for (long i = 0; i < dh / 16; i++) {
+        const __m512 y = round_bf16(_mm512_mul_ps(x[i], vr));
+        const __m512 z = round_bf16(_mm512_mul_ps(y, _mm512_loadu_ps(scale + 16 * i)));
+        const __m512 r = _mm512_loadu_ps(rope + 16 * i); /* (cos, sin) of the 8 pairs */
+        const __m512 c = _mm512_moveldup_ps(r), s = _mm512_movehdup_ps(r);
+        const __m512 swapped = _mm512_permute_ps(z, 0xB1); /* (x1, x0) per pair */
+        const __m512 rot = _mm512_castsi512_ps(_mm512_xor_si512(  /* (-s x1, s x0) */
+            _mm512_castps_si512(_mm512_mul_ps(s, swapped)), _mm512_castps_si512(even_sign)));
+        const __m256bh out = _mm512_cvtneps_pbh(_mm512_add_ps(_mm512_mul_ps(c, z), rot));
+        _mm256_storeu_si256((__m256i *)(dst + 16 * i), (__m256i)out);
+    }
+}
+#pragma GCC pop_options
+
+typedef struct {
+    const uint16_t *qkv;
+    long sb, sl; /* qkv strides of batch and token (channels contiguous: q heads, then k heads) */
+    const float *scales; /* q scale then k scale, fp32 [2][dh] */
+    const float *rope;
+    long rb, rl; /* rope strides of batch (0: shared) and token; (cos, sin) pairs contiguous */
+    uint16_t *q, *k; /* [B, H, L, dh] */
+    long n_batch, n_tokens, n_heads, dh;
+    float eps;
+} qk_job_t;
+
+static void qk_rows(const qk_job_t *j, long t0, long t1) {
+    const long L = j->n_tokens, H = j->n_heads, dh = j->dh;
+    for (long t = t0; t < t1; t++) {
+        const long b = t / L, l = t % L;
+        const uint16_t *row = j->qkv + b * j->sb + l * j->sl;
+        const float *rope = j->rope + b * j->rb + l * j->rl;
+        for (long h = 0; h < H; h++) {
+            const long o = ((b * H + h) * L + l) * dh;
+            norm_rope_row(row + h * dh, j->scales, rope, j->q + o, dh, j->eps);
+            norm_rope_row(row + (H + h) * dh, j->scales + dh, rope, j->k + o, dh, j->eps);
+        }
+    }
+}
+
+static void qk_worker(void *p) {
+    const qk_job_t *j = p;
+    long t0, t1;
+    share(j->n_batch * j->n_tokens, &t0, &t1);
+    qk_rows(j, t0, t1);
+}
+
+/* QK RMSNorm + RoPE of a bf16 qkv projection [B, L, (3 H) dh] (strides sb, sl; channels contiguous) into
+ * contiguous q, k [B, H, L, dh]. scales: fp32 q then k scale [2][dh]; rope: fp32 [Bp, L, dh/2, 2] (strides rb,
+ * rl). Returns 0, or -1 for a head dim that is not a multiple of 16 up to 128. */
+int fm_qk_norm_rope(const uint16_t *qkv, long sb, long sl, const float *scales, const float *rope, long rb, long rl,
+                    uint16_t *q, uint16_t *k, long n_batch, long n_tokens, long n_heads, long dh, float eps,
+                    long n_threads) {
+    if (dh % 16 || dh > 128 || dh <= 0) return -1;
+    const qk_job_t j = {qkv, sb, sl, scales, rope, rb, rl, q, k, n_batch, n_tokens, n_heads, dh, eps};
+    if (!omp_parallel || n_threads <= 1 || getpid() != omp_pid) {
+        qk_rows(&j, 0, n_batch * n_tokens);
+    } else {
+        omp_parallel(qk_worker, (void *)&j, (unsigned)n_threads, 0);
+    }
+    return 0;
 }
