@@ -1,4 +1,5 @@
-"""The fused bf16 CPU attention kernel (``csrc/attention_bf16.c``): build, load, call.
+"""The fused bf16 CPU attention kernel (``csrc/attention_bf16.c``), and the one-pass QK RMSNorm + RoPE in front
+of it (:func:`qk_norm_rope`): build, load, call.
 
 The kernel keeps each tile of scores in AVX512 registers from QK^T through exp to PV, which is what separate
 GEMMs plus a softmax pass cannot do at small head dims (docs/performance.md). It is plain C, compiled on first
