@@ -6,7 +6,9 @@ Variants (all the batched CFG forward, batch 2, cached RoPE):
   autocast-bf16/blocked      the same with the block-GEMM attention (fluxmusic.ops.blocked_attention)
   bf16/sdpa                  weights stored in bf16 (no casts), SDPA
   bf16/blocked               weights stored in bf16, block-GEMM attention
-  bf16/fused                 weights stored in bf16, the fused AVX512-BF16 attention kernel (fluxmusic.cpu_attention)
+  bf16/fused, op-by-op QK    the same with the reference QK RMSNorm + RoPE (the op-by-op form, before its kernel)
+  bf16/fused                 weights stored in bf16, the fused AVX512-BF16 attention and QK norm + RoPE kernels
+                             (fluxmusic.cpu_attention): the eager default
   int8-dynamic (--int8)      torch dynamic quantisation of every Linear (int8 weights, fp32 activations)
   bf16/fused+compile (--compile)  fluxmusic.backend.compile_transformer (inductor, weights frozen, RoPE on halves),
                                   attention one registered op
@@ -22,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import os
 import statistics
 import time
@@ -35,7 +38,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from fluxmusic.backend import compile_transformer
 from fluxmusic.flow import Conditioning, cfg_velocity
 from fluxmusic.model import FluxMusicTransformer
-from fluxmusic.ops import BLOCKED_ATTENTION_OPS, FUSED_ATTENTION_OPS, REFERENCE_OPS
+from fluxmusic.ops import BLOCKED_ATTENTION_OPS, FUSED_ATTENTION_OPS, REFERENCE_OPS, qk_rmsnorm_rope
 
 
 def _with_ops(model: FluxMusicTransformer, ops) -> FluxMusicTransformer:
@@ -54,6 +57,7 @@ def main() -> None:
     cfg, model, x, t, cond, null, g, gh, gw = real_shape_inputs(args, t=0.7)
     rope = model.rope_for(args.txt_len, gh, gw)
     bf16_model = copy.deepcopy(model).to(torch.bfloat16)
+    op_by_op_qk = dataclasses.replace(FUSED_ATTENTION_OPS, qk_rmsnorm_rope=qk_rmsnorm_rope)
 
     def fn_for(m: FluxMusicTransformer, dtype: torch.dtype, autocast: bool) -> Callable[[], torch.Tensor]:
         c = Conditioning(cond.txt.to(dtype), cond.y.to(dtype))
@@ -77,7 +81,10 @@ def main() -> None:
         "autocast-bf16, blocked attention": fn_for(_with_ops(model, BLOCKED_ATTENTION_OPS), f32, True),
         "bf16 weights, SDPA": fn_for(_with_ops(bf16_model, REFERENCE_OPS), bf, False),
         "bf16 weights, blocked attention": fn_for(_with_ops(bf16_model, BLOCKED_ATTENTION_OPS), bf, False),
-        "bf16 weights, fused attention kernel": fn_for(_with_ops(bf16_model, FUSED_ATTENTION_OPS), bf, False),
+        "bf16 weights, fused attention kernel, op-by-op QK norm + RoPE": fn_for(
+            _with_ops(bf16_model, op_by_op_qk), bf, False),
+        "bf16 weights, fused attention + QK norm/RoPE kernels": fn_for(
+            _with_ops(bf16_model, FUSED_ATTENTION_OPS), bf, False),
     }
     if args.int8:
         q8 = torch.ao.quantization.quantize_dynamic(copy.deepcopy(model), {torch.nn.Linear}, dtype=torch.qint8)
@@ -89,7 +96,7 @@ def main() -> None:
         with torch.no_grad():
             fn()
         print(f"torch.compile build: {time.perf_counter() - t0:.0f} s")
-        variants["bf16 weights, fused attention kernel, torch.compile"] = fn
+        variants["bf16 weights, fused kernels, torch.compile"] = fn
 
     # Matmul peaks at the MLP up-projection shape, fp32 and bf16.
     tokens = 2 * (gh * gw + args.txt_len)
