@@ -3,7 +3,8 @@
 official : per Euler step two batch-1 fp32 forwards (cond, then uncond), RoPE recomputed from position ids
            in every call, 50 steps (the official sample.py)
 ours     : one batch-2 CFG forward per guided evaluation, cached RoPE, weights stored in bf16, the fused
-           CPU attention kernel (fluxmusic.cpu_attention); outside the guidance interval one batch-1 forward
+           CPU attention and QK norm + RoPE kernels (fluxmusic.cpu_attention); outside the guidance interval one
+           batch-1 forward
            (cond only); with the step cache, the evaluations it answers cost one probe (the first block's
            modulation) instead of a forward
 ours fp32: the batched forward in fp32 (``--fp32``; isolates the procedure from the numerics)
@@ -20,6 +21,10 @@ counts of a clip; the table says so. GFLOP/s are against the matmul peaks measur
 
     OMP_NUM_THREADS=2 python benchmarks/bench_procedure.py --config small --from-sweep eval_results.json
     OMP_NUM_THREADS=2 python benchmarks/bench_procedure.py --config small --evaluations 16 --repeats 3
+    OMP_NUM_THREADS=2 python benchmarks/bench_procedure.py --model fluxmusic/default_model --from-sweep RESULTS.json
+
+``--model DIR`` times a model directory's transformer with its trained weights at its own shapes (the bundled
+default: 256 music + 40 T5 tokens) on a real prompt, with its default guidance.
 """
 
 from __future__ import annotations

@@ -200,6 +200,30 @@ def test_bench_procedure_takes_our_setting_from_a_sweep(tmp_path):
     assert bad.returncode != 0 and "no setting matched the target both ways" in bad.stderr
 
 
+def test_bench_procedure_runs_a_model_directory_at_its_own_shapes(tiny_model_dir):
+    """``bench_procedure.py --model DIR``: the model directory's transformer with its weights, at its full window
+    and T5 length, on a real prompt; ours and the official procedure agree on the velocity (cosine near 1)."""
+    import os
+    import re
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from fluxmusic.pipeline import FluxMusicPipeline
+
+    pipe = FluxMusicPipeline.from_pretrained(tiny_model_dir)
+    gh, gw = pipe.geometry.grid(pipe.geometry.max_latent_frames)
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_procedure.py"
+    out = subprocess.run([sys.executable, str(script), "--model", str(tiny_model_dir), "--evaluations", "3",
+                          "--repeats", "1", "--threads", "1"], capture_output=True, text=True,
+                         env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=600)
+    assert out.returncode == 0, out.stderr
+    assert f"model {tiny_model_dir}: {gh * gw} music + " in out.stdout
+    cosine = float(re.search(r"\| ours bf16 \+ fused attention, guided \(B=2\) \|.*\| ([0-9.]+) \|$", out.stdout,
+                             re.M).group(1))
+    assert cosine > 0.99
+
+
 def test_compiled_transformer_matches_eager(tmp_path):
     """``compile=True`` (torch.compile of the transformer, attention eager) through the real loader and
     backend: the same velocity as eager within fp32 rounding. Building the graph takes ~25 s here."""
