@@ -194,7 +194,7 @@ def _opaque_attention(attention: Any) -> Any:
     """``attention`` as an op that torch.compile keeps whole: the fused kernel is already at GEMM speed, and
     tracing the blocked loop would unroll it. A registered op keeps the whole forward one graph: a
     ``torch.compiler.disable`` region broke it into ~50 graphs, each with its own guard checks and calling
-    overhead (5 % of an evaluation at the ``small`` shapes, docs/performance.md). Unknown attention functions
+    overhead (2-3 % of an evaluation at the ``small`` shapes, docs/performance.md). Unknown attention functions
     stay eager behind a graph break."""
     from fluxmusic.ops import ATTENTION_OPSETS
 
