@@ -40,6 +40,19 @@ ALWAYS_INLINE __m512bh bcast_pair(const uint16_t *p) {
     return (__m512bh)_mm512_set1_epi32(v);
 }
 
+/* 16 bf16 values to fp32: a 16-bit shift into the high half. */
+ALWAYS_INLINE __m512 bf16x16_to_ps(const uint16_t *p) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p)), 16));
+}
+
+/* The larger of a and b, or nan when either is (a nan norm must fail the score bound, not vanish in a max). */
+ALWAYS_INLINE float nan_max(float a, float b) { return (b > a || b != b) ? b : a; }
+
+/* Whether every scale * q.k lies in [-max_score, max_score], from the largest squared row norms (false for nan). */
+ALWAYS_INLINE int bounded(float scale, float max_score, float qn, float kn) {
+    return scale * scale * qn * kn <= max_score * max_score;
+}
+
 ALWAYS_INLINE __mmask16 valid_mask(long valid) {
     return valid >= 16 ? (__mmask16)0xFFFF : valid <= 0 ? (__mmask16)0 : (__mmask16)((1u << valid) - 1u);
 }
@@ -215,13 +228,11 @@ static float max_sq_norm(const uint16_t *x, long n, long ld, long dh) {
     for (long r = 0; r < n; r++) {
         const uint16_t *row = x + r * ld;
         __m512 acc = _mm512_setzero_ps();
-        for (long d = 0; d < dh; d += 16) { /* bf16 -> fp32 is a 16-bit shift into the high half */
-            const __m512i wide = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(row + d)));
-            const __m512 f = _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16));
+        for (long d = 0; d < dh; d += 16) {
+            const __m512 f = bf16x16_to_ps(row + d);
             acc = _mm512_fmadd_ps(f, f, acc);
         }
-        const float sq = _mm512_reduce_add_ps(acc);
-        if (sq > best || sq != sq) best = sq; /* (nan propagates: the caller's bound check fails) */
+        best = nan_max(best, _mm512_reduce_add_ps(acc)); /* (nan propagates: the caller's bound check fails) */
         if (best != best) return best;
     }
     return best;
@@ -280,8 +291,8 @@ static void pack_range(const pack_args *a, long s0, long s1, float *norms) {
     for (long sl = s0; sl < s1; sl++) {
         float sq, sk;
         pack_slice(a, sl, &sq, &sk);
-        if (sq > qn || sq != sq) qn = sq;
-        if (sk > kn || sk != sk) kn = sk;
+        qn = nan_max(qn, sq);
+        kn = nan_max(kn, sk);
     }
     norms[0] = qn;
     norms[1] = kn;
@@ -300,7 +311,7 @@ static int attend_slices(slice_fn fn, const pack_args *a, uint16_t *out, float s
     for (long sl = s0; sl < s1; sl++) {
         float qn, kn;
         pack_slice(a, sl, &qn, &kn);
-        if (!(scale * scale * qn * kn <= max_score * max_score)) { /* (also false for nan) */
+        if (!bounded(scale, max_score, qn, kn)) {
             code = -3;
             break;
         }
@@ -343,6 +354,10 @@ typedef struct {
     float *norms; /* 2 per thread, pack phase */
     int flags;    /* bit 0: -3 seen, bit 1: -2 seen */
 } job_t;
+
+/* Whether a call runs on the OpenMP team: a runtime was given, more than one thread is asked for, and this is the
+ * process the team belongs to (not a forked child). */
+static int use_team(long n_threads) { return omp_parallel && n_threads > 1 && getpid() == omp_pid; }
 
 static void share(long n, long *lo, long *hi) {
     const long t = omp_thread_num(), nt = omp_num_threads();
@@ -390,7 +405,7 @@ int fm_attention(const uint16_t *q, const uint16_t *k, const uint16_t *v, uint16
     if (!fn) return -1;
     job_t j = {fn, {q, k, v, kp, vp, n_heads, lq, lk, dh, ksb, ksh, ksl, vsb, vsh, vsl}, out, scale, max_score,
                n_slices, chunk, n_slices * ((lq + chunk - 1) / chunk), 0, 0};
-    if (!omp_parallel || n_threads <= 1 || getpid() != omp_pid) return attend_slices(fn, &j.a, out, scale, max_score, 0, n_slices);
+    if (!use_team(n_threads)) return attend_slices(fn, &j.a, out, scale, max_score, 0, n_slices);
     if (n_slices >= n_threads) {
         omp_parallel(slices_worker, &j, (unsigned)n_threads, 0);
     } else {
@@ -400,11 +415,11 @@ int fm_attention(const uint16_t *q, const uint16_t *k, const uint16_t *v, uint16
         omp_parallel(pack_worker, &j, (unsigned)n_threads, 0);
         float qn = 0.0f, kn = 0.0f;
         for (long t = 0; t < 2 * n_threads; t += 2) {
-            if (norms[t] > qn || norms[t] != norms[t]) qn = norms[t];
-            if (norms[t + 1] > kn || norms[t + 1] != norms[t + 1]) kn = norms[t + 1];
+            qn = nan_max(qn, norms[t]);
+            kn = nan_max(kn, norms[t + 1]);
         }
         free(norms);
-        if (!(scale * scale * qn * kn <= max_score * max_score)) return -3;
+        if (!bounded(scale, max_score, qn, kn)) return -3;
         omp_parallel(items_worker, &j, (unsigned)(n_threads < j.n_items ? n_threads : j.n_items), 0);
     }
     return j.flags & 1 ? -3 : j.flags & 2 ? -2 : 0;
@@ -416,10 +431,6 @@ int fm_attention(const uint16_t *q, const uint16_t *k, const uint16_t *v, uint16
  * fluxmusic.ops.qk_rmsnorm_rope computes it op by op (products and sums rounded separately: no FMA here). */
 #pragma GCC push_options
 #pragma GCC optimize("fp-contract=off")
-
-ALWAYS_INLINE __m512 bf16x16_to_ps(const uint16_t *p) {
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p)), 16));
-}
 
 ALWAYS_INLINE __m512 round_bf16(__m512 x) { /* round to nearest even bf16, back to fp32 */
     const __m256i b = (__m256i)_mm512_cvtneps_pbh(x);
@@ -494,7 +505,7 @@ int fm_qk_norm_rope(const uint16_t *qkv, long sb, long sl, const float *scales, 
                     long n_threads) {
     if (dh % 16 || dh > 128 || dh <= 0) return -1;
     const qk_job_t j = {qkv, sb, sl, scales, rope, rb, rl, q, k, n_batch, n_tokens, n_heads, dh, eps};
-    if (!omp_parallel || n_threads <= 1 || getpid() != omp_pid) {
+    if (!use_team(n_threads)) {
         qk_rows(&j, 0, n_batch * n_tokens);
     } else {
         omp_parallel(qk_worker, (void *)&j, (unsigned)n_threads, 0);
