@@ -80,11 +80,6 @@ def unpack(pack_path: Path, cache_dir: Path) -> tuple[Path, dict]:
     return cache_dir, json.loads(str(z["config"]))
 
 
-def _has_melody_pitches(ds) -> bool:
-    """Whether the cache's items carry the measured melody pitch the register stage trains on."""
-    return any(isinstance(m.get("melody_midi"), (int, float)) for m in ds.items_meta())
-
-
 def _stage(stage, batch_size: int, lr_scale: float, steps: int):
     # Constant lr after a short warmup: a wall-clock budget stops the run at an unknown step, so no schedule
     # should depend on where it ends; EMA gives the averaged weights.
@@ -102,7 +97,7 @@ def train_on_device(pack_path: Path, out: Path, plain_minutes: float, masked_min
 
     from fluxmusic.config import FluxMusicConfig
     from fluxmusic.training.loop import LOG_NAME, train
-    from fluxmusic.training.recipe import RECIPES
+    from fluxmusic.training.recipe import RECIPES, has_melody_pitches
     from fluxmusic.training.transformer_task import MaskedFinetuneTask, TransformerTask, cache_splits
     from fluxmusic.transformer_io import load_transformer
 
@@ -121,7 +116,7 @@ def train_on_device(pack_path: Path, out: Path, plain_minutes: float, masked_min
     if beat_minutes > 0 and recipe.beat_stage is not None:
         stages.append(("beat", beat_minutes))
         if register_minutes > 0 and recipe.register_stage is not None:
-            if not _has_melody_pitches(train_ds):
+            if not has_melody_pitches(cache):
                 raise FluxMusicError("the pack has no melody pitches; run python -m fluxmusic.training.beat_phases "
                                      "--melody on the cache, pack again, or pass --register-minutes 0")
             stages.append(("register", register_minutes))
@@ -137,10 +132,9 @@ def train_on_device(pack_path: Path, out: Path, plain_minutes: float, masked_min
             register = name == "register"  # (the register hint trains on the clips' measured melody pitches)
             beat_train, beat_val = train_ds.with_beats(), val_ds.with_beats() if val_ds is not None else None
             base, recipe_stage = ("beat", recipe.register_stage) if register else ("masked", recipe.beat_stage)
-            context_lr = (recipe.register_context_lr or recipe.masked_context_lr) if register else \
-                recipe.masked_context_lr
             task = MaskedFinetuneTask(work / base / "export", beat_train, beat_train.null_txt, beat_train.null_y,
-                                      val=beat_val, context_lr=context_lr, beat=True, register=register)
+                                      val=beat_val, context_lr=recipe.control_context_lr(register), beat=True,
+                                      register=register)
             assert recipe_stage is not None
             stage = _stage(recipe_stage, batch_size, min(lr_scale, 2.0), 1_000_000)
         cfg = dataclasses.replace(stage.train_config(1.0, 0, 100, device), ckpt_every=1_000_000)

@@ -144,6 +144,10 @@ class Recipe:
     vocoder_mel_match: int = 0
     vocoder_mel_match_momentum: float = 0.0
 
+    def control_context_lr(self, register: bool) -> float | None:
+        """The context input's peak lr of the beat stage, or with ``register`` of the register stage."""
+        return (self.register_context_lr or self.masked_context_lr) if register else self.masked_context_lr
+
 
 _DEFAULT_TRANSFORMER = FluxMusicConfig(
     in_channels=64, vec_in_dim=128, context_in_dim=128, hidden_size=256, num_heads=4, depth=2,
@@ -454,14 +458,13 @@ class RecipeRun:
         assert stage is not None
         # The register hint trains on each clip's measured melody pitch (docs/quality.md, "Register").
         melody = self.r.corpus if register else None
-        if not _has_beat_phases(self.out / "cache") or (register and not _has_melody_pitches(self.out / "cache")):
+        if not _has_beat_phases(self.out / "cache") or (register and not has_melody_pitches(self.out / "cache")):
             phased = add_beat_phases(self.out / "cache", manifest, melody=melody)
             self.say(f"{name}: beat phases{' and melody pitches' if melody else ''} of the cache's clips: {phased}")
         train, val = cache_splits(self.out / "cache")
         train, val = train.with_beats(), val.with_beats() if val is not None else None
-        context_lr = (self.r.register_context_lr or self.r.masked_context_lr) if register else self.r.masked_context_lr
         task = MaskedFinetuneTask(self.parts / base, train, train.null_txt, train.null_y, val=val,
-                                  context_lr=context_lr, beat=True, register=register)
+                                  context_lr=self.r.control_context_lr(register), beat=True, register=register)
         self._train(task, stage, name, self.parts / name)
 
     @property
@@ -550,7 +553,9 @@ def _has_beat_phases(cache: Path) -> bool:
     return "seconds_per_latent_frame" in meta and any("beat_t0" in it for it in _cache_items(cache))
 
 
-def _has_melody_pitches(cache: Path) -> bool:
+def has_melody_pitches(cache: Path) -> bool:
+    """Whether every item of an embedding cache has its measured melody pitch (``beat_phases --melody``), which
+    the register stage trains on."""
     items = _cache_items(cache)
     return bool(items) and all("melody_midi" in it for it in items)
 
