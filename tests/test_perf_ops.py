@@ -225,7 +225,7 @@ def test_bench_procedure_runs_a_model_directory_at_its_own_shapes(tiny_model_dir
 
 
 def test_compiled_transformer_matches_eager(tmp_path):
-    """``compile=True`` (torch.compile of the transformer, attention eager) through the real loader and
+    """``compile=True`` (torch.compile of the transformer, attention one registered op) through the real loader and
     backend: the same velocity as eager within fp32 rounding. Building the graph takes ~25 s here."""
     from fluxmusic.pipeline import FluxMusicPipeline
     from fluxmusic.tiny import build_tiny_model_dir
